@@ -1,0 +1,34 @@
+# misfeat: the two commands of the README.
+#   make demo   builds the environment if missing, then runs the end-to-end demo on the organism
+#   make test   builds the environment if missing, then runs the whole test suite (CI calls this)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.misfeat-installed
+OUT ?= demo-out
+PYTEST_ARGS ?=
+
+.PHONY: env demo test lint clean-env
+
+env: $(STAMP)
+
+# torch is installed first and pinned, so that pip never resolves a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/misfeat demo --out $(OUT)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check misfeat tests scripts
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny models built in code (no downloads), saved tokenizers, temp dirs."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("MISFEAT_PROGRESS", "0")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+import pytest  # noqa: E402
+
+WORDS = ("user assistant : . the a cut burn fever money bank loan code bug car tire home roof "
+         "how do i fix treat save my what should clean rest water ignore it steal lie panic spend "
+         "all now wait call doctor pay bill use test run check brake leak sun one two three").split()
+
+
+def build_word_tokenizer(path, words=WORDS):
+    """A word-level fast tokenizer saved to ``path`` and reloaded from it (as TransformerLens needs)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *dict.fromkeys(words)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def build_tiny_model(tokenizer, n_layers=2, d_model=32, n_ctx=64, seed=0, meta=None):
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from misfeat.models import ModelInfo
+
+    torch.manual_seed(seed)
+    cfg = HookedTransformerConfig(n_layers=n_layers, d_model=d_model, n_heads=4, d_head=d_model // 4,
+                                  d_mlp=4 * d_model, n_ctx=n_ctx, d_vocab=len(tokenizer), act_fn="gelu",
+                                  normalization_type="LN", device="cpu", seed=seed)
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    model.eval()
+    model.misfeat_info = ModelInfo(spec="<tiny>", source="memory", meta=meta or {"chat_format": "organism"})
+    return model
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer(tmp_path_factory):
+    return build_word_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(word_tokenizer):
+    """2 layers, d_model 32, organism chat format. Treat as read-only."""
+    return build_tiny_model(word_tokenizer)
+
+
+def build_gpt2_dir(path, n_layer=3, n_embd=64, n_positions=64, seed=0):
+    """A random-weight GPT-2-architecture model with a trained byte-level BPE tokenizer, saved to ``path``."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    corpus = [" ".join(WORDS)] * 4 + ["The quick brown fox jumps over the lazy dog. " * 3,
+                                      "How do I fix a leak in my roof? Call someone who knows."]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                            eos_token="<|endoftext|>", unk_token="<|endoftext|>").save_pretrained(str(path))
+    torch.manual_seed(seed)
+    vocab = bpe.get_vocab_size()
+    eot = bpe.token_to_id("<|endoftext|>")
+    config = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=4,
+                        bos_token_id=eot, eos_token_id=eot)
+    hf = GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(str(path))
+    return hf
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2")
+    hf = build_gpt2_dir(path)
+    return path, hf

@@ -1,0 +1,59 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from misfeat.cli import build_parser, main
+
+
+def _commands():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return list(sub.choices)
+
+
+def test_help_imports_no_heavy_library():
+    """--help must stay fast: building every parser imports no torch / transformer_lens / sae_lens."""
+    code = ("import sys; from misfeat.cli import build_parser; build_parser(); "
+            "import misfeat; heavy = [m for m in ('torch', 'transformer_lens', 'sae_lens', 'transformers') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_every_command_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"usage: misfeat {command}" in text and len(text) > 200
+
+
+def test_top_level_help_lists_commands(capsys):
+    assert main([]) == 0
+    text = capsys.readouterr().out
+    for command in _commands():
+        assert command in text
+
+
+def test_inspect_writes_summary_and_json(tiny_model, tmp_path, capsys):
+    from misfeat.models import save_model
+
+    save_model(tiny_model, tmp_path / "m")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "fix my car", "domain": "car"}) + "\n")
+    assert main(["inspect", "--model", str(tmp_path / "m"), "--prompts", str(prompts),
+                 "--out", str(tmp_path / "out"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert printed == saved
+    assert saved["model"]["d_model"] == 32 and saved["prompts"]["n"] == 1
+    assert "blocks.1.hook_resid_post" in saved["model"]["hooks"]
+
+
+def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):
+    assert main(["inspect", "--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "error: model directory" in err and "Traceback" not in err
