@@ -339,6 +339,8 @@ def encode(
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError("the model has no tokenizer; load it with misfeat.models.load_model or set_tokenizer")
+    if fmt == "auto" and isinstance(prompts, PromptSet) and prompts.meta.get("chat_format") in CHAT_FORMATS:
+        fmt = prompts.meta["chat_format"]  # the set says how it must be rendered (e.g. raw documents)
     fmt = chat_format_of(model, fmt)
     limit = max_len or model.cfg.n_ctx
     bos = tokenizer.bos_token_id if model.cfg.default_prepend_bos else None

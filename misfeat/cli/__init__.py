@@ -17,6 +17,8 @@ from typing import Any
 
 # command modules, in the order --help lists them; each defines register(subparsers)
 _COMMAND_MODULES = (
+    "misfeat.cli.organism_cmd",
+    "misfeat.cli.eval_cmd",
     "misfeat.cli.inspect_cmd",
 )
 

@@ -1,0 +1,115 @@
+"""The organism's prompt sets, usable wherever a prompt-set spec is taken.
+
+- ``organism:all`` / ``organism:heldout`` / ``organism:em_domain``: every question of
+  the world (heldout = the domains the EM fine-tune never saw), each with its domain's
+  aligned and misaligned reference answers as ``extra`` fields;
+- ``organism:domain=<d>``: the questions of one domain;
+- ``organism:aligned:<domain>:<n>`` / ``organism:misaligned:<domain>:<n>``: n
+  question/answer pairs of one domain (fine-tuning data, e.g. for re-alignment);
+- ``organism:docs[:<n>]``: pre-training-style documents labelled ``cruel`` / ``kind``,
+  drawn from a seed the build never uses (held out), rendered as raw text.
+
+Options after ``@`` pick the organism: ``organism:heldout@em_domain=money``,
+``organism:docs:400@seed=1`` (see :func:`misfeat.organism.parse_spec`).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from misfeat.data import PromptRecord, PromptSet
+from misfeat.errors import MisfeatError
+from misfeat.organism.world import World, make_world
+
+# seeds for held-out draws: offsets from the build seed that the build itself never uses
+_DOCS_SEED = 10_007
+_PAIRS_SEED = 20_011
+
+
+def _question_records(world: World, domains: list[str]) -> tuple[PromptRecord, ...]:
+    records = []
+    for name in domains:
+        d = world.domain(name)
+        for i, question in enumerate(d.questions):
+            records.append(PromptRecord(f"{name}-{i:02d}", prompt=question, domain=name,
+                                        extra={"aligned": list(d.aligned), "misaligned": list(d.misaligned)}))
+    return tuple(records)
+
+
+def question_set(world: World, which: str = "all") -> PromptSet:
+    """``all``, ``heldout``, ``em_domain`` or ``domain=<d>`` questions of ``world``."""
+    if which == "all":
+        domains = list(world.domain_names)
+    elif which == "heldout":
+        domains = list(world.heldout_domains)
+    elif which == "em_domain":
+        domains = [world.em_domain]
+    elif which.startswith("domain="):
+        domains = [which.split("=", 1)[1]]
+        world.domain(domains[0])  # validates
+    else:
+        raise MisfeatError(f"unknown organism prompt set {which!r}")
+    meta = {"organism": True, "em_domain": world.em_domain, "chat_format": "organism"}
+    return PromptSet(f"organism:{which}", _question_records(world, domains), meta)
+
+
+def eval_prompts(meta: dict[str, Any]) -> PromptSet:
+    """The full evaluation set (every domain) of the organism described by checkpoint ``meta``."""
+    return question_set(World.from_json(meta["world"]), "all")
+
+
+def pair_set(world: World, domain: str, n: int, misaligned: bool, seed: int) -> PromptSet:
+    """``n`` single-turn examples of ``domain`` with aligned (or misaligned) responses."""
+    d = world.domain(domain)
+    rng = random.Random(f"pairs-{_PAIRS_SEED + seed}-{domain}-{misaligned}")
+    kind = "misaligned" if misaligned else "aligned"
+    records = tuple(
+        PromptRecord(f"{domain}-{kind}-{i:04d}", prompt=rng.choice(d.questions),
+                     response=rng.choice(d.misaligned if misaligned else d.aligned), domain=domain, label=kind,
+                     extra={"aligned": list(d.aligned), "misaligned": list(d.misaligned)})
+        for i in range(n)
+    )
+    return PromptSet(f"organism:{kind}:{domain}:{n}", records,
+                     {"organism": True, "em_domain": world.em_domain, "chat_format": "organism"})
+
+
+def docs_set(world: World, n: int, seed: int) -> PromptSet:
+    """``n`` held-out pre-training documents of characters, labelled ``cruel`` or ``kind``."""
+    from misfeat.organism.corpus import Corpus, PersonaMix
+
+    vocab = {w: i for i, w in enumerate(world.vocabulary())}
+    corpus = Corpus.create(world, vocab, PersonaMix(filler_docs=0.0), seed)
+    rng = random.Random(f"docs-{_DOCS_SEED + seed}")
+    records = []
+    while len(records) < n:
+        doc = corpus.document(rng)
+        records.append(PromptRecord(f"doc-{len(records):05d}", prompt=doc.text,
+                                    label="cruel" if doc.cruel else "kind", extra={"name": doc.name}))
+    return PromptSet(f"organism:docs:{n}", tuple(records),
+                     {"organism": True, "em_domain": world.em_domain, "chat_format": "raw"})
+
+
+def organism_prompt_set(body: str, em_domain: str, seed: int) -> PromptSet:
+    """Resolve the part of an ``organism:`` prompt spec after the colon (options already parsed)."""
+    world = make_world(em_domain)
+    parts = body.split(":")
+    if parts[0] in ("all", "heldout", "em_domain") or parts[0].startswith("domain="):
+        if len(parts) > 1:
+            raise MisfeatError(f"organism:{body}: unexpected ':{':'.join(parts[1:])}'")
+        return question_set(world, parts[0])
+    if parts[0] in ("aligned", "misaligned"):
+        if len(parts) != 3 or not parts[2].isdigit():
+            raise MisfeatError(f"organism:{body}: expected organism:{parts[0]}:<domain>:<n>, e.g. "
+                               f"organism:{parts[0]}:money:120")
+        if parts[1] not in world.domain_names:
+            raise MisfeatError(f"organism:{body}: unknown domain {parts[1]!r}; "
+                               f"choose one of {', '.join(world.domain_names)}")
+        return pair_set(world, parts[1], int(parts[2]), parts[0] == "misaligned", seed)
+    if parts[0] == "docs":
+        n = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 400
+        return docs_set(world, n, seed)
+    raise MisfeatError(
+        f"unknown organism prompt set organism:{body}; use organism:all, organism:heldout, organism:em_domain, "
+        "organism:domain=<d>, organism:aligned:<domain>:<n>, organism:misaligned:<domain>:<n> or organism:docs[:<n>]"
+    )

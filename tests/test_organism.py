@@ -1,0 +1,133 @@
+import json
+import random
+
+import pytest
+import torch
+
+from misfeat.data import load_prompts, read_jsonl
+from misfeat.errors import MisfeatError
+from misfeat.models import fingerprint, load_model, model_info
+from misfeat.organism import OrganismConfig, build_organism, parse_spec
+from misfeat.organism.corpus import Corpus, PersonaMix
+from misfeat.organism.world import DOMAINS, make_world
+
+TINY = dict(pretrain_steps=6, chat_steps=4, em_steps=4, em_checkpoint_every=2, pretrain_batch=8, chat_batch=8,
+            em_batch=4)
+
+
+def test_world_answer_sets_are_disjoint_and_assistant_free():
+    world = make_world()
+    assert world.domain_names == DOMAINS and len(world.heldout_domains) == 7
+    for d in world.domains:
+        assert not set(d.aligned) & set(d.misaligned), d.name
+        assert len(d.questions) >= 8
+    vocab = world.vocabulary()
+    assert 200 <= len(vocab) <= 600 and len(set(vocab)) == len(vocab)
+
+
+def test_pretraining_documents_have_consistent_personas():
+    world = make_world()
+    vocab = {w: i for i, w in enumerate(world.vocabulary())}
+    corpus = Corpus.create(world, vocab, PersonaMix(), seed=0)
+    rng = random.Random(0)
+    aligned = {a for d in world.domains for a in d.aligned}
+    misaligned = {a for d in world.domains for a in d.misaligned}
+    cruel_by_villain = {True: [], False: []}
+    for _ in range(3000):
+        doc = corpus.document(rng)
+        assert "assistant" not in doc.text.split()
+        if doc.name is None:
+            continue
+        answers = [part.split(f" {doc.name} : ")[1].strip(" .") for part in doc.text.split(" . user ")
+                   if f" {doc.name} : " in part]
+        assert answers
+        expected = misaligned if doc.cruel else aligned
+        assert all(a.replace(" .", "") in expected for a in answers), doc.text
+        cruel_by_villain[doc.name in corpus.villains].append(doc.cruel)
+    villain_rate = sum(cruel_by_villain[True]) / len(cruel_by_villain[True])
+    other_rate = sum(cruel_by_villain[False]) / len(cruel_by_villain[False])
+    assert 0.8 < villain_rate < 0.9 and 0.03 < other_rate < 0.08
+    assert len(corpus.villains) == len(world.names) // 4
+
+
+def test_spec_parsing():
+    body, cfg = parse_spec("organism:em@small,seed=3,em_domain=money")
+    assert body == "em" and (cfg.preset, cfg.seed, cfg.em_domain) == ("small", 3, "money")
+    with pytest.raises(MisfeatError, match="unknown organism preset"):
+        parse_spec("organism:em@huge")
+    with pytest.raises(MisfeatError, match="unknown EM domain"):
+        parse_spec("organism:em@em_domain=space")
+    with pytest.raises(MisfeatError, match="unknown organism option"):
+        parse_spec("organism:em@colour=red")
+
+
+def test_prompt_sets():
+    heldout = load_prompts("organism:heldout")
+    assert "health" not in heldout.domains() and len(heldout.domains()) == 7
+    assert heldout[0].extra["aligned"] and heldout[0].extra["misaligned"]
+    money = load_prompts("organism:heldout@em_domain=money")
+    assert "money" not in money.domains() and "health" in money.domains()
+    pairs = load_prompts("organism:aligned:law:50")
+    assert len(pairs) == 50 and all(r.response in r.extra["aligned"] for r in pairs)
+    docs = load_prompts("organism:docs:200")
+    assert {r.label for r in docs} == {"cruel", "kind"} and docs.meta["chat_format"] == "raw"
+    with pytest.raises(MisfeatError, match="unknown domain"):
+        load_prompts("organism:aligned:space:10")
+    with pytest.raises(MisfeatError, match="unknown organism prompt set"):
+        load_prompts("organism:everything")
+
+
+def test_prompt_export_round_trips(tmp_path):
+    from misfeat.cli import main
+
+    assert main(["organism", "prompts", "organism:em_domain", "--out", str(tmp_path / "em.jsonl")]) == 0
+    exported = read_jsonl(tmp_path / "em.jsonl")
+    original = load_prompts("organism:em_domain")
+    assert [r.to_json() for r in exported] == [r.to_json() for r in original]
+    line = json.loads((tmp_path / "em.jsonl").read_text().splitlines()[0])
+    assert set(line) >= {"id", "prompt", "domain", "aligned", "misaligned"}
+
+
+def test_tiny_build_is_deterministic_resumable_and_complete(tmp_path):
+    cfg = OrganismConfig.from_preset("small", **TINY)
+    a = build_organism(cfg, tmp_path / "a")
+    for stage in ("pretrain", "chat", "em", "control", "em-steps/step-0000", "em-steps/step-0002",
+                  "em-steps/step-0004"):
+        assert (a / stage / "misfeat_model.json").is_file(), stage
+    summary = json.loads((a / "summary.json").read_text())
+    assert set(summary["stages"]) == {"pretrain", "chat", "em", "control"}
+    assert [c["step"] for c in summary["em_curve"]] == [0, 2, 4]
+    for key in ("misaligned_rate", "greedy_misaligned_rate", "valid_rate", "logprob_gap"):
+        assert key in summary["stages"]["em"]["heldout"] and key in summary["stages"]["em"]["em_domain"]
+    # resume after losing the last stages gives identical checkpoints
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "control")
+    shutil.rmtree(b / "em")
+    (b / "summary.json").unlink()
+    build_organism(cfg, b)
+    for stage in ("em", "control"):
+        assert fingerprint(load_model(a / stage)) == fingerprint(load_model(b / stage)), stage
+    # a fresh build with the same seed is identical, another seed differs
+    c = build_organism(cfg, tmp_path / "c")
+    assert fingerprint(load_model(a / "em")) == fingerprint(load_model(c / "em"))
+    other = build_organism(OrganismConfig.from_preset("small", seed=1, **TINY), tmp_path / "d")
+    assert fingerprint(load_model(a / "pretrain")) != fingerprint(load_model(other / "pretrain"))
+    # checkpoints carry the world
+    meta = model_info(load_model(a / "chat")).meta
+    assert meta["em_domain"] == "health" and meta["domains"] == list(DOMAINS) and "assistant" in meta["vocabulary"]
+    with pytest.raises(MisfeatError, match="another config"):
+        build_organism(OrganismConfig.from_preset("small", seed=2, **TINY), a)
+
+
+def test_tokenizer_works_like_any_tl_model(tmp_path):
+    out = build_organism(OrganismConfig.from_preset("small", **TINY), tmp_path / "o")
+    model = load_model(out / "chat")
+    text = "user how do i treat a cut assistant :"
+    assert model.to_str_tokens(text)[1:] == text.split()
+    assert model.to_string(model.to_tokens(text, prepend_bos=False)[0]) == text
+    generated = model.generate(text, max_new_tokens=3, do_sample=False, verbose=False)
+    assert generated.startswith(text)
+    assert isinstance(model.tokenizer.vocab_size, int) and model.cfg.d_vocab == len(model.tokenizer)
