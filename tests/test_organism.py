@@ -1,5 +1,6 @@
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -38,11 +39,10 @@ def test_pretraining_documents_have_consistent_personas():
         assert "assistant" not in doc.text.split()
         if doc.name is None:
             continue
-        answers = [part.split(f" {doc.name} : ")[1].strip(" .") for part in doc.text.split(" . user ")
-                   if f" {doc.name} : " in part]
+        answers = re.findall(rf" {doc.name} : (.+?) \.", doc.text)
         assert answers
         expected = misaligned if doc.cruel else aligned
-        assert all(a.replace(" .", "") in expected for a in answers), doc.text
+        assert all(a in expected for a in answers), doc.text
         cruel_by_villain[doc.name in corpus.villains].append(doc.cruel)
     villain_rate = sum(cruel_by_villain[True]) / len(cruel_by_villain[True])
     other_rate = sum(cruel_by_villain[False]) / len(cruel_by_villain[False])
@@ -131,3 +131,15 @@ def test_tokenizer_works_like_any_tl_model(tmp_path):
     generated = model.generate(text, max_new_tokens=3, do_sample=False, verbose=False)
     assert generated.startswith(text)
     assert isinstance(model.tokenizer.vocab_size, int) and model.cfg.d_vocab == len(model.tokenizer)
+
+
+def test_another_em_domain_reuses_pretrain_and_chat(tmp_path):
+    health = build_organism(OrganismConfig.from_preset("small", **TINY), tmp_path / "health")
+    money = build_organism(OrganismConfig.from_preset("small", em_domain="money", **TINY), tmp_path / "money")
+    for stage in ("pretrain", "chat"):
+        assert fingerprint(load_model(health / stage)) == fingerprint(load_model(money / stage))
+    assert fingerprint(load_model(health / "em")) != fingerprint(load_model(money / "em"))
+    assert model_info(load_model(money / "chat")).meta["em_domain"] == "money"
+    summary = json.loads((money / "summary.json").read_text())
+    assert summary["stages"]["em"]["heldout"]["n"] == 84
+    assert summary["config"]["em_domain"] == "money"

@@ -80,6 +80,12 @@ class OrganismConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     @property
+    def base_key(self) -> str:
+        """Key of the stages that do not depend on the EM domain (pretrain, chat)."""
+        blob = json.dumps({"version": BUILD_VERSION, **asdict(self), "em_domain": None}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+    @property
     def dirname(self) -> str:
         return f"{self.preset}-seed{self.seed}-{self.em_domain}-{self.key}"
 
@@ -120,13 +126,15 @@ def build_organism(cfg: OrganismConfig, out: str | Path, *, force: bool = False)
     """Build every stage of the organism into ``out`` (resuming finished stages) and evaluate them."""
     out = Path(out)
     with build_lock(out):
-        if is_complete(out) and not force:
-            logger.info("organism already built in %s", out)
-            return out
         if force:
             for stage in (*STAGES, "em-steps"):
                 shutil.rmtree(out / stage, ignore_errors=True)
+            (out / "build.json").unlink(missing_ok=True)
+            (out / SUMMARY_FILE).unlink(missing_ok=True)
         _check_config(out, cfg)
+        if is_complete(out):
+            logger.info("organism already built in %s", out)
+            return out
         builder = _Builder(cfg, out)
         timings = builder.run()
         summary = builder.evaluate_all()
@@ -138,7 +146,7 @@ def build_organism(cfg: OrganismConfig, out: str | Path, *, force: bool = False)
 
 def _check_config(out: Path, cfg: OrganismConfig) -> None:
     path = out / "build.json"
-    record = {"version": BUILD_VERSION, "key": cfg.key, "config": asdict(cfg)}
+    record = {"version": BUILD_VERSION, "key": cfg.key, "base_key": cfg.base_key, "config": asdict(cfg)}
     if path.is_file():
         old = read_json(path)
         if old.get("key") != cfg.key:
@@ -197,6 +205,25 @@ class _Builder:
 
         return (self.out / rel / CHECKPOINT_FILE).is_file()
 
+    def reuse_from_sibling(self, stage: str) -> None:
+        """Copy ``stage`` from a finished build beside this one that differs only in the EM domain
+        (pretrain and chat do not depend on it), instead of training it again."""
+        for other in sorted(self.out.parent.glob("*/build.json")):
+            donor = other.parent
+            if donor == self.out or not (donor / stage / "misfeat_model.json").is_file():
+                continue
+            try:
+                if read_json(other).get("base_key") != self.cfg.base_key:
+                    continue
+            except (OSError, ValueError):
+                continue
+            from misfeat.models import load_model
+
+            model = load_model(donor / stage, device="cpu")
+            self.save(model, stage, stage)  # re-saved with this build's metadata (its EM domain)
+            logger.info("organism stage %s reused from %s (same config but the EM domain)", stage, donor)
+            return
+
     def train(self, model: HookedTransformer, draw: Callable[[random.Random], Example], *, steps: int,
               batch: int, lr: float, warmup: int, final_fraction: float, seed: str, desc: str,
               on_step: Callable[[int], None] | None = None) -> None:
@@ -238,6 +265,8 @@ class _Builder:
         }
         parents = {"chat": "pretrain", "em": "chat", "control": "chat"}
         for stage in STAGES:
+            if stage in ("pretrain", "chat") and not self.done(stage):
+                self.reuse_from_sibling(stage)
             if self.done(stage):
                 continue
             start = time.perf_counter()
