@@ -102,7 +102,7 @@ class OrganismConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # a faster organism for tests and quick iteration: same world, smaller and shorter
-    "small": {"n_layers": 2, "d_model": 64, "d_mlp": 256, "pretrain_steps": 400, "chat_steps": 100},
+    "small": {"n_layers": 2, "pretrain_steps": 400},
 }
 
 
