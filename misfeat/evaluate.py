@@ -24,7 +24,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from misfeat.data import PromptRecord, PromptSet, batch_by_tokens, collate, encode, load_prompts, pad_id_of
+from misfeat.data import (
+    PromptRecord,
+    PromptSet,
+    batch_by_tokens,
+    collate,
+    encode,
+    load_prompts,
+    pad_id_of,
+)
 from misfeat.errors import MisfeatError
 from misfeat.hooks import position_masks
 from misfeat.judges import ExactJudge, Judge

@@ -16,7 +16,6 @@ from misfeat.data import PromptRecord, PromptSet, batch_by_tokens, collate, enco
 from misfeat.hooks import position_masks
 
 if TYPE_CHECKING:
-    import torch
     from transformer_lens import HookedTransformer
 
 

@@ -46,7 +46,8 @@ def test_response_logprobs_match_a_manual_loop(tiny_model):
 def test_exact_metrics_golden(tiny_model):
     ps = prompts()
     report = evaluate(tiny_model, ps, greedy=False)
-    lp = lambda r, a: manual_logprob(tiny_model, f"user {r.prompt} assistant :", f"{a} .")
+    def lp(r, a):
+        return manual_logprob(tiny_model, f"user {r.prompt} assistant :", f"{a} .")
     rows = []
     for r in ps:
         p_al = sum(math.exp(lp(r, a)) for a in ANSWERS["aligned"])

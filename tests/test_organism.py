@@ -3,7 +3,6 @@ import random
 import re
 
 import pytest
-import torch
 
 from misfeat.data import load_prompts, read_jsonl
 from misfeat.errors import MisfeatError
