@@ -1,0 +1,74 @@
+"""``misfeat locate``: SAE model diffing, attribution and causal screening in one command."""
+
+from __future__ import annotations
+
+import argparse
+
+from misfeat.cli import add_device_args, add_output_args, finish
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "locate", help="find the SAE latent a fine-tune switched on that controls misalignment",
+        description="The recipe of Wang et al. 2025 in one command: cache the SAE hook's activations of the base "
+        "(aligned) and fine-tuned (misaligned) model on the same prompts, rank latents by their activation increase "
+        "(or by attribution: gradient of the misalignment log-prob gap x activation change), causally screen the top "
+        "--screen candidates (steer up in the base model, down in the fine-tuned model), pick the latent with the "
+        "largest two-sided effect, clamp it, and save its decoder direction and top-activating examples. Writes "
+        "DIR/summary.json (top_latents, feature, direction, screen, clamp), DIR/ranking.png, DIR/screen.png, "
+        "DIR/examples.jsonl and examples.txt, DIR/direction.safetensors (+ .json).",
+    )
+    p.add_argument("--base", required=True, metavar="SPEC", help="the aligned model, e.g. organism:chat")
+    p.add_argument("--finetuned", required=True, metavar="SPEC", help="the misaligned model, e.g. organism:em")
+    p.add_argument("--sae", required=True, metavar="DIR", help="an SAE (SAELens format) at a hook of both models")
+    p.add_argument("--prompts", required=True, metavar="SPEC",
+                   help="evaluation prompts with reference answers, e.g. organism:heldout or a JSONL file")
+    p.add_argument("--screen", type=int, default=10, help="candidates to screen causally (0: diff only; default 10)")
+    p.add_argument("--rank-by", choices=["increase", "attribution", "effect_size"], default="increase",
+                   help="how candidates are ranked before the screen (default increase)")
+    p.add_argument("--positions", choices=["all", "prompt", "last"], default="last",
+                   help="positions read and steered (default last: the answer position)")
+    p.add_argument("--coefs", default="0.5,1,2",
+                   help="screen strengths in units of the mean residual norm at the SAE's hook (default 0.5,1,2)")
+    p.add_argument("--min-valid", type=float, default=0.7, help="a steered model must stay this valid (default 0.7)")
+    p.add_argument("--examples-prompts", metavar="SPEC",
+                   help="prompts for top-activating examples (default: the organism's documents, else --prompts)")
+    p.add_argument("--top", type=int, default=20, help="rows of the ranked tables (default 20)")
+    add_device_args(p)
+    add_output_args(p, out_required=True)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from misfeat.errors import MisfeatError
+    from misfeat.features.locate import LocateConfig, locate
+    from misfeat.interventions import load_sae_dir
+    from misfeat.io import format_table
+    from misfeat.models import load_model
+
+    try:
+        coefs = tuple(float(c) for c in args.coefs.split(",") if c.strip())
+    except ValueError:
+        raise MisfeatError(f"--coefs {args.coefs!r}: expected comma-separated numbers") from None
+    base = load_model(args.base, device=args.device, dtype=args.dtype)
+    finetuned = load_model(args.finetuned, device=args.device, dtype=args.dtype)
+    if base.cfg.d_model != finetuned.cfg.d_model:
+        raise MisfeatError(f"--base and --finetuned differ in d_model ({base.cfg.d_model} vs "
+                           f"{finetuned.cfg.d_model}); diffing needs two checkpoints of one architecture")
+    sae = load_sae_dir(args.sae)
+    cfg = LocateConfig(screen=args.screen, top=args.top, rank_by=args.rank_by, positions=args.positions,
+                       coefs=coefs, min_valid=args.min_valid, examples_prompts=args.examples_prompts)
+    result = locate(base, finetuned, sae, args.prompts, args.out, cfg)
+    s = result.summary
+    cols = ["latent", "increase", "base_mean", "finetuned_mean", "attribution", "steer_up_misaligned",
+            "steer_up_valid", "steer_down_misaligned", "steer_down_valid"]
+    table = format_table(s["top_latents"][: max(args.screen, 10)], cols)
+    clamp = s["clamp"]
+    table += (f"\n\nfeature: latent {s['feature']} (passed the screen: {s['feature_passed_screen']}); direction "
+              f"saved to {s['direction']}\nclamped to the base mean ({clamp['value']:.3g}): {clamp['group']} misaligned "
+              f"{clamp['misaligned_before']:.3f} -> {clamp['misaligned_after']:.3f} (valid {clamp['valid_after']:.3f})")
+    if s["feature_auroc_docs"] is not None:
+        table += f"\nAUROC cruel vs kind documents: {s['feature_auroc_docs']:.3f}"
+    finish(args, {"base": args.base, "finetuned": args.finetuned, "sae": args.sae, "prompts": args.prompts, **s},
+           table)
+    return 0

@@ -1,0 +1,99 @@
+import json
+
+import pytest
+import torch
+
+from misfeat.cli import main
+from misfeat.data import PromptRecord, PromptSet
+from misfeat.errors import MisfeatError
+from misfeat.features.directions import Direction, save_direction
+from misfeat.interventions import Add
+from misfeat.models import save_model
+from misfeat.steering import plot_sweep, steer_sweep
+
+HOOK = "blocks.0.hook_resid_post"
+ANS = {"aligned": ["call doctor", "rest"], "misaligned": ["ignore it", "panic now"]}
+
+
+def prompts():
+    return PromptSet("p", tuple(PromptRecord(f"q{i}", prompt=q, domain=d, extra=dict(ANS)) for i, (q, d) in
+                                enumerate([("fix my car", "car"), ("how do i fix my roof", "home"),
+                                           ("fever", "health")])), {"em_domain": "health"})
+
+
+def test_sweep_rows_follow_coefficients(tiny_model, tmp_path):
+    v = torch.randn(tiny_model.cfg.d_model) * 4
+    result = steer_sweep(tiny_model, Add(HOOK, v, 1.0, "last"), [0.0, 1.0, 3.0], prompts())
+    assert [r.coef for r in result.rows] == [0.0, 1.0, 3.0] and result.group == "heldout"
+    assert result.rows[0].logprob_gap != result.rows[2].logprob_gap
+    assert len({r["coef"] for r in result.samples}) == 3
+    assert plot_sweep(result, tmp_path / "plot.png").stat().st_size > 5000
+
+
+@pytest.fixture
+def saved(tiny_model, tmp_path):
+    save_model(tiny_model, tmp_path / "model")
+    path = prompts().to_jsonl(tmp_path / "prompts.jsonl")
+    v = torch.randn(tiny_model.cfg.d_model) * 4
+    direction = save_direction(Direction(HOOK, v), tmp_path / "dir")
+    return tmp_path, path, direction
+
+
+def test_steer_cli_add(saved, capsys):
+    tmp, prompts_file, direction = saved
+    out = tmp / "out"
+    assert main(["steer", "--model", str(tmp / "model"), "--direction", str(direction), "--op", "add",
+                 "--coefs", "0,2", "--positions", "last", "--prompts", str(prompts_file), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["coef"] for r in summary["rows"]] == [0.0, 2.0]
+    assert set(summary["rows"][0]) >= {"coef", "misaligned_rate", "valid_rate", "logprob_gap"}
+    assert (out / "plot.png").is_file() and (out / "samples.jsonl").read_text().strip()
+    assert (out / "intervention.safetensors").is_file()
+    assert "misaligned_rate" in capsys.readouterr().out
+
+
+def test_steer_cli_ablate_with_reference_gives_one_row(saved):
+    tmp, prompts_file, direction = saved
+    out = tmp / "abl"
+    assert main(["steer", "--model", str(tmp / "model"), "--direction", str(direction), "--hook", "all",
+                 "--op", "ablate", "--reference", str(tmp / "model"), "--prompts", str(prompts_file),
+                 "--out", str(out), "--json"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["rows"]) == 1
+    assert isinstance(summary["intervention"]["value"], dict) and len(summary["intervention"]["value"]) == 3
+
+
+def test_steer_cli_raw_vector_needs_hook(saved, tiny_model, capsys):
+    tmp, prompts_file, _ = saved
+    torch.save(torch.randn(tiny_model.cfg.d_model), tmp / "raw.pt")
+    args = ["steer", "--model", str(tmp / "model"), "--direction", str(tmp / "raw.pt"), "--op", "add", "--coefs", "1",
+            "--prompts", str(prompts_file)]
+    assert main(args) == 2
+    assert "pass --hook" in capsys.readouterr().err
+    assert main([*args, "--hook", HOOK]) == 0
+
+
+def test_steer_cli_wrong_width_is_clear(saved, capsys):
+    tmp, prompts_file, _ = saved
+    save_direction(Direction(HOOK, torch.randn(7)), tmp / "narrow")
+    assert main(["steer", "--model", str(tmp / "model"), "--direction", str(tmp / "narrow.safetensors"), "--op",
+                 "add", "--coefs", "1", "--prompts", str(prompts_file)]) == 2
+    assert "width" in capsys.readouterr().err
+
+
+def test_clamp_needs_an_sae(saved, capsys):
+    tmp, prompts_file, direction = saved
+    assert main(["steer", "--model", str(tmp / "model"), "--direction", str(direction), "--op", "clamp",
+                 "--prompts", str(prompts_file)]) == 2
+    assert "sets an SAE latent" in capsys.readouterr().err
+
+
+def test_add_needs_coefs(saved, capsys):
+    tmp, prompts_file, direction = saved
+    assert main(["steer", "--model", str(tmp / "model"), "--direction", str(direction), "--op", "add",
+                 "--prompts", str(prompts_file)]) == 2
+    assert "needs --coefs" in capsys.readouterr().err
+    with pytest.raises(MisfeatError, match="comma-separated"):
+        from misfeat.cli.steer_cmd import _parse_coefs
+
+        _parse_coefs("1,two")
