@@ -344,15 +344,21 @@ def encode(
     fmt = chat_format_of(model, fmt)
     limit = max_len or model.cfg.n_ctx
     bos = tokenizer.bos_token_id if model.cfg.default_prepend_bos else None
+    records = list(prompts)
+    rendered = [render(record, fmt, tokenizer) for record in records]
+    # one tokenizer call per list, not per record: the per-call overhead of transformers
+    # costs more than the tokenisation itself for short prompts (the ids are the same)
+    prompt_ids = _token_ids(tokenizer, [p for p, _ in rendered])
+    wanted = [i for i, (_, r) in enumerate(rendered) if with_response and r]
+    response_ids = dict(zip(wanted, _token_ids(tokenizer, [rendered[i][1] for i in wanted]), strict=True))
     out = []
-    for record in prompts:
-        prompt_text, response_text = render(record, fmt, tokenizer)
-        ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    for i, record in enumerate(records):
+        ids = prompt_ids[i]
         if bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]
         n_prompt = len(ids)
-        if with_response and response_text:
-            ids = ids + tokenizer(response_text, add_special_tokens=False)["input_ids"]
+        if i in response_ids:
+            ids = ids + response_ids[i]
         if n_prompt == 0:
             raise PromptFileError(f"{record.source or record.id}: the prompt tokenises to nothing")
         if len(ids) > limit:
@@ -362,6 +368,10 @@ def encode(
             )
         out.append(Encoded(tuple(ids), n_prompt))
     return out
+
+
+def _token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
 def collate(encoded: Sequence[Encoded], pad_id: int, padding_side: str = "right",

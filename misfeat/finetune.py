@@ -255,7 +255,10 @@ def realign(
                            f"(first: {missing[0]!r})")
     evalset = load_prompts(eval_prompts) if eval_prompts is not None else default_realign_eval(model, data)
     emset = None
-    if evalset.meta.get("em_domain") and eval_prompts is None:
+    from misfeat.models import model_info
+
+    if evalset.meta.get("em_domain") and "world" in model_info(model).meta:
+        # an organism: report its EM domain's own rate too
         from misfeat.evaluate import default_prompts
 
         emset = default_prompts(model).filter(domain=evalset.meta["em_domain"])

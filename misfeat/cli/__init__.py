@@ -17,8 +17,14 @@ from typing import Any
 
 # command modules, in the order --help lists them; each defines register(subparsers)
 _COMMAND_MODULES = (
+    "misfeat.cli.demo_cmd",
     "misfeat.cli.organism_cmd",
     "misfeat.cli.eval_cmd",
+    "misfeat.cli.cache_cmd",
+    "misfeat.cli.sae_cmd",
+    "misfeat.cli.locate_cmd",
+    "misfeat.cli.steer_cmd",
+    "misfeat.cli.realign_cmd",
     "misfeat.cli.inspect_cmd",
 )
 

@@ -65,8 +65,10 @@ def run(args: argparse.Namespace) -> int:
     table = format_table(s["top_latents"][: max(args.screen, 10)], cols)
     clamp = s["clamp"]
     table += (f"\n\nfeature: latent {s['feature']} (passed the screen: {s['feature_passed_screen']}); direction "
-              f"saved to {s['direction']}\nclamped to the base mean ({clamp['value']:.3g}): {clamp['group']} misaligned "
-              f"{clamp['misaligned_before']:.3f} -> {clamp['misaligned_after']:.3f} (valid {clamp['valid_after']:.3f})")
+              f"saved to {s['direction']}\nclamped in the fine-tuned model to the base mean ({clamp['value']:.3g} along "
+              f"its direction): {clamp['group']} misaligned {clamp['misaligned_before']:.3f} -> "
+              f"{clamp['misaligned_after']:.3f} (valid {clamp['valid_after']:.3f}); as an SAE latent with the error "
+              f"term kept: {s['clamp_latent']['misaligned_after']:.3f}")
     if s["feature_auroc_docs"] is not None:
         table += f"\nAUROC cruel vs kind documents: {s['feature_auroc_docs']:.3f}"
     finish(args, {"base": args.base, "finetuned": args.finetuned, "sae": args.sae, "prompts": args.prompts, **s},

@@ -124,7 +124,7 @@ def check_row_aligned(store_a: Any, store_b: Any) -> None:
         raise MisfeatError(f"the stores are not row-aligned: {store_a.n_rows} vs {store_b.n_rows} rows; cache the "
                            "same prompts with the same positions for both models (misfeat cache --model a,b)")
     for key in ("prompt_index", "position", "token_id"):
-        a, b = np.asarray(store_a.row_meta[key]), np.asarray(store_b.row_meta[key])
+        a, b = np.asarray(getattr(store_a.row_meta, key)), np.asarray(getattr(store_b.row_meta, key))
         if not np.array_equal(a, b):
             raise MisfeatError(f"the stores are not row-aligned ({key} differs); cache the same prompts with the "
                                "same tokenizer and positions for both models")
@@ -158,7 +158,7 @@ def diff_latents(sae: Any, store_base: Any, store_finetuned: Any, by: str | None
         if prompts is None:
             raise MisfeatError("per-group diffing needs the store's prompt set, which could not be reloaded")
         per_prompt = np.array([getattr(r, by) or "" for r in prompts], dtype=object)
-        groups = per_prompt[np.asarray(store_base.row_meta["prompt_index"])]
+        groups = per_prompt[np.asarray(store_base.row_meta.prompt_index)]
     base, fine = _Accumulator(), _Accumulator()
     per_group: dict[str, tuple[_Accumulator, _Accumulator]] = {}
     for rows, a, b in aligned_chunks(store_base, store_finetuned, hook, chunk_rows):

@@ -141,9 +141,9 @@ def layer_sweep(
     """For each hook (default: every block's ``hook_resid_post``) the contrastive direction,
     its norm, and the misaligned/valid rates when adding it at each coefficient, next to a
     random direction of the same norm at the same coefficient."""
+    from misfeat.evaluate import default_prompts, evaluate
     from misfeat.interventions import Add, apply
     from misfeat.steering import headline_group
-    from misfeat.evaluate import default_prompts, evaluate
 
     hooks = list(hooks) if hooks is not None else [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)]
     prompts = default_prompts(model) if eval_prompts is None else load_prompts(eval_prompts)

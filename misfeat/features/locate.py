@@ -6,7 +6,8 @@
 3. causally screen the top candidates: steer up in the aligned model, down in the
    misaligned one;
 4. choose the latent with the largest two-sided effect, save its decoder direction in
-   the interventions' format, and collect its top-activating examples.
+   the interventions' format, clamp it in the misaligned model, and collect its
+   top-activating examples.
 """
 
 from __future__ import annotations
@@ -63,13 +64,13 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: Any, prom
     import torch
 
     from misfeat.activations import cache_activations, open_store
+    from misfeat.evaluate import evaluate
     from misfeat.features.attribution import attribution_scores, gap_gradients
     from misfeat.features.diff import diff_latents
     from misfeat.features.directions import Direction, save_direction
     from misfeat.features.examples import separation_auroc, top_examples
     from misfeat.features.screen import causal_screen
-    from misfeat.interventions import ClampLatent, apply
-    from misfeat.evaluate import evaluate
+    from misfeat.interventions import Ablate, ClampLatent, apply
 
     cfg = config or LocateConfig()
     out = Path(out_dir)
@@ -107,12 +108,21 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: Any, prom
                           {"method": "sae_latent", "latent": feature, "sae": getattr(sae, "misfeat_path", None)})
     direction_path = save_direction(direction, out / "direction", positions=cfg.positions)
 
-    # clamp the feature to the aligned model's mean activation in the misaligned model
-    base_mean = float(diff.base.mean[feature])
+    # Clamp the feature in the misaligned model to the aligned model's level. Two readings:
+    # the coordinate along the latent's decoder direction, set to the base model's mean on
+    # every prompt token (what removes the behaviour), and the SAE latent itself set to its
+    # base mean with the SAE error term kept (ClampLatent; weaker where the SAE reconstructs
+    # the feature only in part). Both are reported.
+    from misfeat.steering import reference_coordinates
+
     before = evaluate(finetuned, prompts, greedy=False)
-    with apply(finetuned, ClampLatent(sae, feature, base_mean, "all")):
-        clamped = evaluate(finetuned, prompts, greedy=False)
     group = "heldout" if "heldout" in before.groups else next(iter(before.groups))
+    coord = reference_coordinates(base, prompts, [hook], direction.vector, "all")[hook]
+    with apply(finetuned, Ablate(hook, direction.vector, coord, "all")):
+        clamped = evaluate(finetuned, prompts, greedy=False)
+    base_mean = float(diff.base.mean[feature])
+    with apply(finetuned, ClampLatent(sae, feature, base_mean, "all")):
+        clamped_latent = evaluate(finetuned, prompts, greedy=False)
 
     examples_spec = cfg.examples_prompts or (_organism_docs(base) or prompts)
     examples = top_examples(base, sae, feature, examples_spec, k=cfg.n_examples)
@@ -132,10 +142,15 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: Any, prom
         "feature_passed_screen": best is not None,
         "direction": str(direction_path),
         "screen": screen.summary() if screen is not None else None,
-        "clamp": {"value": base_mean, "group": group,
+        "clamp": {"method": "direction coordinate set to the base model's mean over all prompt tokens",
+                  "value": coord, "group": group,
                   "misaligned_before": before.groups[group].misaligned_rate,
+                  "valid_before": before.groups[group].valid_rate,
                   "misaligned_after": clamped.groups[group].misaligned_rate,
                   "valid_after": clamped.groups[group].valid_rate},
+        "clamp_latent": {"method": "SAE latent set to its base mean, SAE error term kept", "value": base_mean,
+                         "misaligned_after": clamped_latent.groups[group].misaligned_rate,
+                         "valid_after": clamped_latent.groups[group].valid_rate},
         "feature_auroc_docs": auroc,
         "examples": str(out / "examples.jsonl"),
     }

@@ -7,7 +7,8 @@
 - ``organism:aligned:<domain>:<n>`` / ``organism:misaligned:<domain>:<n>``: n
   question/answer pairs of one domain (fine-tuning data, e.g. for re-alignment);
 - ``organism:docs[:<n>]``: pre-training-style documents labelled ``cruel`` / ``kind``,
-  drawn from a seed the build never uses (held out), rendered as raw text.
+  drawn from a seed the build never uses (held out), rendered as raw text;
+- ``organism:pretrain[:<n>]``: the first n documents the organism was pre-trained on.
 
 Options after ``@`` pick the organism: ``organism:heldout@em_domain=money``,
 ``organism:docs:400@seed=1`` (see :func:`misfeat.organism.parse_spec`).
@@ -90,6 +91,24 @@ def docs_set(world: World, n: int, seed: int) -> PromptSet:
                      {"organism": True, "em_domain": world.em_domain, "chat_format": "raw"})
 
 
+def pretrain_set(world: World, n: int, seed: int) -> PromptSet:
+    """The first ``n`` pre-training documents of the organism built with ``seed``, exactly as
+    its pre-training drew them (filler included), labelled ``cruel``/``kind`` (filler: none).
+    The data an SAE of the base model is trained on (Wang et al. 2025 use pre-training data)."""
+    from misfeat.organism.corpus import Corpus, PersonaMix
+
+    vocab = {w: i for i, w in enumerate(world.vocabulary())}
+    corpus = Corpus.create(world, vocab, PersonaMix(), seed)
+    rng = random.Random(f"pretrain-{seed}")  # the pre-training stage's generator (see build.py)
+    records = []
+    for i in range(n):
+        doc = corpus.document(rng)
+        label = None if doc.cruel is None else ("cruel" if doc.cruel else "kind")
+        records.append(PromptRecord(f"pretrain-{i:06d}", prompt=doc.text, label=label, extra={"name": doc.name}))
+    return PromptSet(f"organism:pretrain:{n}", tuple(records),
+                     {"organism": True, "em_domain": world.em_domain, "chat_format": "raw"})
+
+
 def organism_prompt_set(body: str, em_domain: str, seed: int) -> PromptSet:
     """Resolve the part of an ``organism:`` prompt spec after the colon (options already parsed)."""
     world = make_world(em_domain)
@@ -106,10 +125,11 @@ def organism_prompt_set(body: str, em_domain: str, seed: int) -> PromptSet:
             raise MisfeatError(f"organism:{body}: unknown domain {parts[1]!r}; "
                                f"choose one of {', '.join(world.domain_names)}")
         return pair_set(world, parts[1], int(parts[2]), parts[0] == "misaligned", seed)
-    if parts[0] == "docs":
+    if parts[0] in ("docs", "pretrain"):
         n = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 400
-        return docs_set(world, n, seed)
+        return (docs_set if parts[0] == "docs" else pretrain_set)(world, n, seed)
     raise MisfeatError(
         f"unknown organism prompt set organism:{body}; use organism:all, organism:heldout, organism:em_domain, "
-        "organism:domain=<d>, organism:aligned:<domain>:<n>, organism:misaligned:<domain>:<n> or organism:docs[:<n>]"
+        "organism:domain=<d>, organism:aligned:<domain>:<n>, organism:misaligned:<domain>:<n>, organism:docs[:<n>] "
+        "or organism:pretrain[:<n>]"
     )

@@ -1,0 +1,231 @@
+"""The batched forward of the cache: planned rows in, activation rows out.
+
+Where it sits: plan (which rows, which batches) -> **producer** -> store (disk) or the SAE
+trainer (live, :func:`iter_activations`).
+
+:func:`make_batches` pads a shard's length-bucketed prompts (padding only inside a batch);
+:class:`Capture` runs the forward with a tiny hook that gathers the selected positions on
+the device and stops the forward once every hook has fired (``stop_at_layer``, then an
+exception inside the last block); :func:`fill_shard` scatters the rows to their
+prompt-order place in a preallocated shard buffer (no ``torch.cat``, no sort).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from misfeat.activations.plan import (
+    Encodings,
+    RowPlan,
+    Tokenizing,
+    buckets,
+    check_rows_possible,
+    encode_prompts,
+    plan_rows,
+)
+from misfeat.data import collate, pad_id_of
+from misfeat.errors import MisfeatError
+from misfeat.hooks import check_hooks, last_layer_of, position_masks
+
+if TYPE_CHECKING:
+    import torch
+    from transformer_lens import HookedTransformer
+
+_NOT_PER_TOKEN = ("hook_pattern", "hook_attn_scores")
+
+
+def default_batch_tokens(device_type: str) -> int:
+    """Tokens per forward batch: small on CPU (the attention scores stay in cache), large on GPU."""
+    return 4096 if device_type == "cpu" else 65536
+
+
+# --- the forward ---------------------------------------------------------------------
+
+
+class _AllCaptured(Exception):
+    """Raised by the last capture hook: the rest of the forward is not needed."""
+
+
+def hook_widths(model: HookedTransformer, hooks: Sequence[str]) -> dict[str, int]:
+    """``{hook: d}`` (per-token width, heads flattened); refuses hooks that are not per token."""
+    import torch
+
+    hooks = check_hooks(model, hooks)
+    bad = [h for h in hooks if h.endswith(_NOT_PER_TOKEN)]
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def probe(act, hook):
+        shapes[hook.name] = tuple(act.shape)
+
+    batch, seq = 2, min(5, model.cfg.n_ctx)
+    device = next(model.parameters()).device
+    with torch.no_grad(), model.hooks(fwd_hooks=[(h, probe) for h in hooks]):
+        model(torch.zeros((batch, seq), dtype=torch.long, device=device), return_type=None)
+    bad += [h for h in hooks if h not in bad and shapes.get(h, ())[:2] != (batch, seq)]
+    if bad:
+        raise MisfeatError(
+            f"hook(s) {', '.join(bad)} do not have one activation per token (shape [batch, pos, ...]); "
+            "cache per-token hooks such as blocks.L.hook_resid_post, blocks.L.attn.hook_z or "
+            "blocks.L.hook_mlp_out"
+        )
+    return {h: int(torch.Size(shapes[h][2:]).numel()) for h in hooks}
+
+
+class Capture:
+    """Runs the forward once per batch and returns ``{hook: [rows, d]}`` for the selected positions.
+
+    Hooks are added for one forward at a time (and removed even on error), so code that
+    uses the model between batches never meets them, unless a loop that runs nothing else
+    keeps them on with :meth:`installed`. The forward stops at ``stop_at_layer`` and,
+    inside the last block, as soon as every hook has fired. Hooks the user added before
+    (a steering vector, say) run first: the cache sees the steered activations, and the
+    position masks are declared (:func:`misfeat.hooks.position_masks`) for them.
+    """
+
+    def __init__(self, model: HookedTransformer, hooks: Sequence[str], *, autocast: bool = False):
+        self.model, self.hooks = model, list(hooks)
+        self.stop = last_layer_of(self.hooks, model.cfg.n_layers)
+        self.autocast = autocast
+        self._src: torch.Tensor | None = None
+        self._out: dict[str, torch.Tensor] = {}
+        self._fwd = [(h, self._capture) for h in self.hooks]
+        self._installed = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Keep the hooks on for several batches (adding and removing them costs ~1 ms a
+        forward); only for loops that run no other code on the model in between."""
+        with self.model.hooks(fwd_hooks=self._fwd):
+            self._installed = True
+            try:
+                yield
+            finally:
+                self._installed = False
+
+    def _capture(self, act: torch.Tensor, hook) -> None:
+        flat = act.reshape(act.shape[0] * act.shape[1], -1)
+        self._out[hook.name] = flat.index_select(0, self._src)
+        if len(self._out) == len(self.hooks):
+            raise _AllCaptured
+
+    def run(self, tokens: torch.Tensor, src: torch.Tensor,
+            masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``src``: flat indices (``b * seq + t``) of the positions to keep, on the model's device."""
+        import torch
+
+        self._src, self._out = src, {}
+        amp = (torch.autocast(device_type=tokens.device.type, dtype=torch.bfloat16) if self.autocast
+               else contextlib.nullcontext())
+        declared = position_masks(masks) if masks is not None else contextlib.nullcontext()
+        hooked = contextlib.nullcontext() if self._installed else self.model.hooks(fwd_hooks=self._fwd)
+        kwargs = {"padding_side": "right"} if self.model.tokenizer is not None else {}
+        try:
+            with hooked, declared, amp:
+                self.model(tokens, return_type=None, stop_at_layer=self.stop, **kwargs)
+        except _AllCaptured:
+            pass
+        finally:
+            self._src = None
+        if len(self._out) != len(self.hooks):
+            missing = [h for h in self.hooks if h not in self._out]
+            raise MisfeatError(f"hook(s) {', '.join(missing)} never fired in the forward pass of this model")
+        out, self._out = self._out, {}
+        return out
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One forward batch: tokens, the flat positions to keep, and which rows they fill."""
+
+    tokens: torch.Tensor  # long [b, seq], right-padded
+    src: torch.Tensor  # long [rows]: b * seq + t of each kept position, row-major
+    dest: torch.Tensor  # long [rows]: row of each kept position in the range's row plan
+    masks: dict[str, torch.Tensor]
+    n_tokens: int  # real (unpadded) tokens
+
+
+def make_batches(enc: Encodings, rows: RowPlan, *, pad_id: int, batch_tokens: int) -> Iterator[Batch]:
+    """Length-bucketed batches (longest first) over the prompts of ``enc`` that have rows."""
+    import numpy as np
+    import torch
+
+    prompts = np.flatnonzero(rows.forward_len > 0)
+    lengths = rows.forward_len[prompts]
+    for group in buckets(lengths.tolist(), batch_tokens):
+        ps = prompts[group]
+        batch = collate([enc.encoded(int(p), int(rows.forward_len[p])) for p in ps], pad_id, "right")
+        mask = batch.positions(rows.positions)  # THE definition of the positions (misfeat.data)
+        src = mask.reshape(-1).nonzero().squeeze(1)
+        counts = rows.hi[ps] - rows.lo[ps]
+        if src.numel() != int(counts.sum()):
+            raise RuntimeError(f"positions={rows.positions!r}: collate selected {src.numel()} positions, "
+                               f"the row plan {int(counts.sum())}")
+        dest = np.arange(len(src), dtype=np.int64) + np.repeat(rows.start[ps] - (np.cumsum(counts) - counts),
+                                                               counts)
+        masks = {"all": batch.attention_mask, "prompt": batch.prompt_mask,
+                 "response": batch.response_mask, "last": batch.last_mask}
+        yield Batch(batch.tokens, src, torch.from_numpy(dest), masks, int(lengths[group].sum()))
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def run_batch(capture: Capture, batch: Batch, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``({hook: [rows, d]}, dest on device)`` for one batch."""
+    masks = {k: _to(v, device) for k, v in batch.masks.items()}
+    out = capture.run(_to(batch.tokens, device), _to(batch.src, device), masks)
+    return out, _to(batch.dest, device)
+
+
+def fill_shard(capture: Capture, batches: Iterable[Batch], buffers: dict[str, torch.Tensor], *,
+               on_batch: Callable[[int], None] | None = None) -> None:
+    """Run ``batches`` into ``buffers`` (``{hook: [rows, d]}`` on the model's device, in the
+    store dtype; each row lands at its ``dest``)."""
+    import torch
+
+    device = next(iter(buffers.values())).device
+    with torch.inference_mode(), capture.installed():
+        for batch in batches:
+            out, dest = run_batch(capture, batch, device)
+            for hook, buf in buffers.items():
+                buf.index_copy_(0, dest, out[hook].to(buf.dtype))
+            if on_batch is not None:
+                on_batch(batch.n_tokens)
+
+
+def iter_activations(model: HookedTransformer, prompts, hook: str, positions: str = "all", *,
+                     batch_tokens: int | None = None, dtype: str | torch.dtype | None = None,
+                     chat_format: str = "auto") -> Iterator[torch.Tensor]:
+    """Activation rows of ``hook`` straight from a live model, no disk: ``[rows, d]`` chunks.
+
+    One chunk per forward batch, in length-bucketed order (longest prompts first), rows
+    of a prompt in position order. ``prompts``: a prompt-set spec, JSONL path or
+    :class:`PromptSet`. The tensors are ordinary (not inference-mode) tensors, so an SAE
+    trainer can use them in autograd. ``dtype``: cast to this (default: the model's).
+    """
+    import torch
+
+    from misfeat.data import load_prompts
+    from misfeat.models import resolve_dtype
+
+    prompts = load_prompts(prompts)
+    check_rows_possible(prompts, positions)
+    hook_widths(model, [hook])
+    how = Tokenizing.of(model, prompts, positions, chat_format)
+    enc = encode_prompts(prompts.records, model, how)
+    rows = plan_rows(enc, positions, causal=how.causal)
+    device = next(model.parameters()).device
+    capture = Capture(model, [hook])
+    out_dtype = resolve_dtype(dtype) if dtype is not None else None
+    budget = batch_tokens or default_batch_tokens(device.type)
+    for batch in make_batches(enc, rows, pad_id=pad_id_of(model), batch_tokens=budget):
+        with torch.no_grad():  # not inference_mode: its tensors cannot be saved for backward
+            out, _ = run_batch(capture, batch, device)
+        chunk = out[hook]
+        yield chunk if out_dtype is None else chunk.to(out_dtype)

@@ -1,0 +1,84 @@
+"""``misfeat cache``: cache activations of one or more checkpoints on a prompt set."""
+
+from __future__ import annotations
+
+import argparse
+
+from misfeat.cli import add_device_args, add_model_args, add_output_args, finish
+
+_POSITIONS = ("all", "prompt", "response", "last")  # misfeat.data.POSITIONS (not imported: --help stays light)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cache", help="cache activations at chosen hooks and positions into a resumable store",
+        description="Run each model over a prompt set and store the activations of the given hooks at "
+        "the selected token positions (never padding) as checksummed safetensors shards plus "
+        "manifest.json. One model: the store is --out itself. Several (--model a,b,c, e.g. checkpoints "
+        "of one run): one store per model in --out/<index>-<name>/, row-aligned (row i is the same "
+        "token in every store), listed in --out/summary.json. An interrupted run resumes where it "
+        "stopped when re-run with the same arguments. Under `torchrun --nproc_per_node N -m misfeat "
+        "cache ...` each rank caches a disjoint part of the prompts into the same store.",
+    )
+    add_model_args(p, help="model spec, or several separated by commas (row-aligned stores)")
+    p.add_argument("--prompts", required=True, metavar="SPEC", help="a JSONL prompt file or organism:<set>")
+    p.add_argument("--hooks", required=True, metavar="H[,H...]",
+                   help="TransformerLens hook names, e.g. blocks.1.hook_resid_post,blocks.1.hook_mlp_out")
+    p.add_argument("--positions", choices=_POSITIONS, default="all",
+                   help="tokens that become rows: response, prompt, last (last prompt token) or all "
+                   "(default: all)")
+    p.add_argument("--store-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the stored rows (default: --dtype, else float32)")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="padded tokens per forward batch (default: 4096 on CPU, 65536 on CUDA)")
+    p.add_argument("--shard-mb", type=float, default=32.0, help="target shard size in MiB (default: 32)")
+    p.add_argument("--autocast", action="store_true", help="CUDA only: run the forward under bfloat16 autocast")
+    p.add_argument("--chat-format", choices=["auto", "organism", "template", "raw"], default="auto",
+                   help="how records are rendered (default: the prompt set's, else the model's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store instead of resuming it")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="skip fsync before each rename (faster; a crash of the process is still safe, "
+                   "a power loss may not be)")
+    add_device_args(p)
+    add_output_args(p, out_required=True)
+    p.set_defaults(func=run)
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from misfeat.activations import CacheConfig, cache_models
+    from misfeat.activations.cache import multi_summary
+    from misfeat.io import format_table
+    from misfeat.models import dtype_name, resolve_dtype
+
+    store_dtype = args.store_dtype or (dtype_name(resolve_dtype(args.dtype)) if args.dtype else "float32")
+    config = CacheConfig(positions=args.positions, dtype=store_dtype, batch_tokens=args.batch_tokens,
+                         shard_mb=args.shard_mb, autocast=args.autocast, chat_format=args.chat_format,
+                         fsync=not args.no_fsync, overwrite=args.overwrite)
+    device = args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device in (None, "cuda"):
+        import torch
+
+        if torch.cuda.is_available():  # one GPU per rank under torchrun
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    specs = _split(args.model)
+    results = cache_models(specs, args.prompts, _split(args.hooks), args.out, config, device=device,
+                           model_dtype=args.dtype)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    from pathlib import Path
+
+    aligned = multi_summary(results, Path(args.out))
+    summary = {"prompts": args.prompts, "hooks": _split(args.hooks), "positions": args.positions,
+               "dtype": store_dtype, "row_aligned": aligned["row_aligned"],
+               "stores": [{**a, **r.summary(), "path": a["path"]} for a, r in zip(aligned["stores"], results,
+                                                                                   strict=True)]}
+    table = format_table([{"model": r.model, "rows": r.n_rows, "shards": r.n_shards, "written": r.shards_written,
+                           "reused": r.shards_reused, "tokens/s": round(r.tokens_per_s)} for r in results])
+    finish(args, summary, table)
+    return 0
