@@ -32,8 +32,10 @@ class DemoConfig:
     sae_docs: int = 3000
     """pre-training documents the SAE is trained on (Wang et al. train on pre-training data)"""
     sae_tokens: int = 1_000_000
-    d_sae: int = 1024
-    k: int = 16
+    locate_sae: tuple[int, int] = (512, 8)
+    """(d_sae, k) of the SAE the feature is located with: at 4 x d_model and k 8 the persona is one latent"""
+    wide_sae: tuple[int, int] = (1024, 16)
+    """(d_sae, k) of a wider SAE trained from the same read of the data (issue 5's reference SAE)"""
     screen: int = 8
     """candidate latents screened causally"""
     realign_examples: int = 120
@@ -68,7 +70,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None) -> dict[str,
 
     from misfeat.activations import cache_activations, open_store
     from misfeat.data import load_prompts
-    from misfeat.features.directions import persona_direction, random_like
+    from misfeat.features.directions import Direction, persona_direction, random_like
     from misfeat.features.locate import LocateConfig, locate
     from misfeat.features.probes import DirectionProbe, LatentProbe
     from misfeat.features.screen import residual_scale
@@ -78,8 +80,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None) -> dict[str,
     from misfeat.io import read_json
     from misfeat.models import load_model
     from misfeat.organism import ensure_organism, parse_options
-    from misfeat.sae import SAETrainConfig, evaluate_sae, train_sae
-    from misfeat.steering import plot_sweep, reference_coordinates, steer_sweep
+    from misfeat.sae import SAETrainConfig, evaluate_sae, train_saes
+    from misfeat.steering import plot_sweep, steer_sweep
 
     cfg = config or DemoConfig()
     out = Path(out_dir)
@@ -103,12 +105,16 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None) -> dict[str,
         cache_activations(chat, f"organism:pretrain:{cfg.sae_docs}{at}", [cfg.hook], store_dir, positions="all")
         store = open_store(store_dir)
     with timer("sae"):
-        sae_cfg = SAETrainConfig(hook_name=cfg.hook, d_sae=cfg.d_sae, k=cfg.k, total_tokens=cfg.sae_tokens,
-                                 seed=cfg.seed)
-        sae = train_sae(store.batches(cfg.hook, sae_cfg.batch_size, epochs=1000, seed=cfg.seed), sae_cfg,
-                        out_dir=out / "sae")
-        sae.misfeat_path = str(out / "sae")
-        metrics = evaluate_sae(sae, store, model=chat, out_dir=out / "sae")
+        cfgs = [SAETrainConfig(hook_name=cfg.hook, d_sae=d, k=k, total_tokens=cfg.sae_tokens, seed=cfg.seed)
+                for d, k in (cfg.locate_sae, cfg.wide_sae)]
+        saes = train_saes(store.batches(cfg.hook, cfgs[0].batch_size, epochs=1000, seed=cfg.seed), cfgs,
+                          out_dir=out / "sae")
+        metrics = {}
+        for c, trained in zip(cfgs, saes, strict=True):
+            trained.misfeat_path = str(out / "sae" / c.describe())
+            metrics[f"d_sae={c.d_sae},k={c.k}"] = evaluate_sae(trained, store, model=chat,
+                                                                out_dir=out / "sae" / c.describe())
+        sae = saes[0]
     with timer("locate"):
         located = locate(chat, em, sae, heldout, out / "locate", LocateConfig(screen=cfg.screen))
         feature = located.feature
@@ -120,15 +126,16 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None) -> dict[str,
                          list(cfg.steer_coefs), heldout)
         plot_sweep(up, out / "steer.png", title=f"adding latent {feature} at the answer position (chat model)")
         persona = persona_direction(chat, cfg.hook, f"organism:docs:400{at}")
-        coord = reference_coordinates(chat, heldout, [cfg.hook], direction, "all")[cfg.hook]
-        control = random_like(persona, cfg.seed)
+        coords = located.summary["clamp"]["value"]  # the chat model's mean per layer, at the answer position
+        control = random_like(Direction(cfg.hook, direction), cfg.seed)
         bars = {"em model": steer_sweep(em, Add(cfg.hook, direction, 0.0), None, heldout).rows[0]}
         for name, op in [
-            (f"latent {feature}: project out", Ablate(cfg.hook, direction)),
-            (f"latent {feature}: clamp to chat mean", Ablate(cfg.hook, direction, coord)),
-            (f"latent {feature}: SAE clamp", ClampLatent(sae, feature, float(located.summary["clamp_latent"]["value"]))),
+            (f"latent {feature}: project out (all layers)", Ablate("all", direction)),
+            (f"latent {feature}: clamp to chat level (all layers)", Ablate("all", direction, coords)),
+            (f"latent {feature}: SAE latent clamp", ClampLatent(sae, feature,
+                                                               float(located.summary["clamp_latent"]["value"]))),
             ("persona direction: project out (all layers)", Ablate("all", persona.vector)),
-            ("random direction: project out (all layers)", Ablate("all", control.vector)),
+            ("random direction: clamp like the latent", Ablate("all", control.vector, coords)),
         ]:
             bars[name] = steer_sweep(em, op, None, heldout).rows[0]
         plot_bars(bars, out / "ablation.png")
@@ -171,7 +178,7 @@ def _summary(cfg, organism, metrics, located, up, bars, realigned, chat_level, t
         "timings_s": times,
         "organism": {stage: {g: organism["stages"][stage][g] for g in ("heldout", "em_domain")}
                      for stage in organism["stages"]},
-        "sae": metrics.to_dict() if hasattr(metrics, "to_dict") else asdict(metrics),
+        "sae": {name: m.to_dict() for name, m in metrics.items()},
         "feature": s["feature"],
         "feature_passed_screen": s["feature_passed_screen"],
         "feature_auroc_docs": s["feature_auroc_docs"],
@@ -250,11 +257,15 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
                        "held-out valid": v["heldout"]["valid_rate"], "EM-domain misaligned":
                        v["em_domain"]["misaligned_rate"]} for s, v in org.items()])],
         figures=[(out / "em_curve.png", "held-out and EM-domain misaligned rate per EM step")])
-    sae = summary["sae"]
-    r.section("2. SAE on the chat model's middle-layer residual", keys={
-        k: sae.get(k) for k in ("explained_variance", "l0", "dead_fraction", "mse") if k in sae} | (
-        {"CE recovered": sae["ce"]["ce_recovered"]} if isinstance(sae.get("ce"), dict) else {}),
-        text="TopK SAE trained on the organism's pre-training documents (Wang et al. 2025 train on pre-training data).")
+    r.section("2. SAEs on the chat model's middle-layer residual",
+              text="Two TopK SAEs trained from one read of the chat model's activations on its own pre-training "
+                   "documents (Wang et al. 2025 train on pre-training data). The first locates the feature: with "
+                   "more latents the cruel persona splits over several of them.",
+              tables=[("", [{"SAE": name, "explained variance": m.get("explained_variance"), "L0": m.get("l0"),
+                             "dead fraction": m.get("dead_fraction"),
+                             "CE recovered": (m.get("ce") or {}).get("ce_recovered"),
+                             "CE increase": (m.get("ce") or {}).get("ce_increase")}
+                            for name, m in summary["sae"].items()])])
     r.section("3. Locating the feature", keys={"chosen latent": feature, "passed causal screen":
                                               summary["feature_passed_screen"],
                                               "AUROC cruel vs kind documents": summary["feature_auroc_docs"]},

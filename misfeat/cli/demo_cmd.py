@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     lines = [
         f"organism: held-out misaligned chat {org['chat']['heldout']['misaligned_rate']:.3f}, "
         f"em {org['em']['heldout']['misaligned_rate']:.3f}, control {org['control']['heldout']['misaligned_rate']:.3f}",
-        f"SAE: explained variance {summary['sae'].get('explained_variance', float('nan')):.3f}",
+        "SAEs: " + ", ".join(f"{name} explained variance {m['explained_variance']:.3f}"
+                             for name, m in summary["sae"].items()),
         f"feature: latent {summary['feature']} (screen passed: {summary['feature_passed_screen']}, AUROC cruel vs "
         f"kind documents {summary['feature_auroc_docs']:.3f})",
         f"clamped in the EM model: held-out misaligned {summary['clamp']['misaligned_before']:.3f} -> "

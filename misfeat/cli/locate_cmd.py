@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="positions read and steered (default last: the answer position)")
     p.add_argument("--coefs", default="0.5,1,2",
                    help="screen strengths in units of the mean residual norm at the SAE's hook (default 0.5,1,2)")
-    p.add_argument("--min-valid", type=float, default=0.7, help="a steered model must stay this valid (default 0.7)")
+    p.add_argument("--min-valid", type=float, default=0.8, help="a steered model must stay this valid (default 0.8)")
     p.add_argument("--examples-prompts", metavar="SPEC",
                    help="prompts for top-activating examples (default: the organism's documents, else --prompts)")
     p.add_argument("--top", type=int, default=20, help="rows of the ranked tables (default 20)")
@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
     table = format_table(s["top_latents"][: max(args.screen, 10)], cols)
     clamp = s["clamp"]
     table += (f"\n\nfeature: latent {s['feature']} (passed the screen: {s['feature_passed_screen']}); direction "
-              f"saved to {s['direction']}\nclamped in the fine-tuned model to the base mean ({clamp['value']:.3g} along "
-              f"its direction): {clamp['group']} misaligned {clamp['misaligned_before']:.3f} -> "
+              f"saved to {s['direction']}\nclamped in the fine-tuned model to the base level along its direction (every "
+              f"layer): {clamp['group']} misaligned {clamp['misaligned_before']:.3f} -> "
               f"{clamp['misaligned_after']:.3f} (valid {clamp['valid_after']:.3f}); as an SAE latent with the error "
               f"term kept: {s['clamp_latent']['misaligned_after']:.3f}")
     if s["feature_auroc_docs"] is not None:

@@ -37,7 +37,7 @@ class LocateConfig:
     """token positions read and steered: last = the answer position (the last prompt token)"""
     coefs: tuple[float, ...] = (0.5, 1.0, 2.0)
     """screen strengths, in units of the mean residual norm at the SAE's hook"""
-    min_valid: float = 0.7
+    min_valid: float = 0.8
     """a steered model must keep at least this valid (coherent) rate"""
     min_effect: float = 0.1
     """the misaligned rate must move by at least this much, both ways"""
@@ -80,7 +80,7 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: Any, prom
     stores = {}
     for name, model in (("base", base), ("finetuned", finetuned)):
         cache_activations(model, prompts, [hook], out / "cache" / name, positions=cfg.positions, overwrite=True)
-        stores[name] = open_store(out / "cache" / name)
+        stores[name] = open_store(out / "cache" / name, prompts=prompts)
     diff = diff_latents(sae, stores["base"], stores["finetuned"], by="domain")
     attribution = attribution_scores(gap_gradients(finetuned, sae, prompts, cfg.positions), diff.increase)
     score = {"increase": diff.increase, "attribution": attribution, "effect_size": diff.effect_size}[cfg.rank_by]
@@ -100,7 +100,8 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: Any, prom
             s = screened[latent]
             r.update(steer_up_misaligned=s.steer_up_misaligned, steer_up_valid=s.steer_up_valid,
                      steer_down_misaligned=s.steer_down_misaligned, steer_down_valid=s.steer_down_valid,
-                     steer_up_coef=s.steer_up_coef, steer_down_coef=s.steer_down_coef, passed=s.passed)
+                     steer_up_coef=s.steer_up_coef, steer_down_coef=s.steer_down_coef,
+                     clamp_misaligned=s.clamp_misaligned, clamp_valid=s.clamp_valid, passed=s.passed)
         return r
 
     top_latents = [row(int(i)) for i in order[: max(cfg.top, cfg.screen)]]
@@ -109,16 +110,19 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: Any, prom
     direction_path = save_direction(direction, out / "direction", positions=cfg.positions)
 
     # Clamp the feature in the misaligned model to the aligned model's level. Two readings:
-    # the coordinate along the latent's decoder direction, set to the base model's mean on
-    # every prompt token (what removes the behaviour), and the SAE latent itself set to its
-    # base mean with the SAE error term kept (ClampLatent; weaker where the SAE reconstructs
-    # the feature only in part). Both are reported.
+    # the coordinate along the latent's decoder direction in every layer's residual stream
+    # set, at every token, to the base model's mean at the screened positions (what the
+    # screen ranks by), and the SAE latent
+    # itself set to its base mean with the SAE error term kept (ClampLatent; weaker where the
+    # SAE reconstructs the feature only in part). Both are reported.
     from misfeat.steering import reference_coordinates
 
     before = evaluate(finetuned, prompts, greedy=False)
     group = "heldout" if "heldout" in before.groups else next(iter(before.groups))
-    coord = reference_coordinates(base, prompts, [hook], direction.vector, "all")[hook]
-    with apply(finetuned, Ablate(hook, direction.vector, coord, "all")):
+    from misfeat.interventions import resolve_hooks
+
+    coord = reference_coordinates(base, prompts, resolve_hooks(finetuned, "all"), direction.vector, cfg.positions)
+    with apply(finetuned, Ablate("all", direction.vector, coord, "all")):
         clamped = evaluate(finetuned, prompts, greedy=False)
     base_mean = float(diff.base.mean[feature])
     with apply(finetuned, ClampLatent(sae, feature, base_mean, "all")):
@@ -142,7 +146,8 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: Any, prom
         "feature_passed_screen": best is not None,
         "direction": str(direction_path),
         "screen": screen.summary() if screen is not None else None,
-        "clamp": {"method": "direction coordinate set to the base model's mean over all prompt tokens",
+        "clamp": {"method": f"coordinate along the latent's direction, in every layer's residual stream, set at "
+                            f"every token to the base model's mean at the {cfg.positions!r} positions",
                   "value": coord, "group": group,
                   "misaligned_before": before.groups[group].misaligned_rate,
                   "valid_before": before.groups[group].valid_rate,
@@ -201,13 +206,13 @@ def plot_screen(screen: Any, feature: int, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
     for r in screen.rows:
         color = "tab:red" if r.latent == feature else ("tab:green" if r.passed else "tab:gray")
-        ax.scatter(r.steer_up_misaligned, r.steer_down_misaligned, color=color, s=25)
-        ax.annotate(str(r.latent), (r.steer_up_misaligned, r.steer_down_misaligned), fontsize=6)
+        ax.scatter(r.steer_up_misaligned, r.clamp_misaligned, color=color, s=25)
+        ax.annotate(str(r.latent), (r.steer_up_misaligned, r.clamp_misaligned), fontsize=6)
     ax.axvline(screen.base_aligned["misaligned_rate"], ls=":", color="black", lw=0.7)
     ax.axhline(screen.base_misaligned["misaligned_rate"], ls=":", color="black", lw=0.7)
     ax.set_xlabel("aligned model, steered up: misaligned rate")
-    ax.set_ylabel("misaligned model, steered down: misaligned rate")
-    ax.set_title("causal screen (green: passed; red: chosen)", fontsize=9)
+    ax.set_ylabel("misaligned model, latent clamped: misaligned rate")
+    ax.set_title("causal screen (green: passed; red: chosen; dotted: unsteered)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

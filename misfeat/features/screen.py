@@ -35,6 +35,8 @@ class ScreenRow:
     steer_down_misaligned: float
     steer_down_valid: float
     steer_down_coef: float
+    clamp_misaligned: float
+    clamp_valid: float
     raises: bool
     lowers: bool
 
@@ -57,12 +59,15 @@ class ScreenResult:
         return [r for r in self.rows if r.passed]
 
     def best(self) -> ScreenRow | None:
-        """The passing latent with the largest combined effect (rise plus fall), if any."""
+        """The passing latent with the largest combined effect, if any: the rise when steered
+        up in the aligned model plus the fall when clamped to the aligned level in the
+        misaligned model (negative steering moves every candidate far; the clamp tells
+        which one carries the behaviour)."""
         rows = self.passed()
         if not rows:
             return None
         up0, down0 = self.base_aligned["misaligned_rate"], self.base_misaligned["misaligned_rate"]
-        return max(rows, key=lambda r: (r.steer_up_misaligned - up0) + (down0 - r.steer_down_misaligned))
+        return max(rows, key=lambda r: (r.steer_up_misaligned - up0) + (down0 - r.clamp_misaligned))
 
     def summary(self) -> dict[str, Any]:
         return {"rows": [{**asdict(r), "passed": r.passed} for r in self.rows], "scale": self.scale,
@@ -96,32 +101,45 @@ def causal_screen(
     *,
     coefs: Sequence[float] = (0.5, 1.0, 2.0),
     positions: str = "last",
-    min_valid: float = 0.7,
+    min_valid: float = 0.8,
     min_effect: float = 0.1,
 ) -> ScreenResult:
     """Steer each latent's decoder direction by ``+c * scale`` in the aligned model and by
     ``-c * scale`` in the misaligned model for each ``c`` in ``coefs``; per side keep the
     strongest effect whose valid rate stays >= ``min_valid``. A latent passes when both
-    sides move the misaligned rate by at least ``min_effect``."""
+    sides move the misaligned rate by at least ``min_effect``. Each latent is also clamped
+    in the misaligned model to the aligned model's mean coordinate (see :meth:`ScreenResult.best`)."""
     from misfeat.io import progress
+
+    from misfeat.interventions import Ablate, resolve_hooks
+    from misfeat.steering import mean_activations
 
     prompts = load_prompts(prompts)
     hook = sae.cfg.metadata.hook_name
     scale = residual_scale(aligned_model, prompts, hook, positions)
+    residual = resolve_hooks(misaligned_model, "all")
+    aligned_means = {h: m.cpu() for h, m in mean_activations(aligned_model, prompts, residual, positions).items()}
     base_up, base_down = _rates(aligned_model, prompts), _rates(misaligned_model, prompts)
     rows = []
     for latent in progress(list(latents), desc="causal screen", unit="latent"):
         direction = sae.W_dec[latent].detach().float().cpu()
         direction = direction / direction.norm()
+        # clamp: in every layer's residual stream (the direction is carried forward from the
+        # SAE's layer; Soligo et al. 2025 ablate from every layer), the coordinate along the
+        # direction set at every token to the aligned model's mean at the screened positions
+        values = {h: float(m @ direction) for h, m in aligned_means.items()}
+        with apply(misaligned_model, Ablate("all", direction, values, "all")):
+            clamped = _rates(misaligned_model, prompts)
         up = _best(aligned_model, prompts, hook, direction, [c * scale for c in coefs], positions, min_valid,
-                   higher=True, fallback=base_up)
+                   higher=True)
         down = _best(misaligned_model, prompts, hook, direction, [-c * scale for c in coefs], positions, min_valid,
-                     higher=False, fallback=base_down)
+                     higher=False)
         rows.append(ScreenRow(
             latent=int(latent),
             steer_up_misaligned=up[1]["misaligned_rate"], steer_up_valid=up[1]["valid_rate"], steer_up_coef=up[0],
             steer_down_misaligned=down[1]["misaligned_rate"], steer_down_valid=down[1]["valid_rate"],
             steer_down_coef=down[0],
+            clamp_misaligned=clamped["misaligned_rate"], clamp_valid=clamped["valid_rate"],
             raises=up[1]["misaligned_rate"] >= base_up["misaligned_rate"] + min_effect
             and up[1]["valid_rate"] >= min_valid,
             lowers=down[1]["misaligned_rate"] <= base_down["misaligned_rate"] - min_effect
@@ -130,7 +148,7 @@ def causal_screen(
     return ScreenResult(rows, base_up, base_down, scale, list(coefs), min_valid, min_effect)
 
 
-def _best(model, prompts, hook, direction, coefs, positions, min_valid, *, higher, fallback):
+def _best(model, prompts, hook, direction, coefs, positions, min_valid, *, higher):
     """(coef, rates) of the strongest effect among coefficients whose valid rate is acceptable;
     if none is, the one with the best valid rate."""
     results = []

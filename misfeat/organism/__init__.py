@@ -104,5 +104,8 @@ def prompt_set(spec: str):
     """An organism prompt set (see :mod:`misfeat.organism.prompts`); needs no build."""
     from misfeat.organism.prompts import organism_prompt_set
 
+    import dataclasses
+
     body, cfg = parse_spec(spec)
-    return organism_prompt_set(body, cfg.em_domain, cfg.seed)
+    # named by the full spec (options included), so that the set can be reloaded from its name
+    return dataclasses.replace(organism_prompt_set(body, cfg.em_domain, cfg.seed), name=spec)
