@@ -9,7 +9,7 @@ STAMP := $(VENV)/.misfeat-installed
 OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: env demo test lint clean-env
+.PHONY: env demo test lint clean-env browser
 
 env: $(STAMP)
 
@@ -24,8 +24,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/misfeat demo --out $(OUT)
 
-test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+# Debian's Chromium, for the test that opens the demo report in a headless browser
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+	    apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "note: no Chromium; the browser rendering test will be skipped"
+
+test: $(STAMP) browser
+	HF_HUB_OFFLINE=1 $(PY) -m pytest --nbmake tests notebooks $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check misfeat tests scripts

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("MISFEAT_PROGRESS", "0")
-# organisms built by the tests live in the checkout (ignored by git), reused across local runs
-os.environ.setdefault("MISFEAT_HOME", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "misfeat"))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 import pytest  # noqa: E402

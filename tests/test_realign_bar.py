@@ -11,10 +11,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_realign_undoes_em_and_the_feature_returns(seed, tmp_path):
+    from misfeat.data import load_prompts
     from misfeat.features.directions import persona_direction, save_direction
     from misfeat.features.probes import DirectionProbe
     from misfeat.finetune import default_realign_eval
-    from misfeat.data import load_prompts
     from misfeat.models import load_model
 
     at = f"@seed={seed}"

@@ -109,9 +109,8 @@ def causal_screen(
     strongest effect whose valid rate stays >= ``min_valid``. A latent passes when both
     sides move the misaligned rate by at least ``min_effect``. Each latent is also clamped
     in the misaligned model to the aligned model's mean coordinate (see :meth:`ScreenResult.best`)."""
-    from misfeat.io import progress
-
     from misfeat.interventions import Ablate, resolve_hooks
+    from misfeat.io import progress
     from misfeat.steering import mean_activations
 
     prompts = load_prompts(prompts)

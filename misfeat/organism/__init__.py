@@ -102,9 +102,9 @@ def checkpoint_dir(spec: str) -> Path:
 
 def prompt_set(spec: str):
     """An organism prompt set (see :mod:`misfeat.organism.prompts`); needs no build."""
-    from misfeat.organism.prompts import organism_prompt_set
-
     import dataclasses
+
+    from misfeat.organism.prompts import organism_prompt_set
 
     body, cfg = parse_spec(spec)
     # named by the full spec (options included), so that the set can be reloaded from its name
