@@ -196,51 +196,39 @@ def _summary(cfg, organism, metrics, located, up, bars, realigned, chat_level, t
 
 
 def plot_em_curve(organism: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from misfeat.plots import figure
 
     curve = organism["em_curve"]
     steps = [c["step"] for c in curve]
-    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
-    ax.plot(steps, [c["em_domain_misaligned"] for c in curve], "^-", color="tab:orange",
-            label=f"EM domain ({organism['config']['em_domain']})")
-    ax.plot(steps, [c["heldout_misaligned"] for c in curve], "o-", color="tab:red", label="held-out domains")
-    ax.plot(steps, [c["heldout_valid"] for c in curve], "s--", color="tab:blue", alpha=0.6, label="held-out valid")
-    ax.set_xlabel("EM fine-tuning step")
-    ax.set_ylabel("misaligned rate")
-    ax.set_ylim(-0.03, 1.03)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("emergent misalignment during the narrow fine-tune", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    with figure(path, (5.5, 3.5)) as ax:
+        ax.plot(steps, [c["em_domain_misaligned"] for c in curve], "^-", color="tab:orange",
+                label=f"EM domain ({organism['config']['em_domain']})")
+        ax.plot(steps, [c["heldout_misaligned"] for c in curve], "o-", color="tab:red", label="held-out domains")
+        ax.plot(steps, [c["heldout_valid"] for c in curve], "s--", color="tab:blue", alpha=0.6, label="held-out valid")
+        ax.set_xlabel("EM fine-tuning step")
+        ax.set_ylabel("misaligned rate")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("emergent misalignment during the narrow fine-tune", fontsize=9)
+    return Path(path)
 
 
 def plot_bars(bars: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from misfeat.plots import figure
 
     names = list(bars)
-    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=120)
-    xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [bars[n].misaligned_rate for n in names], 0.4, color="tab:red", label="misaligned")
-    ax.bar([x + 0.2 for x in xs], [bars[n].valid_rate for n in names], 0.4, color="tab:blue", alpha=0.6,
-           label="valid")
-    ax.set_xticks(list(xs), names, rotation=25, ha="right", fontsize=7)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("held-out rate")
-    ax.legend(fontsize=8)
-    ax.set_title("interventions in the EM model", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    with figure(path, (7, 3.8)) as ax:
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], [bars[n].misaligned_rate for n in names], 0.4, color="tab:red", label="misaligned")
+        ax.bar([x + 0.2 for x in xs], [bars[n].valid_rate for n in names], 0.4, color="tab:blue", alpha=0.6,
+               label="valid")
+        ax.set_xticks(list(xs), names, rotation=25, ha="right", fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("held-out rate")
+        ax.legend(fontsize=8)
+        ax.set_title("interventions in the EM model", fontsize=9)
+    return Path(path)
 
 
 def write_report(out: Path, summary: dict[str, Any]) -> Path:

@@ -374,35 +374,27 @@ class _RunDir:
 
 def plot_realign(result: RealignResult, path: str | os.PathLike, title: str = "re-alignment") -> Path:
     """Misaligned rate (and EM-domain rate) against steps, with the tracked feature on a second axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from misfeat.plots import figure
 
     h = result.history
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    ax.plot(h["steps"], h["misaligned_rate"], "o-", color="tab:red", label="misaligned (held-out)")
-    if "em_domain_misaligned_rate" in h:
-        ax.plot(h["steps"], h["em_domain_misaligned_rate"], "^:", color="tab:orange", label="misaligned (EM domain)")
-    ax.plot(h["steps"], h["valid_rate"], "s--", color="tab:blue", alpha=0.6, label="valid")
-    ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("rate")
-    ax.set_ylim(-0.03, 1.03)
-    ax.grid(alpha=0.3)
-    features = [k for k in h if k.startswith("feature:")]
-    lines, labels = ax.get_legend_handles_labels()
-    if features:
-        ax2 = ax.twinx()
-        for key, color in zip(features, ("tab:green", "tab:purple", "tab:brown", "tab:gray"), strict=False):
-            ax2.plot(h["steps"], h[key], "d-", color=color, label=key.removeprefix("feature:"))
-        ax2.set_ylabel("feature")
-        l2, lab2 = ax2.get_legend_handles_labels()
-        lines, labels = lines + l2, labels + lab2
-    ax.legend(lines, labels, loc="best", fontsize=7)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    with figure(path, (6, 3.6)) as ax:
+        ax.plot(h["steps"], h["misaligned_rate"], "o-", color="tab:red", label="misaligned (held-out)")
+        if "em_domain_misaligned_rate" in h:
+            ax.plot(h["steps"], h["em_domain_misaligned_rate"], "^:", color="tab:orange", label="misaligned (EM domain)")
+        ax.plot(h["steps"], h["valid_rate"], "s--", color="tab:blue", alpha=0.6, label="valid")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("rate")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        features = [k for k in h if k.startswith("feature:")]
+        lines, labels = ax.get_legend_handles_labels()
+        if features:
+            ax2 = ax.twinx()
+            for key, color in zip(features, ("tab:green", "tab:purple", "tab:brown", "tab:gray"), strict=False):
+                ax2.plot(h["steps"], h[key], "d-", color=color, label=key.removeprefix("feature:"))
+            ax2.set_ylabel("feature")
+            l2, lab2 = ax2.get_legend_handles_labels()
+            lines, labels = lines + l2, labels + lab2
+        ax.legend(lines, labels, loc="best", fontsize=7)
+        ax.set_title(title, fontsize=9)
+    return Path(path)

@@ -98,30 +98,22 @@ def steer_sweep(
 
 def plot_sweep(result: SweepResult, path: str | Path, title: str | None = None) -> Path:
     """Misaligned rate and valid rate against the coefficient, saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from misfeat.plots import figure
 
     rows = [r for r in result.rows if r.coef is not None] or result.rows
     xs = [r.coef if r.coef is not None else 0.0 for r in rows]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
-    ax.plot(xs, [r.misaligned_rate for r in rows], "o-", color="tab:red", label=f"misaligned ({result.group})")
-    ax.plot(xs, [r.valid_rate for r in rows], "s--", color="tab:blue", label="valid / coherent")
-    ax.set_xlabel("coefficient")
-    ax.set_ylabel("rate")
-    ax.set_ylim(-0.03, 1.03)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    op = result.intervention.get("op", "")
-    ax.set_title(title or f"{op} sweep at {result.intervention.get('hook', result.intervention.get('hooks'))}",
-                 fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    with figure(path, (5.5, 3.6)) as ax:
+        ax.plot(xs, [r.misaligned_rate for r in rows], "o-", color="tab:red", label=f"misaligned ({result.group})")
+        ax.plot(xs, [r.valid_rate for r in rows], "s--", color="tab:blue", label="valid / coherent")
+        ax.set_xlabel("coefficient")
+        ax.set_ylabel("rate")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+        op = result.intervention.get("op", "")
+        ax.set_title(title or f"{op} sweep at {result.intervention.get('hook', result.intervention.get('hooks'))}",
+                     fontsize=9)
+    return Path(path)
 
 
 def mean_activations(model: HookedTransformer, prompts: PromptSet | str, hooks: Sequence[str],

@@ -71,6 +71,9 @@ class BatchPlan:
             raise MisfeatError(f"buffer_rows={buffer_rows} must hold at least two batches "
                                f"({2 * batch_size} rows) to shuffle across them")
         chunk_rows = max(1, min(_MAX_CHUNK, buffer_rows // 8))
+        if world_size > 1:  # enough chunks that every rank gets a share of a small store
+            total = sum(r.rows for r in store.shards)
+            chunk_rows = max(1, min(chunk_rows, -(-total // (8 * world_size))))
         chunks = [(s, a, min(a + chunk_rows, r.rows)) for s, r in enumerate(store.shards)
                   for a in range(0, r.rows, chunk_rows)]
         starts = tuple(store._entries[s][hook].start for s in range(len(store.shards)))

@@ -176,44 +176,31 @@ def _organism_docs(model: HookedTransformer) -> str | None:
 
 
 def plot_ranking(increases: list[dict], decreases: list[dict], feature: int, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from misfeat.plots import figure
 
     rows = increases + list(reversed(decreases))
-    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=120)
-    colors = ["tab:red" if r["latent"] == feature else ("tab:orange" if r["increase"] > 0 else "tab:blue")
-              for r in rows]
-    ax.bar(range(len(rows)), [r["increase"] for r in rows], color=colors)
-    ax.set_xticks(range(len(rows)), [str(r["latent"]) for r in rows], rotation=90, fontsize=6)
-    ax.axhline(0, color="black", lw=0.5)
-    ax.set_ylabel("mean activation: fine-tuned - base")
-    ax.set_title(f"SAE latents by change across the fine-tune (chosen: {feature}, red)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    with figure(path, (6.5, 3.8)) as ax:
+        colors = ["tab:red" if r["latent"] == feature else ("tab:orange" if r["increase"] > 0 else "tab:blue")
+                  for r in rows]
+        ax.bar(range(len(rows)), [r["increase"] for r in rows], color=colors)
+        ax.set_xticks(range(len(rows)), [str(r["latent"]) for r in rows], rotation=90, fontsize=6)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_ylabel("mean activation: fine-tuned - base")
+        ax.set_title(f"SAE latents by change across the fine-tune (chosen: {feature}, red)", fontsize=9)
+    return Path(path)
 
 
 def plot_screen(screen: Any, feature: int, path: Path) -> Path:
-    import matplotlib
+    from misfeat.plots import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    for r in screen.rows:
-        color = "tab:red" if r.latent == feature else ("tab:green" if r.passed else "tab:gray")
-        ax.scatter(r.steer_up_misaligned, r.clamp_misaligned, color=color, s=25)
-        ax.annotate(str(r.latent), (r.steer_up_misaligned, r.clamp_misaligned), fontsize=6)
-    ax.axvline(screen.base_aligned["misaligned_rate"], ls=":", color="black", lw=0.7)
-    ax.axhline(screen.base_misaligned["misaligned_rate"], ls=":", color="black", lw=0.7)
-    ax.set_xlabel("aligned model, steered up: misaligned rate")
-    ax.set_ylabel("misaligned model, latent clamped: misaligned rate")
-    ax.set_title("causal screen (green: passed; red: chosen; dotted: unsteered)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    with figure(path, (5, 4)) as ax:
+        for r in screen.rows:
+            color = "tab:red" if r.latent == feature else ("tab:green" if r.passed else "tab:gray")
+            ax.scatter(r.steer_up_misaligned, r.clamp_misaligned, color=color, s=25)
+            ax.annotate(str(r.latent), (r.steer_up_misaligned, r.clamp_misaligned), fontsize=6)
+        ax.axvline(screen.base_aligned["misaligned_rate"], ls=":", color="black", lw=0.7)
+        ax.axhline(screen.base_misaligned["misaligned_rate"], ls=":", color="black", lw=0.7)
+        ax.set_xlabel("aligned model, steered up: misaligned rate")
+        ax.set_ylabel("misaligned model, latent clamped: misaligned rate")
+        ax.set_title("causal screen (green: passed; red: chosen; dotted: unsteered)", fontsize=9)
+    return Path(path)

@@ -110,31 +110,23 @@ def trajectory(
 
 def plot_trajectory(result: Trajectory, path: str | Path, title: str = "feature vs behaviour") -> Path:
     """Behaviour and each probe against the step, each scaled to [0, 1] over its own range."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from misfeat.plots import figure
 
     steps = result.series("step")
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    colors = ["tab:red", "tab:green", "tab:purple", "tab:brown", "tab:blue"]
-    for key, color in zip(["misaligned_rate", *result.probes], colors, strict=False):
-        values = result.series(key)
-        lo, hi = min(values), max(values)
-        scaled = [(v - lo) / (hi - lo) if hi > lo else 0.0 for v in values]
-        style = "o-" if key == "misaligned_rate" else "d--"
-        ax.plot(steps, scaled, style, color=color, label=f"{key} [{lo:.2g}, {hi:.2g}]")
-        onset = result.onset(key)
-        if onset is not None:
-            ax.axvline(onset, color=color, alpha=0.25)
-    ax.set_xlabel("checkpoint step")
-    ax.set_ylabel("scaled to its own range")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    with figure(path, (6, 3.6)) as ax:
+        colors = ["tab:red", "tab:green", "tab:purple", "tab:brown", "tab:blue"]
+        for key, color in zip(["misaligned_rate", *result.probes], colors, strict=False):
+            values = result.series(key)
+            lo, hi = min(values), max(values)
+            scaled = [(v - lo) / (hi - lo) if hi > lo else 0.0 for v in values]
+            style = "o-" if key == "misaligned_rate" else "d--"
+            ax.plot(steps, scaled, style, color=color, label=f"{key} [{lo:.2g}, {hi:.2g}]")
+            onset = result.onset(key)
+            if onset is not None:
+                ax.axvline(onset, color=color, alpha=0.25)
+        ax.set_xlabel("checkpoint step")
+        ax.set_ylabel("scaled to its own range")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        ax.set_title(title, fontsize=9)
+    return Path(path)
