@@ -13,6 +13,19 @@ WORDS = ("user assistant : . the a cut burn fever money bank loan code bug car t
          "all now wait call doctor pay bill use test run check brake leak sun one two three").split()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    on a shared 2-core machine two threads wait on each other for a scheduler slice per op (10 ms),
+    which makes tiny forwards 20x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def build_word_tokenizer(path, words=WORDS):
     """A word-level fast tokenizer saved to ``path`` and reloaded from it (as TransformerLens needs)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -46,14 +46,7 @@ def saved_model(tmp_path_factory, tokenizer, seed: int = 0, name: str = "model")
     return str(path)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads wait on each other for
-    a scheduler slice per op (10 ms), which makes these tiny forwards 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ from tests.test_activations import write_prompts
 HOOKS = ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_activations.one_thread
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

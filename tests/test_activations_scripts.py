@@ -25,12 +25,7 @@ def script():
     return module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_activations.one_thread
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_extract_across_checkpoints_tabulates_each_checkpoint(script, word_tokenizer, tmp_path, capsys):
