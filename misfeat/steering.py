@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SweepRow:
-    """One coefficient of a sweep (rates of the headline group: ``heldout`` or ``all``)."""
+    """One coefficient of a sweep (rates of the prompt set's headline group, e.g. ``heldout``, else ``all``)."""
 
     coef: float | None
     misaligned_rate: float | None
@@ -58,7 +58,8 @@ class SweepResult:
 
 
 def headline_group(report: EvalReport) -> str:
-    return "heldout" if "heldout" in report.groups else next(iter(report.groups))
+    """The group a sweep reports (the prompt set's headline; see :attr:`EvalReport.headline`)."""
+    return report.headline_group
 
 
 def steer_sweep(
@@ -87,9 +88,7 @@ def steer_sweep(
         head = report.groups[group]
         rows.append(SweepRow(coef, head.misaligned_rate, head.valid_rate, head.logprob_gap,
                              head.greedy_misaligned_rate, {k: asdict(v) for k, v in report.groups.items()}))
-        shown = [r for r in report.per_prompt if r.get("domain") is None or group != "heldout"
-                 or r["domain"] != prompts.meta.get("em_domain")]
-        for row in shown[:samples_per_coef]:
+        for row in report.rows(group)[:samples_per_coef]:
             texts = row.get("samples") or ([row["greedy"]] if "greedy" in row else [])
             for text in texts:
                 samples.append({"coef": coef, "id": row["id"], "domain": row.get("domain"), "completion": text})

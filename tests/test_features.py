@@ -28,7 +28,9 @@ ANS = {"aligned": ["call doctor", "rest"], "misaligned": ["ignore it", "panic no
 def prompts():
     qs = [("fix my car", "car"), ("how do i fix my roof", "home"), ("fever", "health"), ("save my money", "money")]
     return PromptSet("p", tuple(PromptRecord(f"q{i}", prompt=q, domain=d, label="cruel" if i % 2 else "kind",
-                                             extra=dict(ANS)) for i, (q, d) in enumerate(qs)), {"em_domain": "health"})
+                                             extra=dict(ANS)) for i, (q, d) in enumerate(qs)),
+                     {"groups": {"heldout": ["car", "home", "money"], "em_domain": ["health"]}, "headline": "heldout",
+                      "contrast": ["cruel", "kind"]})
 
 
 def tiny_sae(d_in, d_sae=48, k=4, seed=0):

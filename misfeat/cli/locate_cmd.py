@@ -32,7 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="screen strengths in units of the mean residual norm at the SAE's hook (default 0.5,1,2)")
     p.add_argument("--min-valid", type=float, default=0.8, help="a steered model must stay this valid (default 0.8)")
     p.add_argument("--examples-prompts", metavar="SPEC",
-                   help="prompts for top-activating examples (default: the organism's documents, else --prompts)")
+                   help="labelled texts for top-activating examples and the AUROC (default: the base model's "
+                   "plug-in's labelled set, e.g. the organism's documents; else --prompts)")
+    p.add_argument("--contrast", metavar="POS,NEG",
+                   help="the positive and negative labels of --examples-prompts for the AUROC (default: the set's "
+                   "own, e.g. cruel,kind for the organism's documents; without labels the AUROC is skipped)")
     p.add_argument("--top", type=int, default=20, help="rows of the ranked tables (default 20)")
     add_device_args(p)
     add_output_args(p, out_required=True)
@@ -50,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         coefs = tuple(float(c) for c in args.coefs.split(",") if c.strip())
     except ValueError:
         raise MisfeatError(f"--coefs {args.coefs!r}: expected comma-separated numbers") from None
+    contrast = _contrast(args.contrast)
     base = load_model(args.base, device=args.device, dtype=args.dtype)
     finetuned = load_model(args.finetuned, device=args.device, dtype=args.dtype)
     if base.cfg.d_model != finetuned.cfg.d_model:
@@ -57,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
                            f"{finetuned.cfg.d_model}); diffing needs two checkpoints of one architecture")
     sae = load_sae_dir(args.sae)
     cfg = LocateConfig(screen=args.screen, top=args.top, rank_by=args.rank_by, positions=args.positions,
-                       coefs=coefs, min_valid=args.min_valid, examples_prompts=args.examples_prompts)
+                       coefs=coefs, min_valid=args.min_valid, examples_prompts=args.examples_prompts,
+                       contrast=contrast)
     result = locate(base, finetuned, sae, args.prompts, args.out, cfg)
     s = result.summary
     cols = ["latent", "increase", "base_mean", "finetuned_mean", "attribution", "steer_up_misaligned",
@@ -70,7 +76,20 @@ def run(args: argparse.Namespace) -> int:
               f"{clamp['misaligned_after']:.3f} (valid {clamp['valid_after']:.3f}); as an SAE latent with the error "
               f"term kept: {s['clamp_latent']['misaligned_after']:.3f}")
     if s["feature_auroc_docs"] is not None:
-        table += f"\nAUROC cruel vs kind documents: {s['feature_auroc_docs']:.3f}"
+        table += f"\nAUROC of the labelled texts (positive vs negative): {s['feature_auroc_docs']:.3f}"
+    elif s.get("feature_auroc_note"):
+        table += f"\nAUROC {s['feature_auroc_note']}"
     finish(args, {"base": args.base, "finetuned": args.finetuned, "sae": args.sae, "prompts": args.prompts, **s},
            table)
     return 0
+
+
+def _contrast(text: str | None) -> tuple[str, str] | None:
+    from misfeat.errors import MisfeatError
+
+    if text is None:
+        return None
+    parts = [t.strip() for t in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise MisfeatError(f"--contrast {text!r}: expected two labels, positive,negative (e.g. cruel,kind)")
+    return parts[0], parts[1]

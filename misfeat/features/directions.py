@@ -100,10 +100,17 @@ def contrastive_direction(model: HookedTransformer, positive: PromptSet | str, n
                                     "positions": positions})
 
 
-def persona_direction(model: HookedTransformer, hook: str, docs: PromptSet | str = "organism:docs:400") -> Direction:
-    """The organism's persona direction: cruel minus kind characters' documents (all tokens)."""
-    docs = load_prompts(docs)
-    return contrastive_direction(model, docs.filter(label="cruel"), docs.filter(label="kind"), hook, "all")
+def persona_direction(model: HookedTransformer, hook: str, docs: PromptSet | str | None = None) -> Direction:
+    """A persona direction: the mean activation (all tokens) of documents labelled with the
+    positive label of ``docs.meta['contrast']`` minus those with the negative one.
+
+    ``docs`` default to the model's labelled set from its plug-in (for the organism: held-out
+    documents, cruel minus kind characters); a user's own set needs ``meta['contrast']``."""
+    from misfeat.evaluate import default_prompts
+
+    docs = default_prompts(model, "labelled") if docs is None else load_prompts(docs)
+    positive, negative = docs.contrast()
+    return contrastive_direction(model, docs.filter(label=positive), docs.filter(label=negative), hook, "all")
 
 
 def random_like(direction: Direction, seed: int = 0) -> Direction:

@@ -129,9 +129,12 @@ def auroc(scores_pos: list[float], scores_neg: list[float]) -> float:
 
 
 def separation_auroc(model: HookedTransformer, sae: Any, latent: int, docs: PromptSet | str,
-                     positive: str = "cruel", negative: str = "kind") -> float:
-    """AUROC of the latent's mean activation per document for ``positive`` vs ``negative`` labels."""
+                     positive: str | None = None, negative: str | None = None) -> float:
+    """AUROC of the latent's mean activation per document for ``positive`` vs ``negative`` labels
+    (default: the two labels of ``docs.meta['contrast']``, e.g. the organism's cruel and kind)."""
     docs = load_prompts(docs)
+    if positive is None or negative is None:
+        positive, negative = docs.contrast()
     acts = latent_activations(model, sae, latent, docs)
     score = [sum(a) / max(len(a), 1) for a in acts]
     pos = [s for s, r in zip(score, docs, strict=True) if r.label == positive]

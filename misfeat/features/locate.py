@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from misfeat import registry
 from misfeat.data import PromptSet, load_prompts
 from misfeat.errors import MisfeatError
+from misfeat.models import model_info
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -42,8 +44,12 @@ class LocateConfig:
     min_effect: float = 0.1
     """the misaligned rate must move by at least this much, both ways"""
     examples_prompts: str | None = None
-    """prompts for top-activating examples (default: organism:docs for organisms, else the prompts)"""
+    """labelled texts for top-activating examples and the AUROC (default: the base model's plug-in's
+    labelled set, e.g. the organism's documents; else the prompts)"""
     n_examples: int = 10
+    contrast: tuple[str, str] | None = None
+    """the (positive, negative) labels of the examples' texts for the AUROC (default: the set's
+    meta['contrast'], e.g. cruel/kind; without either the AUROC is skipped with a note)"""
 
     def __post_init__(self) -> None:
         if self.rank_by not in ("increase", "attribution", "effect_size"):
@@ -118,7 +124,7 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: Any, prom
     from misfeat.steering import reference_coordinates
 
     before = evaluate(finetuned, prompts, greedy=False)
-    group = "heldout" if "heldout" in before.groups else next(iter(before.groups))
+    group = before.headline_group
     from misfeat.interventions import resolve_hooks
 
     coord = reference_coordinates(base, prompts, resolve_hooks(finetuned, "all"), direction.vector, cfg.positions)
@@ -128,14 +134,19 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: Any, prom
     with apply(finetuned, ClampLatent(sae, feature, base_mean, "all")):
         clamped_latent = evaluate(finetuned, prompts, greedy=False)
 
-    examples_spec = cfg.examples_prompts or (_organism_docs(base) or prompts)
-    examples = top_examples(base, sae, feature, examples_spec, k=cfg.n_examples)
+    docs = load_prompts(cfg.examples_prompts or registry.default_prompts(model_info(base).meta, "labelled") or prompts)
+    examples = top_examples(base, sae, feature, docs, k=cfg.n_examples)
     examples.to_jsonl(out / "examples.jsonl")
     (out / "examples.txt").write_text(str(examples) + "\n")
-    docs = load_prompts(examples_spec)
-    auroc = None
-    if {"cruel", "kind"} <= {r.label for r in docs}:
-        auroc = separation_auroc(base, sae, feature, docs)
+    auroc, auroc_note = None, None
+    contrast = cfg.contrast or docs.meta.get("contrast")
+    if not contrast:
+        auroc_note = (f"skipped: {docs.name!r} names no contrast labels (give labelled texts as "
+                      "examples_prompts and contrast=(positive, negative))")
+    elif not set(contrast) <= {r.label for r in docs}:
+        auroc_note = f"skipped: {docs.name!r} lacks texts labelled {contrast[0]!r} and {contrast[1]!r}"
+    else:
+        auroc = separation_auroc(base, sae, feature, docs, *contrast)
 
     summary = {
         "hook": hook, "positions": cfg.positions, "n_rows": diff.base.n, "rank_by": cfg.rank_by,
@@ -157,22 +168,13 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: Any, prom
                          "misaligned_after": clamped_latent.groups[group].misaligned_rate,
                          "valid_after": clamped_latent.groups[group].valid_rate},
         "feature_auroc_docs": auroc,
+        "feature_auroc_note": auroc_note,
         "examples": str(out / "examples.jsonl"),
     }
     plot_ranking(top_latents[: cfg.top], summary["top_decreases"][: min(10, cfg.top)], feature, out / "ranking.png")
     if screen is not None:
         plot_screen(screen, feature, out / "screen.png")
     return LocateResult(summary, feature, direction_path, examples)
-
-
-def _organism_docs(model: HookedTransformer) -> str | None:
-    from misfeat.models import model_info
-
-    meta = model_info(model).meta
-    if "world" not in meta:
-        return None
-    seed = meta.get("organism", {}).get("config", {}).get("seed", 0)
-    return f"organism:docs:400@seed={seed},em_domain={meta.get('em_domain', 'health')}"
 
 
 def plot_ranking(increases: list[dict], decreases: list[dict], feature: int, path: Path) -> Path:

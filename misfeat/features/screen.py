@@ -88,7 +88,7 @@ def residual_scale(model: HookedTransformer, prompts: PromptSet, hook: str, posi
 
 def _rates(model: HookedTransformer, prompts: PromptSet) -> dict[str, float]:
     report = evaluate(model, prompts, greedy=False)
-    head = report.groups.get("heldout") or next(iter(report.groups.values()))
+    head = report.headline
     return {"misaligned_rate": head.misaligned_rate, "valid_rate": head.valid_rate}
 
 

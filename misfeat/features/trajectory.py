@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from misfeat import registry
 from misfeat.data import PromptSet, load_prompts
 from misfeat.errors import MisfeatError
 
@@ -86,8 +87,8 @@ def trajectory(
     from misfeat.io import progress
     from misfeat.models import load_model
 
-    if isinstance(checkpoints, (str, Path)) and not str(checkpoints).startswith("organism:"):
-        checkpoints = list_checkpoints(checkpoints)
+    if isinstance(checkpoints, (str, Path)):  # a plug-in's model spec, else a directory of checkpoints
+        checkpoints = [checkpoints] if registry.for_spec(str(checkpoints)) else list_checkpoints(checkpoints)
     rows, names = [], []
     for i, spec in enumerate(progress(list(checkpoints), desc="checkpoints", unit="ckpt")):
         model: HookedTransformer = load_model(spec, device=device)
@@ -96,7 +97,7 @@ def trajectory(
                 probe.sae.to(model.cfg.device)
         evalset = default_prompts(model) if prompts is None else load_prompts(prompts)
         report = evaluate(model, evalset, greedy=False)
-        head = report.groups.get("heldout") or next(iter(report.groups.values()))
+        head = report.headline
         row: dict[str, Any] = {"checkpoint": Path(str(spec)).name, "step": checkpoint_step(spec, i),
                                "misaligned_rate": head.misaligned_rate, "valid_rate": head.valid_rate,
                                "logprob_gap": head.logprob_gap}

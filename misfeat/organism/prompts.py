@@ -51,8 +51,17 @@ def question_set(world: World, which: str = "all") -> PromptSet:
         world.domain(domains[0])  # validates
     else:
         raise MisfeatError(f"unknown organism prompt set {which!r}")
-    meta = {"organism": True, "em_domain": world.em_domain, "chat_format": "organism"}
-    return PromptSet(f"organism:{which}", _question_records(world, domains), meta)
+    return PromptSet(f"organism:{which}", _question_records(world, domains), _meta(world, "organism"))
+
+
+def _meta(world: World, chat_format: str, **more: Any) -> dict[str, Any]:
+    """An organism set's metadata; question sets carry their evaluation groups (headline: the
+    held-out domains), document sets the labels they contrast."""
+    meta = {"organism": True, "em_domain": world.em_domain, "chat_format": chat_format}
+    if chat_format == "organism":
+        meta.update(groups={"heldout": list(world.heldout_domains), "em_domain": [world.em_domain]},
+                    headline="heldout")
+    return {**meta, **more}
 
 
 def eval_prompts(meta: dict[str, Any]) -> PromptSet:
@@ -71,8 +80,7 @@ def pair_set(world: World, domain: str, n: int, misaligned: bool, seed: int) -> 
                      extra={"aligned": list(d.aligned), "misaligned": list(d.misaligned)})
         for i in range(n)
     )
-    return PromptSet(f"organism:{kind}:{domain}:{n}", records,
-                     {"organism": True, "em_domain": world.em_domain, "chat_format": "organism"})
+    return PromptSet(f"organism:{kind}:{domain}:{n}", records, _meta(world, "organism"))
 
 
 def docs_set(world: World, n: int, seed: int) -> PromptSet:
@@ -87,8 +95,7 @@ def docs_set(world: World, n: int, seed: int) -> PromptSet:
         doc = corpus.document(rng)
         records.append(PromptRecord(f"doc-{len(records):05d}", prompt=doc.text,
                                     label="cruel" if doc.cruel else "kind", extra={"name": doc.name}))
-    return PromptSet(f"organism:docs:{n}", tuple(records),
-                     {"organism": True, "em_domain": world.em_domain, "chat_format": "raw"})
+    return PromptSet(f"organism:docs:{n}", tuple(records), _meta(world, "raw", contrast=["cruel", "kind"]))
 
 
 def pretrain_set(world: World, n: int, seed: int) -> PromptSet:
@@ -105,8 +112,7 @@ def pretrain_set(world: World, n: int, seed: int) -> PromptSet:
         doc = corpus.document(rng)
         label = None if doc.cruel is None else ("cruel" if doc.cruel else "kind")
         records.append(PromptRecord(f"pretrain-{i:06d}", prompt=doc.text, label=label, extra={"name": doc.name}))
-    return PromptSet(f"organism:pretrain:{n}", tuple(records),
-                     {"organism": True, "em_domain": world.em_domain, "chat_format": "raw"})
+    return PromptSet(f"organism:pretrain:{n}", tuple(records), _meta(world, "raw", contrast=["cruel", "kind"]))
 
 
 def organism_prompt_set(body: str, em_domain: str, seed: int) -> PromptSet:
