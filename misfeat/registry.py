@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from misfeat.errors import MisfeatError
+from misfeat.specs import parse_spec
 
 if TYPE_CHECKING:
     from misfeat.data import PromptSet
@@ -94,10 +95,10 @@ def find(name: str) -> Plugin | None:
 
 def for_spec(spec: str) -> Plugin | None:
     """The plug-in answering ``spec`` (``<name>:<body>``), or None for paths and model names."""
-    name, sep, _ = str(spec).partition(":")
-    if not sep or not name.isidentifier():
+    if not str(spec).strip():
         return None
-    return find(name)
+    prefix = parse_spec(str(spec)).prefix
+    return find(prefix) if prefix else None
 
 
 def for_meta(meta: dict[str, Any]) -> Plugin | None:

@@ -49,11 +49,9 @@ def run(args: argparse.Namespace) -> int:
     from misfeat.interventions import load_sae_dir
     from misfeat.io import format_table
     from misfeat.models import load_model
+    from misfeat.specs import split_values
 
-    try:
-        coefs = tuple(float(c) for c in args.coefs.split(",") if c.strip())
-    except ValueError:
-        raise MisfeatError(f"--coefs {args.coefs!r}: expected comma-separated numbers") from None
+    coefs = tuple(split_values(args.coefs))
     contrast = _contrast(args.contrast)
     base = load_model(args.base, device=args.device, dtype=args.dtype)
     finetuned = load_model(args.finetuned, device=args.device, dtype=args.dtype)

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from misfeat.errors import MisfeatError
 from misfeat.organism.build import PRESETS, STAGES, OrganismConfig, build_organism, is_complete
+from misfeat.specs import parse_spec as parse_spec_text
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +45,15 @@ def organism_home() -> Path:
     return Path(cache) / "misfeat" / "organism"
 
 
-def parse_options(options: str | None) -> OrganismConfig:
-    """``"small,seed=1,em_domain=money"`` -> :class:`OrganismConfig` (empty: ``$MISFEAT_ORGANISM``)."""
-    if options is None or options == "":
+def parse_options(options: str | Sequence[str] | None) -> OrganismConfig:
+    """``"small,seed=1,em_domain=money"`` (or its parts) -> :class:`OrganismConfig`
+    (empty: ``$MISFEAT_ORGANISM``); the grammar is :mod:`misfeat.specs`'."""
+    if not options:
         options = os.environ.get("MISFEAT_ORGANISM", "")
+    if isinstance(options, str):
+        options = parse_spec_text(f"organism:options@{options}").options if options.strip() else ()
     preset, overrides = "default", {}
-    for part in filter(None, (p.strip() for p in options.split(","))):
+    for part in options:
         if "=" not in part:
             if part not in PRESETS:
                 raise MisfeatError(f"unknown organism preset {part!r}; choose one of {', '.join(PRESETS)}")
@@ -70,10 +75,10 @@ def parse_options(options: str | None) -> OrganismConfig:
 
 def parse_spec(spec: str) -> tuple[str, OrganismConfig]:
     """``organism:<body>[@<options>]`` -> ``(body, config)``."""
-    if not spec.startswith("organism:"):
+    parsed = parse_spec_text(spec)
+    if parsed.prefix != "organism":
         raise MisfeatError(f"{spec!r} is not an organism spec (organism:<stage or prompt set>[@options])")
-    body, _, options = spec[len("organism:"):].partition("@")
-    return body, parse_options(options)
+    return parsed.body, parse_options(parsed.options)
 
 
 def ensure_organism(cfg: OrganismConfig) -> Path:
