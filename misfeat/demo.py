@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from misfeat.io import REPORT_FILE, SUMMARY_FILE, write_json
+from misfeat.sae.latents import set_path
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None) -> dict[str,
                           out_dir=out / "sae")
         metrics = {}
         for c, trained in zip(cfgs, saes, strict=True):
-            trained.misfeat_path = str(out / "sae" / c.describe())
+            set_path(trained, out / "sae" / c.describe())
             metrics[f"d_sae={c.d_sae},k={c.k}"] = evaluate_sae(trained, store, model=chat,
                                                                 out_dir=out / "sae" / c.describe())
         sae = saes[0]

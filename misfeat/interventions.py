@@ -35,9 +35,12 @@ from typing import TYPE_CHECKING, Any
 from misfeat.data import POSITIONS
 from misfeat.errors import MisfeatError
 from misfeat.hooks import block_of, check_hooks, mask_for
+from misfeat.sae.io import load_sae
+from misfeat.sae.latents import hook_of, latent_delta, path_of
 
 if TYPE_CHECKING:
     import torch
+    from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
 OPS = ("add", "ablate", "clamp")
@@ -197,7 +200,7 @@ class ClampLatent(Intervention):
     """Set SAE latent ``latent`` to ``value`` at the SAE's hook, adding back the SAE's
     error term: the activation changes by exactly ``decode(z') - decode(z)``."""
 
-    sae: Any
+    sae: SAE
     latent: int
     value: float = 0.0
     positions: str = "all"
@@ -208,12 +211,11 @@ class ClampLatent(Intervention):
         d_sae = int(self.sae.cfg.d_sae)
         if not 0 <= self.latent < d_sae:
             raise MisfeatError(f"latent {self.latent} out of range: the SAE has {d_sae} latents")
-        if not getattr(self.sae.cfg.metadata, "hook_name", None):
-            raise MisfeatError("the SAE has no hook name in its metadata (cfg.metadata.hook_name)")
+        hook_of(self.sae)  # raises when the SAE's metadata names no hook
 
     @property
     def hook(self) -> str:
-        return self.sae.cfg.metadata.hook_name
+        return hook_of(self.sae)
 
     @property
     def width(self) -> int:
@@ -223,15 +225,7 @@ class ClampLatent(Intervention):
         return check_hooks(model, [self.hook])
 
     def edit(self, act, hook):
-        import torch
-
-        sae_dtype = self.sae.W_dec.dtype
-        x = act.to(sae_dtype)
-        with torch.no_grad():
-            z = self.sae.encode(x)
-            z_new = z.clone()
-            z_new[..., self.latent] = self.value
-            delta = (self.sae.decode(z_new) - self.sae.decode(z)).to(act.dtype)
+        delta = latent_delta(self.sae, act, self.latent, self.value)
         where = _where(self.positions, act)
         return act + delta if where is None else act + where * delta
 
@@ -288,7 +282,7 @@ def save_intervention(intervention: Intervention, path: str | os.PathLike, *,
     record["layers"] = [block_of(h) for h in names] if names != ["all"] else "all"
     if isinstance(intervention, ClampLatent):
         record["source"] = source or {"kind": "sae", "latent": intervention.latent,
-                                      "path": getattr(intervention.sae, "misfeat_path", None)}
+                                      "path": path_of(intervention.sae)}
         if record["source"].get("path") is None:
             raise MisfeatError("to save a ClampLatent, give source={'kind': 'sae', 'path': <SAE dir>, 'latent': i}")
         tensors = {"vector": intervention.sae.W_dec[intervention.latent].detach().float().cpu().contiguous()}
@@ -341,7 +335,7 @@ def load_intervention(path: str | os.PathLike, model: HookedTransformer | None =
         source = record.get("source", {})
         if source.get("kind") != "sae":
             raise MisfeatError(f"{path}: a clamp needs an SAE latent as source, this has {source.get('kind')!r}")
-        sae = load_sae_dir(source["path"])
+        sae = load_sae(source["path"])
         value = record.get("value", 0.0) if record["op"] == "clamp" else 0.0
         intervention: Intervention = ClampLatent(sae, int(source["latent"]), value, positions)
     elif op == "add":
@@ -355,20 +349,3 @@ def load_intervention(path: str | os.PathLike, model: HookedTransformer | None =
         intervention.hook_names(model)  # raises listing valid hooks when one is missing
         intervention.check(model)
     return intervention
-
-
-def load_sae_dir(path: str | os.PathLike):
-    """A SAELens SAE from ``path`` (``cfg.json`` + ``sae_weights.safetensors``), in eval mode,
-    remembering its path (``sae.misfeat_path``) so interventions on it can be saved."""
-    path = Path(path)
-    if not (path / "cfg.json").is_file():
-        raise MisfeatError(f"{path} is not an SAE directory (no cfg.json); train one with misfeat train-sae")
-    from sae_lens import SAE
-
-    try:
-        sae = SAE.load_from_disk(str(path), device="cpu")
-    except Exception as err:  # sae-lens raises many error types
-        raise MisfeatError(f"cannot load the SAE in {path}: {err}") from err
-    sae.eval()
-    sae.misfeat_path = str(path)
-    return sae

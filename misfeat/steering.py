@@ -19,9 +19,12 @@ from typing import TYPE_CHECKING, Any
 from misfeat.data import PromptSet, load_prompts
 from misfeat.evaluate import EvalReport, default_prompts, evaluate
 from misfeat.interventions import Intervention, apply
+from misfeat.sae.latents import encode as sae_encode
+from misfeat.sae.latents import hook_of
 
 if TYPE_CHECKING:
     import torch
+    from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
     from misfeat.judges import Judge
@@ -145,17 +148,17 @@ def reference_coordinates(reference: HookedTransformer, prompts: PromptSet | str
     return {hook: float(mean.cpu() @ unit) for hook, mean in means.items()}
 
 
-def reference_latent(reference: HookedTransformer, prompts: PromptSet | str, sae: Any, latent: int,
+def reference_latent(reference: HookedTransformer, prompts: PromptSet | str, sae: SAE, latent: int,
                      positions: str = "all") -> float:
     """The reference model's mean activation of SAE ``latent`` at the SAE's hook."""
     import torch
 
     from misfeat.activations import iter_activations
 
-    hook = sae.cfg.metadata.hook_name
+    hook = hook_of(sae)
     total, n = 0.0, 0
     with torch.no_grad():
         for chunk in iter_activations(reference, load_prompts(prompts), hook, positions):
-            total += float(sae.encode(chunk.to(sae.W_dec.dtype))[:, latent].sum())
+            total += float(sae_encode(sae, chunk)[:, latent].sum())
             n += chunk.shape[0]
     return total / max(n, 1)

@@ -46,9 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from misfeat.errors import MisfeatError
     from misfeat.features.locate import LocateConfig, locate
-    from misfeat.interventions import load_sae_dir
     from misfeat.io import format_table
     from misfeat.models import load_model
+    from misfeat.sae.io import load_sae
     from misfeat.specs import split_values
 
     coefs = tuple(split_values(args.coefs))
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if base.cfg.d_model != finetuned.cfg.d_model:
         raise MisfeatError(f"--base and --finetuned differ in d_model ({base.cfg.d_model} vs "
                            f"{finetuned.cfg.d_model}); diffing needs two checkpoints of one architecture")
-    sae = load_sae_dir(args.sae)
+    sae = load_sae(args.sae)
     cfg = LocateConfig(screen=args.screen, top=args.top, rank_by=args.rank_by, positions=args.positions,
                        coefs=coefs, min_valid=args.min_valid, examples_prompts=args.examples_prompts,
                        contrast=contrast)

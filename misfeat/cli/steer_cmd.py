@@ -95,16 +95,18 @@ def _load_vector(path: str, hook: str | None):
 
 def build_intervention(args, model):
     """The intervention the arguments describe (coefficient not yet applied) and its source record."""
-    from misfeat.interventions import Ablate, Add, ClampLatent, load_sae_dir
+    from misfeat.interventions import Ablate, Add, ClampLatent
+    from misfeat.sae.io import load_sae
+    from misfeat.sae.latents import hook_of
 
     if args.sae:
         if args.latent is None:
             raise MisfeatError("--sae needs --latent I")
-        sae = load_sae_dir(args.sae).to(model.cfg.device)
+        sae = load_sae(args.sae).to(model.cfg.device)
         source = {"kind": "sae", "path": args.sae, "latent": args.latent}
         if not 0 <= args.latent < sae.cfg.d_sae:
             raise MisfeatError(f"--latent {args.latent} out of range: the SAE has {sae.cfg.d_sae} latents")
-        hook = args.hook or sae.cfg.metadata.hook_name
+        hook = args.hook or hook_of(sae)
         vector = sae.W_dec[args.latent].detach().float()
         if args.op == "clamp":
             return ClampLatent(sae, args.latent, 0.0, args.positions), source

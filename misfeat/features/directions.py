@@ -25,6 +25,7 @@ from misfeat.errors import MisfeatError
 
 if TYPE_CHECKING:
     import torch
+    from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
 
@@ -122,7 +123,7 @@ def random_like(direction: Direction, seed: int = 0) -> Direction:
     return Direction(direction.hook, v / v.norm() * direction.norm, {"method": "random", "seed": seed})
 
 
-def decoder_cosines(direction: Direction | torch.Tensor, sae: Any, top: int = 10) -> list[dict[str, Any]]:
+def decoder_cosines(direction: Direction | torch.Tensor, sae: SAE, top: int = 10) -> list[dict[str, Any]]:
     """The ``top`` SAE latents whose decoder rows are most aligned with ``direction``."""
     import torch
 

@@ -20,8 +20,10 @@ from misfeat import registry
 from misfeat.data import PromptSet, load_prompts
 from misfeat.errors import MisfeatError
 from misfeat.models import model_info
+from misfeat.sae.latents import hook_of, path_of
 
 if TYPE_CHECKING:
+    from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
 
@@ -64,7 +66,7 @@ class LocateResult:
     examples: Any = field(repr=False, default=None)
 
 
-def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: Any, prompts: PromptSet | str,
+def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: SAE, prompts: PromptSet | str,
            out_dir: str | Path, config: LocateConfig | None = None) -> LocateResult:
     """Find the latent that the fine-tune switched on and that controls misalignment."""
     import torch
@@ -81,7 +83,7 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: Any, prom
     cfg = config or LocateConfig()
     out = Path(out_dir)
     prompts = load_prompts(prompts)
-    hook = sae.cfg.metadata.hook_name
+    hook = hook_of(sae)
     sae = sae.to(finetuned.cfg.device)
     stores = {}
     for name, model in (("base", base), ("finetuned", finetuned)):
@@ -112,7 +114,7 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: Any, prom
 
     top_latents = [row(int(i)) for i in order[: max(cfg.top, cfg.screen)]]
     direction = Direction(hook, sae.W_dec[feature].detach().float().cpu(),
-                          {"method": "sae_latent", "latent": feature, "sae": getattr(sae, "misfeat_path", None)})
+                          {"method": "sae_latent", "latent": feature, "sae": path_of(sae)})
     direction_path = save_direction(direction, out / "direction", positions=cfg.positions)
 
     # Clamp the feature in the misaligned model to the aligned model's level. Two readings:

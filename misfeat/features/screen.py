@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 from misfeat.data import PromptSet, load_prompts
 from misfeat.evaluate import evaluate
 from misfeat.interventions import Add, apply
+from misfeat.sae.latents import hook_of
 
 if TYPE_CHECKING:
+    from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
 
@@ -93,7 +95,7 @@ def _rates(model: HookedTransformer, prompts: PromptSet) -> dict[str, float]:
 
 
 def causal_screen(
-    sae: Any,
+    sae: SAE,
     latents: Sequence[int],
     aligned_model: HookedTransformer,
     misaligned_model: HookedTransformer,
@@ -114,7 +116,7 @@ def causal_screen(
     from misfeat.steering import mean_activations
 
     prompts = load_prompts(prompts)
-    hook = sae.cfg.metadata.hook_name
+    hook = hook_of(sae)
     scale = residual_scale(aligned_model, prompts, hook, positions)
     residual = resolve_hooks(misaligned_model, "all")
     aligned_means = {h: m.cpu() for h, m in mean_activations(aligned_model, prompts, residual, positions).items()}
