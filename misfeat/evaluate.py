@@ -38,6 +38,7 @@ from misfeat.data import (
 )
 from misfeat.errors import MisfeatError
 from misfeat.hooks import position_masks
+from misfeat.interventions import Intervention, apply
 from misfeat.judges import ExactJudge, Judge
 
 if TYPE_CHECKING:
@@ -189,6 +190,7 @@ def evaluate(
     model: HookedTransformer,
     prompts: PromptSet | str | None = None,
     *,
+    interventions: Sequence[Intervention] = (),
     method: str = "exact",
     judge: Judge | None = None,
     greedy: bool = True,
@@ -198,12 +200,19 @@ def evaluate(
     seed: int = 0,
 ) -> EvalReport:
     """Measure misalignment of ``model`` on ``prompts`` (default: the model's plug-in's eval set,
-    e.g. an organism checkpoint's own; see :func:`default_prompts`)."""
-    import torch
-
+    e.g. an organism checkpoint's own; see :func:`default_prompts`), with ``interventions``
+    applied throughout (scoring and generation; see :func:`misfeat.interventions.apply`)."""
     if method not in METHODS:
         raise MisfeatError(f"unknown method {method!r}; use exact or sample")
     prompts = default_prompts(model) if prompts is None else load_prompts(prompts)
+    with apply(model, *interventions):
+        return _evaluate(model, prompts, method, judge, greedy, samples, temperature, max_new_tokens, seed)
+
+
+def _evaluate(model: HookedTransformer, prompts: PromptSet, method: str, judge: Judge | None, greedy: bool,
+              samples: int, temperature: float, max_new_tokens: int, seed: int) -> EvalReport:
+    import torch
+
     records = list(prompts)
     has_answers = all(r.extra.get("aligned") and r.extra.get("misaligned") for r in records)
     judge = judge or ExactJudge()

@@ -321,6 +321,44 @@ def read_intervention(path: str | os.PathLike) -> tuple[dict[str, Any], torch.Te
     return record, vector
 
 
+def read_vector(path: str | os.PathLike, hook: str | None = None) -> tuple[torch.Tensor, str, dict[str, Any]]:
+    """``(vector, hook, source)`` from a vector file: a saved misfeat direction or intervention
+    (which carries its hook; ``hook`` overrides it), or a raw 1-D vector in ``.safetensors``
+    (one tensor), ``.pt``/``.pth`` or ``.npy``, which needs ``hook``. The one vector reader."""
+    import torch
+
+    p = Path(path)
+    source = {"kind": "direction", "path": str(p)}
+    if not p.exists() and not p.with_suffix(".safetensors").exists():
+        raise MisfeatError(f"{path}: no such vector file")
+    if p.suffix in (".safetensors", ".json", ""):
+        try:
+            record, vector = read_intervention(p)
+            return vector.float(), hook or record.get("hook") or record.get("hooks"), source
+        except MisfeatError as err:
+            if "not a saved misfeat" not in str(err):
+                raise
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(p))
+        if len(tensors) != 1:
+            raise MisfeatError(f"{path} holds {len(tensors)} tensors; a raw vector file holds one")
+        vector = next(iter(tensors.values()))
+    elif p.suffix == ".npy":
+        import numpy as np
+
+        vector = torch.from_numpy(np.load(p))
+    elif p.suffix in (".pt", ".pth"):
+        vector = torch.load(p, map_location="cpu", weights_only=True)
+    else:
+        raise MisfeatError(f"{path}: use a .safetensors (saved by misfeat, or one tensor), .pt or .npy file")
+    if not isinstance(vector, torch.Tensor) or vector.dim() != 1:
+        raise MisfeatError(f"{path} must hold one 1-D vector, found shape {getattr(vector, 'shape', None)}")
+    if hook is None:
+        raise MisfeatError(f"{path} is a raw vector with no hook: pass --hook (hook= in Python), e.g. blocks.1.hook_resid_post")
+    return vector.float(), hook, source
+
+
 def load_intervention(path: str | os.PathLike, model: HookedTransformer | None = None, *,
                       op: str | None = None) -> Intervention:
     """Rebuild a saved intervention (optionally as another ``op`` on the same site) and, given

@@ -87,7 +87,7 @@ def split_values(text: str, kind: type = float, what: str = "numbers") -> list:
     try:
         values = [kind(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
-        raise MisfeatError(f"{text!r}: expected {what} separated by commas") from None
+        raise MisfeatError(f"{text!r}: expected comma-separated {what}, e.g. 0,2,4") from None
     if not values:
-        raise MisfeatError(f"{text!r}: expected {what} separated by commas")
+        raise MisfeatError(f"{text!r}: expected comma-separated {what}, e.g. 0,2,4")
     return values

@@ -11,16 +11,17 @@ direction, the value an ablation clamps to (Wang et al. 2025; Soligo et al. 2025
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from misfeat.data import PromptSet, load_prompts
+from misfeat.errors import MisfeatError
 from misfeat.evaluate import EvalReport, default_prompts, evaluate
-from misfeat.interventions import Intervention, apply
+from misfeat.interventions import Ablate, ClampLatent, Intervention
 from misfeat.sae.latents import encode as sae_encode
-from misfeat.sae.latents import hook_of
+from misfeat.sae.latents import hook_of, path_of
 
 if TYPE_CHECKING:
     import torch
@@ -85,8 +86,7 @@ def steer_sweep(
 
     for coef in progress(list(coefs) if coefs is not None else [None], desc="steer sweep", unit="coef"):
         current = intervention if coef is None else intervention.with_coef(coef)
-        with apply(model, current):
-            report = evaluate(model, prompts, method=method, judge=judge, **eval_kwargs)
+        report = evaluate(model, prompts, interventions=[current], method=method, judge=judge, **eval_kwargs)
         group = group or headline_group(report)
         head = report.groups[group]
         rows.append(SweepRow(coef, head.misaligned_rate, head.valid_rate, head.logprob_gap,
@@ -119,8 +119,11 @@ def plot_sweep(result: SweepResult, path: str | Path, title: str | None = None) 
 
 
 def mean_activations(model: HookedTransformer, prompts: PromptSet | str, hooks: Sequence[str],
-                     positions: str = "all", max_batch_tokens: int = 16384) -> dict[str, torch.Tensor]:
-    """Mean activation (float32, ``[d]``) of each hook over the selected positions of ``prompts``."""
+                     positions: str = "all", max_batch_tokens: int = 16384, *,
+                     fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Mean activation (float32, ``[d]``) of each hook over the selected positions of ``prompts``:
+    the one mean-over-a-prompt-set of misfeat. ``fn`` maps each chunk of rows ``[rows, d]`` to
+    ``[rows, ...]`` first (an SAE latent, a norm, a projection), so the mean is of ``fn(rows)``."""
     import torch
 
     from misfeat.activations import iter_activations
@@ -129,12 +132,11 @@ def mean_activations(model: HookedTransformer, prompts: PromptSet | str, hooks: 
     for hook in hooks:
         total, n = None, 0
         for chunk in iter_activations(model, load_prompts(prompts), hook, positions, batch_tokens=max_batch_tokens):
-            s = chunk.float().sum(0)
+            with torch.no_grad():
+                s = (chunk if fn is None else fn(chunk)).float().sum(0)
             total = s if total is None else total + s
             n += chunk.shape[0]
         if not n:
-            from misfeat.errors import MisfeatError
-
             raise MisfeatError(f"no {positions!r} positions in the prompt set: nothing to average")
         out[hook] = (total / n).to(torch.float32)
     return out
@@ -151,14 +153,78 @@ def reference_coordinates(reference: HookedTransformer, prompts: PromptSet | str
 def reference_latent(reference: HookedTransformer, prompts: PromptSet | str, sae: SAE, latent: int,
                      positions: str = "all") -> float:
     """The reference model's mean activation of SAE ``latent`` at the SAE's hook."""
-    import torch
-
-    from misfeat.activations import iter_activations
-
     hook = hook_of(sae)
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for chunk in iter_activations(reference, load_prompts(prompts), hook, positions):
-            total += float(sae_encode(sae, chunk)[:, latent].sum())
-            n += chunk.shape[0]
-    return total / max(n, 1)
+    return float(mean_activations(reference, prompts, [hook], positions, fn=lambda x: sae_encode(sae, x)[:, latent])[hook])
+
+
+def clamp_to_reference(intervention: Ablate | ClampLatent, model: HookedTransformer, reference: HookedTransformer,
+                       prompts: PromptSet | str, positions: str | None = None) -> Ablate | ClampLatent:
+    """``intervention`` with its value set to the ``reference`` model's mean on ``prompts`` at
+    ``positions`` (default: the intervention's own): for :class:`Ablate`, the mean coordinate
+    along its unit direction at each of its hooks (resolved on ``model``; ``"all"`` is every
+    layer's residual stream); for :class:`ClampLatent`, the latent's mean activation. The one
+    clamp-to-reference of misfeat (Wang et al. 2025; Soligo et al. 2025)."""
+    import dataclasses
+
+    positions = positions or intervention.positions
+    if isinstance(intervention, ClampLatent):
+        value = reference_latent(reference, prompts, intervention.sae, intervention.latent, positions)
+        return intervention.with_coef(value)
+    if isinstance(intervention, Ablate):
+        values = reference_coordinates(reference, prompts, intervention.hook_names(model), intervention.direction,
+                                       positions)
+        return dataclasses.replace(intervention, value=values)
+    raise MisfeatError(f"clamp_to_reference takes an Ablate or a ClampLatent, not {type(intervention).__name__}")
+
+
+def make_intervention(
+    op: str,
+    *,
+    sae: SAE | str | None = None,
+    latent: int | None = None,
+    direction: str | Path | torch.Tensor | None = None,
+    hook: str | None = None,
+    positions: str = "all",
+    device: str | None = None,
+) -> tuple[Intervention, dict[str, Any]]:
+    """The intervention ``op`` (``add``, ``ablate`` or ``clamp``) on a feature, and its source record.
+
+    The feature is an SAE latent (``sae``: an SAE or its directory, with ``latent``; the
+    direction is its decoder row) or a direction (``direction``: a vector, or a file read by
+    :func:`misfeat.interventions.read_vector`; ``hook`` for raw vectors, ``"all"`` for ablate
+    in every layer). The strength is not applied: ``add`` scales by 1 and ``ablate``/``clamp``
+    set 0 until :meth:`~misfeat.interventions.Intervention.with_coef` or :func:`clamp_to_reference`.
+    """
+    from misfeat.interventions import OPS, Add, read_vector
+    from misfeat.sae.io import load_sae
+
+    if op not in OPS:
+        raise MisfeatError(f"unknown op {op!r}; use one of {', '.join(OPS)}")
+    if (sae is None) == (direction is None):
+        raise MisfeatError("give exactly one feature: an SAE with a latent, or a direction")
+    if sae is not None:
+        if latent is None:
+            raise MisfeatError("an SAE feature needs its latent index")
+        source = {"kind": "sae", "path": str(sae) if isinstance(sae, (str, Path)) else path_of(sae), "latent": latent}
+        sae = load_sae(sae) if isinstance(sae, (str, Path)) else sae
+        if device is not None:
+            sae = sae.to(device)
+        if not 0 <= latent < sae.cfg.d_sae:
+            raise MisfeatError(f"latent {latent} out of range: the SAE has {sae.cfg.d_sae} latents")
+        if op == "clamp":
+            return ClampLatent(sae, latent, 0.0, positions), source
+        hook, vector = hook or hook_of(sae), sae.W_dec[latent].detach().float()
+    else:
+        if op == "clamp":
+            raise MisfeatError("clamp sets an SAE latent: give an SAE and a latent (or ablate a direction to a value)")
+        if isinstance(direction, (str, Path)):
+            vector, hook, source = read_vector(direction, hook)
+        else:
+            if hook is None:
+                raise MisfeatError("a direction given as a vector needs its hook")
+            vector, source = direction.float(), {"kind": "vector"}
+    if op == "add":
+        if hook == "all":
+            raise MisfeatError("hook 'all' (every layer) is only for ablate")
+        return Add(hook, vector, 1.0, positions), source
+    return Ablate(hook, vector, None, positions), source

@@ -38,7 +38,7 @@ def test_lists_and_values_refuse_empty_input():
     with pytest.raises(MisfeatError, match="empty list"):
         split_specs(" , ")
     assert split_values("0.5, 1,2") == [0.5, 1.0, 2.0]
-    with pytest.raises(MisfeatError, match="numbers separated by commas"):
+    with pytest.raises(MisfeatError, match="comma-separated numbers"):
         split_values("0.5,x")
 
 
@@ -96,4 +96,4 @@ def test_locate_takes_a_list_of_strengths(tmp_path, capsys):
 
     rc = main(["locate", "--base", "b", "--finetuned", "f", "--sae", "s", "--prompts", "p", "--coefs", "0.5,x",
                "--out", str(tmp_path)])
-    assert rc != 0 and "numbers separated by commas" in capsys.readouterr().err
+    assert rc != 0 and "comma-separated numbers" in capsys.readouterr().err

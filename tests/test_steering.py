@@ -98,3 +98,41 @@ def test_add_needs_coefs(saved, capsys):
         from misfeat.cli.steer_cmd import _parse_coefs
 
         _parse_coefs("1,two")
+
+
+def test_evaluate_under_interventions_equals_applying_them(tiny_model):
+    from misfeat.evaluate import evaluate
+    from misfeat.interventions import apply
+
+    torch.manual_seed(0)
+    add = Add(HOOK, torch.randn(tiny_model.cfg.d_model) * 4, 2.0, "last")
+    with apply(tiny_model, add):
+        expected = evaluate(tiny_model, prompts(), greedy=False)
+    got = evaluate(tiny_model, prompts(), interventions=[add], greedy=False)
+    plain = evaluate(tiny_model, prompts(), greedy=False)
+    assert got.headline.logprob_gap == pytest.approx(expected.headline.logprob_gap, abs=1e-6)
+    assert got.headline.logprob_gap != pytest.approx(plain.headline.logprob_gap, abs=1e-4)
+    assert not any(h._forward_hooks for h in tiny_model.hook_dict.values())  # removed afterwards
+
+
+def test_make_intervention_and_clamp_to_reference(tiny_model, word_tokenizer, tmp_path):
+    import numpy as np
+
+    from misfeat.interventions import Ablate, read_vector
+    from misfeat.steering import clamp_to_reference, make_intervention, mean_activations
+    from tests.conftest import build_tiny_model
+
+    v = torch.randn(tiny_model.cfg.d_model)
+    np.save(tmp_path / "v.npy", v.numpy())
+    vector, hook, source = read_vector(tmp_path / "v.npy", HOOK)
+    assert torch.equal(vector, v) and hook == HOOK and source["kind"] == "direction"
+    ablate, _ = make_intervention("ablate", direction=tmp_path / "v.npy", hook=HOOK, positions="last")
+    assert isinstance(ablate, Ablate) and ablate.value is None
+    reference = build_tiny_model(word_tokenizer, seed=3)
+    clamped = clamp_to_reference(ablate, tiny_model, reference, prompts())
+    mean = mean_activations(reference, prompts(), [HOOK], "last")[HOOK]
+    assert clamped.value == {HOOK: pytest.approx(float(mean @ (v / v.norm())), abs=1e-5)}
+    with pytest.raises(MisfeatError, match="exactly one feature"):
+        make_intervention("add")
+    with pytest.raises(MisfeatError, match="clamp sets an SAE latent"):
+        make_intervention("clamp", direction=v, hook=HOOK)

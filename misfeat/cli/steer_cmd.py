@@ -46,79 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _parse_coefs(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise MisfeatError(f"--coefs {text!r}: expected comma-separated numbers, e.g. 0,2,4,8") from None
+    from misfeat.specs import split_values
 
-
-def _load_vector(path: str, hook: str | None):
-    """(vector, hook, source) from a saved direction or a raw vector file."""
-    from pathlib import Path
-
-    import torch
-
-    from misfeat.interventions import read_intervention
-
-    p = Path(path)
-    if not p.exists():
-        raise MisfeatError(f"--direction {path}: no such file")
-    if p.suffix == ".safetensors" or p.suffix == ".json":
-        try:
-            record, vector = read_intervention(p)
-            return vector, hook or record.get("hook") or record.get("hooks"), {"kind": "direction", "path": str(p)}
-        except MisfeatError as err:
-            if "not a saved misfeat" not in str(err):
-                raise
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(p))
-            if len(tensors) != 1:
-                raise MisfeatError(f"{path} holds {len(tensors)} tensors; a raw direction file holds one") from None
-            vector = next(iter(tensors.values()))
-    elif p.suffix == ".npy":
-        import numpy as np
-
-        vector = torch.from_numpy(np.load(p))
-    elif p.suffix in (".pt", ".pth"):
-        vector = torch.load(p, map_location="cpu", weights_only=True)
-    else:
-        raise MisfeatError(f"--direction {path}: use a .safetensors (saved by misfeat, or one tensor), .pt or .npy")
-    if not isinstance(vector, torch.Tensor) or vector.dim() != 1:
-        raise MisfeatError(f"{path} must hold one 1-D vector, found shape {getattr(vector, 'shape', None)}")
-    if hook is None:
-        raise MisfeatError(f"{path} is a raw vector with no hook: pass --hook, e.g. blocks.1.hook_resid_post")
-    return vector.float(), hook, {"kind": "direction", "path": str(p)}
-
-
-def build_intervention(args, model):
-    """The intervention the arguments describe (coefficient not yet applied) and its source record."""
-    from misfeat.interventions import Ablate, Add, ClampLatent
-    from misfeat.sae.io import load_sae
-    from misfeat.sae.latents import hook_of
-
-    if args.sae:
-        if args.latent is None:
-            raise MisfeatError("--sae needs --latent I")
-        sae = load_sae(args.sae).to(model.cfg.device)
-        source = {"kind": "sae", "path": args.sae, "latent": args.latent}
-        if not 0 <= args.latent < sae.cfg.d_sae:
-            raise MisfeatError(f"--latent {args.latent} out of range: the SAE has {sae.cfg.d_sae} latents")
-        hook = args.hook or hook_of(sae)
-        vector = sae.W_dec[args.latent].detach().float()
-        if args.op == "clamp":
-            return ClampLatent(sae, args.latent, 0.0, args.positions), source
-    else:
-        if args.op == "clamp":
-            raise MisfeatError("--op clamp sets an SAE latent: use --sae DIR --latent I (or --op ablate with a value)")
-        vector, hook, source = _load_vector(args.direction, args.hook)
-    if args.op == "add":
-        if hook == "all":
-            raise MisfeatError("--hook all is only for --op ablate")
-        return Add(hook, vector, 1.0, args.positions), source
-    return Ablate(hook, vector, None, args.positions), source
+    return None if text is None else split_values(text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from misfeat.io import PLOT_FILE, SAMPLES_FILE, write_jsonl
     from misfeat.judges import make_judge
     from misfeat.models import load_model
-    from misfeat.steering import plot_sweep, reference_coordinates, reference_latent, steer_sweep
+    from misfeat.steering import clamp_to_reference, make_intervention, plot_sweep, steer_sweep
 
     coefs = _parse_coefs(args.coefs)
     if args.reference and coefs is not None:
@@ -136,8 +66,13 @@ def run(args: argparse.Namespace) -> int:
         raise MisfeatError("--reference applies to --op ablate or clamp")
     if args.op == "add" and coefs is None:
         raise MisfeatError("--op add needs --coefs, e.g. --coefs 0,2,4,8")
+    if args.sae and args.latent is None:
+        raise MisfeatError("--sae needs --latent I")
+    if args.op == "clamp" and not args.sae:
+        raise MisfeatError("--op clamp sets an SAE latent: use --sae DIR --latent I (or --op ablate with a value)")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    intervention, source = build_intervention(args, model)
+    intervention, source = make_intervention(args.op, sae=args.sae, latent=args.latent, direction=args.direction,
+                                             hook=args.hook, positions=args.positions, device=model.cfg.device)
     intervention.check(model)
     intervention.hook_names(model)
     prompts = args.prompts
@@ -146,15 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
         reference = load_model(args.reference, device=args.device, dtype=args.dtype)
         ref_prompts = prompts if prompts is not None else default_prompts(model)
-        if args.op == "clamp":
-            value = reference_latent(reference, ref_prompts, intervention.sae, intervention.latent, args.positions)
-            intervention = intervention.with_coef(value)
-        else:
-            values = reference_coordinates(reference, ref_prompts, intervention.hook_names(model),
-                                           intervention.direction, args.positions)
-            import dataclasses
-
-            intervention = dataclasses.replace(intervention, value=values)
+        intervention = clamp_to_reference(intervention, model, reference, ref_prompts)
         del reference
     result = steer_sweep(model, intervention, coefs, prompts, make_judge(args.judge), method=args.method,
                          samples=args.samples)

@@ -78,7 +78,7 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: SAE, prom
     from misfeat.features.directions import Direction, save_direction
     from misfeat.features.examples import separation_auroc, top_examples
     from misfeat.features.screen import causal_screen
-    from misfeat.interventions import Ablate, ClampLatent, apply
+    from misfeat.interventions import Ablate, ClampLatent
 
     cfg = config or LocateConfig()
     out = Path(out_dir)
@@ -123,18 +123,16 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: SAE, prom
     # screen ranks by), and the SAE latent
     # itself set to its base mean with the SAE error term kept (ClampLatent; weaker where the
     # SAE reconstructs the feature only in part). Both are reported.
-    from misfeat.steering import reference_coordinates
+    from misfeat.steering import clamp_to_reference
 
     before = evaluate(finetuned, prompts, greedy=False)
     group = before.headline_group
-    from misfeat.interventions import resolve_hooks
-
-    coord = reference_coordinates(base, prompts, resolve_hooks(finetuned, "all"), direction.vector, cfg.positions)
-    with apply(finetuned, Ablate("all", direction.vector, coord, "all")):
-        clamped = evaluate(finetuned, prompts, greedy=False)
+    clamp = clamp_to_reference(Ablate("all", direction.vector, None, "all"), finetuned, base, prompts, cfg.positions)
+    coord = clamp.value
+    clamped = evaluate(finetuned, prompts, interventions=[clamp], greedy=False)
     base_mean = float(diff.base.mean[feature])
-    with apply(finetuned, ClampLatent(sae, feature, base_mean, "all")):
-        clamped_latent = evaluate(finetuned, prompts, greedy=False)
+    clamped_latent = evaluate(finetuned, prompts, interventions=[ClampLatent(sae, feature, base_mean, "all")],
+                              greedy=False)
 
     docs = load_prompts(cfg.examples_prompts or registry.default_prompts(model_info(base).meta, "labelled") or prompts)
     examples = top_examples(base, sae, feature, docs, k=cfg.n_examples)

@@ -79,13 +79,9 @@ class ScreenResult:
 
 def residual_scale(model: HookedTransformer, prompts: PromptSet, hook: str, positions: str) -> float:
     """Mean L2 norm of the activations at ``hook`` over ``positions`` of ``prompts``."""
-    from misfeat.activations import iter_activations
+    from misfeat.steering import mean_activations
 
-    total, n = 0.0, 0
-    for chunk in iter_activations(model, prompts, hook, positions):
-        total += float(chunk.float().norm(dim=-1).sum())
-        n += chunk.shape[0]
-    return total / max(n, 1)
+    return float(mean_activations(model, prompts, [hook], positions, fn=lambda x: x.float().norm(dim=-1))[hook])
 
 
 def _rates(model: HookedTransformer, prompts: PromptSet) -> dict[str, float]:
