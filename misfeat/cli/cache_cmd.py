@@ -47,10 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     from misfeat.activations import CacheConfig, cache_models
     from misfeat.activations.cache import multi_summary
+    from misfeat.distributed import env, rank_device
     from misfeat.io import format_table
     from misfeat.models import dtype_name, resolve_dtype
 
@@ -58,16 +57,11 @@ def run(args: argparse.Namespace) -> int:
     config = CacheConfig(positions=args.positions, dtype=store_dtype, batch_tokens=args.batch_tokens,
                          shard_mb=args.shard_mb, autocast=args.autocast, chat_format=args.chat_format,
                          fsync=not args.no_fsync, overwrite=args.overwrite)
-    device = args.device
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device in (None, "cuda"):
-        import torch
-
-        if torch.cuda.is_available():  # one GPU per rank under torchrun
-            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    device = rank_device(args.device)  # one GPU per rank under torchrun
     specs, hooks = split_specs(args.model), split_specs(args.hooks)
     results = cache_models(specs, args.prompts, hooks, args.out, config, device=device,
                            model_dtype=args.dtype)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if env().rank != 0:
         return 0
     from pathlib import Path
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 from misfeat.cli import add_device_args, add_output_args, finish
 
@@ -122,45 +121,23 @@ def _configs(args: argparse.Namespace, hook: str, device: str | None):
 def _stream(args: argparse.Namespace, world, device: str | None):
     """(hook, batches, data description) for --cache or --model/--prompts."""
     from misfeat.errors import MisfeatError
+    from misfeat.sae.sources import cache_source, live_source
 
     if bool(args.cache) == bool(args.model):
         raise MisfeatError("give exactly one data source: --cache DIR, or --model SPEC with --prompts SPEC")
-    local_batch = args.batch_size // world.size
     if args.cache:
-        from misfeat.activations import open_store
-
-        store = open_store(args.cache)
-        hook = args.hook or (store.hooks[0] if len(store.hooks) == 1 else None)
-        if hook is None:
-            raise MisfeatError(f"the cache holds several hooks ({', '.join(store.hooks)}); choose one with --hook")
-        if hook not in store.hooks:
-            raise MisfeatError(f"the cache has no hook {hook}; it holds {', '.join(store.hooks)}")
-        epochs = math.ceil(args.tokens / store.n_rows) + 1
-        # The store deals chunks of buffer_rows / 8 rows to the processes in turn; keep the
-        # chunks small enough that every process of a data-parallel run gets several.
-        buffer_rows = None if world.size == 1 else max(2 * local_batch, min(1 << 18, 2 * store.n_rows // world.size))
-        batches = store.batches(hook, local_batch, shuffle=True, seed=args.seed, epochs=epochs,
-                                rank=world.rank, world_size=world.size, buffer_rows=buffer_rows)
-        return hook, batches, {"cache": args.cache, "cache_rows": store.n_rows, "positions": store.positions}
+        source = cache_source(args.cache, args.hook, batch_size=args.batch_size, tokens=args.tokens, seed=args.seed,
+                              world=world)
+        return source.hook, source.batches, source.info
     if not args.prompts or not args.hook:
         raise MisfeatError("--model needs --prompts SPEC (the text to run) and --hook H (where to read)")
-    from misfeat.activations import iter_activations
-    from misfeat.data import PromptSet, load_prompts
-    from misfeat.hooks import check_hooks
     from misfeat.models import load_model
-    from misfeat.sae.batching import repeat, shuffled
 
     model = load_model(args.model, device=device, dtype=args.dtype)
-    check_hooks(model, [args.hook])
-    prompts = load_prompts(args.prompts)
-    if world.size > 1:  # each process runs its own prompts
-        prompts = PromptSet(f"{prompts.name}[{world.rank}::{world.size}]", prompts.records[world.rank::world.size],
-                            prompts.meta)
-    live = repeat(lambda: iter_activations(model, prompts, args.hook, args.positions))
-    buffer_rows = min(max(64 * local_batch, 1 << 16), max(2 * local_batch, args.tokens // world.size))
-    batches = shuffled(live, buffer_rows=buffer_rows, seed=args.seed + world.rank, out_rows=local_batch)
-    return args.hook, batches, {"model": args.model, "prompts": args.prompts, "positions": args.positions,
-                                "model_name": model.cfg.model_name}
+    source = live_source(model, args.prompts, args.hook, batch_size=args.batch_size, tokens=args.tokens,
+                         positions=args.positions, seed=args.seed, world=world)
+    return source.hook, source.batches, {"model": args.model, "prompts": args.prompts, "positions": args.positions,
+                                         "model_name": source.model_name}
 
 
 def _wandb_logger(args: argparse.Namespace, cfgs, data: dict):
@@ -179,12 +156,12 @@ def _wandb_logger(args: argparse.Namespace, cfgs, data: dict):
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from misfeat.distributed import join, shutdown
     from misfeat.io import format_table
-    from misfeat.sae.distributed import init_from_env, shutdown
     from misfeat.sae.io import RunPaths
     from misfeat.sae.train import train_saes
 
-    world, device = init_from_env(args.device)
+    world, device = join(args.device)
     hook, batches, data = _stream(args, world, device)
     cfgs = _configs(args, hook, device)
     meta = {"model_name": data.pop("model_name", None) or data.get("model") or data.get("cache")}
