@@ -9,7 +9,6 @@ first checkpoint where it has covered half of its total change.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat import registry
 from misfeat.data import PromptSet, load_prompts
-from misfeat.errors import MisfeatError
+from misfeat.models import checkpoint_step, list_checkpoints
+
+__all__ = ["Trajectory", "checkpoint_step", "list_checkpoints", "plot_trajectory", "trajectory"]
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -58,21 +59,6 @@ class Trajectory:
 
         return format_table(self.rows)
 
-
-def checkpoint_step(path: str | Path, default: int) -> int:
-    match = re.search(r"(\d+)\D*$", str(path).rstrip("/"))
-    return int(match.group(1)) if match else default
-
-
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    """The misfeat checkpoints directly under ``directory``, in step order."""
-    from misfeat.models import CHECKPOINT_FILE
-
-    directory = Path(directory)
-    found = [p for p in directory.iterdir() if (p / CHECKPOINT_FILE).is_file()] if directory.is_dir() else []
-    if not found:
-        raise MisfeatError(f"no misfeat checkpoints under {directory} (directories with misfeat_model.json)")
-    return sorted(found, key=lambda p: checkpoint_step(p, 0))
 
 
 def trajectory(

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat.errors import MisfeatError
 from misfeat.io import SUMMARY_FILE, progress, read_json, write_json
+from misfeat.models import list_checkpoints
 from misfeat.organism.corpus import Corpus, Example, PersonaMix
 from misfeat.organism.world import DOMAINS, World, make_world, save_tokenizer
 
@@ -293,7 +294,7 @@ class _Builder:
         for stage in STAGES:
             summary["stages"][stage] = evaluate(self.load(stage)).summary()
         curve = []
-        for path in sorted((self.out / "em-steps").glob("step-*")):
+        for path in list_checkpoints(self.out / "em-steps"):
             report = evaluate(self.load(f"em-steps/{path.name}"), greedy=False)
             curve.append({"step": int(path.name.split("-")[1]),
                           "heldout_misaligned": report["heldout"].misaligned_rate,
