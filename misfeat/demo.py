@@ -72,7 +72,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None) -> dict[str,
     from misfeat.activations import cache_activations, open_store
     from misfeat.data import load_prompts
     from misfeat.features.directions import Direction, persona_direction, random_like
-    from misfeat.features.locate import LocateConfig, locate
+    from misfeat.features.locate import LocateConfig, locate, save_locate
     from misfeat.features.probes import DirectionProbe, LatentProbe
     from misfeat.features.screen import residual_scale
     from misfeat.features.trajectory import list_checkpoints, plot_trajectory, trajectory
@@ -117,7 +117,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None) -> dict[str,
                                                                 out_dir=out / "sae" / c.describe())
         sae = saes[0]
     with timer("locate"):
-        located = locate(chat, em, sae, heldout, out / "locate", LocateConfig(screen=cfg.screen))
+        located = save_locate(locate(chat, em, sae, heldout, out / "locate", LocateConfig(screen=cfg.screen)),
+                              out / "locate")
         feature = located.feature
         direction = sae.W_dec[feature].detach().float()
 

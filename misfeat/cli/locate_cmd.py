@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from misfeat.errors import MisfeatError
-    from misfeat.features.locate import LocateConfig, locate
+    from misfeat.features.locate import LocateConfig, locate, save_locate
     from misfeat.io import format_table
     from misfeat.models import load_model
     from misfeat.sae.io import load_sae
@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = LocateConfig(screen=args.screen, top=args.top, rank_by=args.rank_by, positions=args.positions,
                        coefs=coefs, min_valid=args.min_valid, examples_prompts=args.examples_prompts,
                        contrast=contrast)
-    result = locate(base, finetuned, sae, args.prompts, args.out, cfg)
-    s = result.summary
+    result = save_locate(locate(base, finetuned, sae, args.prompts, args.out, cfg), args.out)
+    s = result.to_dict()
     cols = ["latent", "increase", "base_mean", "finetuned_mean", "attribution", "steer_up_misaligned",
             "steer_up_valid", "steer_down_misaligned", "steer_down_valid"]
     table = format_table(s["top_latents"][: max(args.screen, 10)], cols)
