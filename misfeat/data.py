@@ -327,6 +327,11 @@ class TokenBatch:
             return self.last_mask
         raise ValueError(f"unknown positions {mode!r}; use one of {', '.join(POSITIONS)}")
 
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Every position mask by name (``all``, ``prompt``, ``response``, ``last``): what
+        :func:`misfeat.hooks.position_masks` and ``apply(..., masks=)`` take."""
+        return {mode: self.positions(mode) for mode in POSITIONS}
+
     def to(self, device: Any) -> TokenBatch:
         return TokenBatch(*(t.to(device) for t in (self.tokens, self.attention_mask, self.prompt_mask,
                                                    self.response_mask, self.last_mask)), self.padding_side)

@@ -128,9 +128,7 @@ def response_logprobs(
     with torch.inference_mode():
         for group in batch_by_tokens([len(e) for e in encoded], max_batch_tokens):
             batch = collate([encoded[i] for i in group], pad, "right", device=model.cfg.device)
-            masks = {"all": batch.attention_mask, "prompt": batch.prompt_mask,
-                     "response": batch.response_mask, "last": batch.last_mask}
-            with position_masks(masks):
+            with position_masks(batch.masks()):
                 logits = model(batch.tokens)
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             target = batch.tokens[:, 1:]

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat.data import POSITIONS
 from misfeat.errors import MisfeatError
-from misfeat.hooks import block_of, check_hooks, mask_for
+from misfeat.hooks import block_of, check_hooks, mask_for, position_masks
 from misfeat.sae.io import load_sae
 from misfeat.sae.latents import hook_of, latent_delta, path_of
 
@@ -237,16 +237,23 @@ class ClampLatent(Intervention):
 
 
 @contextlib.contextmanager
-def apply(model: HookedTransformer, *interventions: Intervention) -> Iterator[HookedTransformer]:
+def apply(model: HookedTransformer, *interventions: Intervention,
+          masks: dict[str, torch.Tensor] | None = None) -> Iterator[HookedTransformer]:
     """Apply ``interventions`` to ``model`` inside the block; every hook is removed on exit,
-    also when the block raises. Operators at the same hook run in the order given."""
+    also when the block raises. Operators at the same hook run in the order given.
+
+    Position-restricted operators (``positions`` other than ``all``) read the masks of the
+    forward in flight: misfeat's own runners (evaluate, generate, the cache) declare them per
+    batch; for a plain ``model(batch.tokens)`` inside the block pass ``masks=batch.masks()``."""
     handles = []
+    declared = position_masks(masks) if masks is not None else contextlib.nullcontext()
     try:
         for intervention in interventions:
             intervention.check(model)
             for name in intervention.hook_names(model):
                 handles.append(model.hook_dict[name].register_forward_hook(_forward_hook(intervention, name)))
-        yield model
+        with declared:
+            yield model
     finally:
         for handle in handles:
             handle.remove()

@@ -219,3 +219,16 @@ def _tiny_sae(model):
         for p in sae.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
     return sae.eval()
+
+
+def test_masks_passed_to_apply_equal_declared_ones(tiny_model):
+    b = batch(tiny_model)
+    assert set(b.masks()) == set(masks(b)) and all(torch.equal(b.masks()[k], masks(b)[k]) for k in masks(b))
+    v = torch.randn(tiny_model.cfg.d_model)
+    expected = run(tiny_model, b, Add(HOOK, v, 2.0, "last"))
+    with apply(tiny_model, Add(HOOK, v, 2.0, "last"), masks=b.masks()), torch.no_grad():
+        got = tiny_model(b.tokens)
+    assert torch.equal(got, expected)
+    with pytest.raises(MisfeatError, match="masks=batch.masks()"), apply(tiny_model, Add(HOOK, v, 2.0, "last")):
+        tiny_model(b.tokens)
+    assert n_hooks(tiny_model) == 0
