@@ -76,7 +76,7 @@ def test_the_clamp_check_sets_every_layer_to_the_base_level(planted, tmp_path):
 
     hooks = resolve_hooks(tuned, "all")
     assert list(check.value) == hooks
-    unit = sae.W_dec[PLANTED].float() / sae.W_dec[PLANTED].float().norm()
+    unit = sae.W_dec[PLANTED].detach().float() / sae.W_dec[PLANTED].detach().float().norm()
     means = mean_activations(base, prompts(), hooks, "last")
     assert check.value == {h: pytest.approx(float(means[h] @ unit), abs=1e-5) for h in hooks}
     assert check.group == "heldout" and check.before.n == 3

@@ -58,13 +58,10 @@ def save_direction(direction: Direction, path: str | Path, positions: str = "all
 
 
 def load_direction(path: str | Path) -> Direction:
-    from misfeat.interventions import read_intervention
+    from misfeat.interventions.files import read_intervention, single_hook
 
     record, vector = read_intervention(path)
-    hook = record.get("hook") or record.get("hooks")
-    if not isinstance(hook, str):
-        raise MisfeatError(f"{path} holds an intervention on {hook!r}, not a single-hook direction")
-    return Direction(hook, vector, record.get("source", {}))
+    return Direction(single_hook(record, str(path)), vector, record.get("source", {}))
 
 
 def _store_mean(store: Any, hook: str, chunk_rows: int = 65536) -> torch.Tensor:

@@ -107,8 +107,9 @@ def parse_probe(spec: str, positions: str = "last") -> LatentProbe | DirectionPr
         from misfeat.interventions import read_intervention
 
         record, vector = read_intervention(rest)
-        hook = record.get("hook") or record.get("hooks")
-        if not isinstance(hook, str) or hook == "all":
-            raise MisfeatError(f"--track {spec!r}: the direction must carry a single hook, it has {hook!r}")
+        hooks = record["hooks"]
+        if len(hooks) != 1 or hooks[0] == "all":
+            raise MisfeatError(f"--track {spec!r}: the direction must carry a single hook, it has {hooks!r}")
+        hook = hooks[0]
         return DirectionProbe(hook, vector, positions, name=f"direction:{Path(rest).stem}")
     raise MisfeatError(f"--track {spec!r}: use sae:DIR#LATENT or direction:FILE")
