@@ -27,12 +27,13 @@ class DemoConfig:
     """What the demo runs (defaults: about 8 minutes on a 2-core CPU, organism build included)."""
 
     organism: str = ""
-    """organism options, e.g. small or seed=1 (see misfeat.organism)"""
+    """organism options, e.g. seed=1 or em_domain=money (default: the default organism; see misfeat.organism)"""
     hook: str = "blocks.1.hook_resid_post"
     """the SAE's hook: the middle layer's residual stream"""
     sae_docs: int = 3000
     """pre-training documents the SAE is trained on (Wang et al. train on pre-training data)"""
     sae_tokens: int = 1_000_000
+    """SAE training tokens"""
     locate_sae: tuple[int, int] = (512, 8)
     """(d_sae, k) of the SAE the feature is located with: at 4 x d_model and k 8 the persona is one latent"""
     wide_sae: tuple[int, int] = (1024, 16)
@@ -40,10 +41,13 @@ class DemoConfig:
     screen: int = 8
     """candidate latents screened causally"""
     realign_examples: int = 120
+    """aligned answers of one other domain the EM model is realigned on"""
     realign_steps: int = 50
+    """re-alignment fine-tuning steps"""
     steer_coefs: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
     """steering strengths in units of the mean residual norm at the hook"""
     seed: int = 0
+    """seed of torch, the SAE training and its data order, the random control direction and the realignment"""
 
 
 class _Timer:

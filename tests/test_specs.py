@@ -94,6 +94,7 @@ def test_realign_takes_a_list_of_tracked_features(monkeypatch, tmp_path):
 def test_locate_takes_a_list_of_strengths(tmp_path, capsys):
     from misfeat.cli import main
 
-    rc = main(["locate", "--base", "b", "--finetuned", "f", "--sae", "s", "--prompts", "p", "--coefs", "0.5,x",
-               "--out", str(tmp_path)])
-    assert rc != 0 and "comma-separated numbers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # refused while parsing, before any model is loaded
+        main(["locate", "--base", "b", "--finetuned", "f", "--sae", "s", "--prompts", "p", "--coefs", "0.5,x",
+              "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "expected comma-separated float values" in capsys.readouterr().err

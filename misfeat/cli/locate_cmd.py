@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from misfeat.cli import add_device_args, add_output_args, finish
+from misfeat.cli.fields import add_config_args, config_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,21 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sae", required=True, metavar="DIR", help="an SAE (SAELens format) at a hook of both models")
     p.add_argument("--prompts", required=True, metavar="SPEC",
                    help="evaluation prompts with reference answers, e.g. organism:heldout or a JSONL file")
-    p.add_argument("--screen", type=int, default=10, help="candidates to screen causally (0: diff only; default 10)")
-    p.add_argument("--rank-by", choices=["increase", "attribution", "effect_size"], default="increase",
-                   help="how candidates are ranked before the screen (default increase)")
-    p.add_argument("--positions", choices=["all", "prompt", "last"], default="last",
-                   help="positions read and steered (default last: the answer position)")
-    p.add_argument("--coefs", default="0.5,1,2",
-                   help="screen strengths in units of the mean residual norm at the SAE's hook (default 0.5,1,2)")
-    p.add_argument("--min-valid", type=float, default=0.8, help="a steered model must stay this valid (default 0.8)")
-    p.add_argument("--examples-prompts", metavar="SPEC",
-                   help="labelled texts for top-activating examples and the AUROC (default: the base model's "
-                   "plug-in's labelled set, e.g. the organism's documents; else --prompts)")
-    p.add_argument("--contrast", metavar="POS,NEG",
-                   help="the positive and negative labels of --examples-prompts for the AUROC (default: the set's "
-                   "own, e.g. cruel,kind for the organism's documents; without labels the AUROC is skipped)")
-    p.add_argument("--top", type=int, default=20, help="rows of the ranked tables (default 20)")
+    from misfeat.data import POSITIONS
+    from misfeat.features.locate import RANKINGS, LocateConfig
+
+    add_config_args(p, LocateConfig, choices={"rank_by": RANKINGS, "positions": [x for x in POSITIONS if x != "response"]})
     add_device_args(p)
     add_output_args(p, out_required=True)
     p.set_defaults(func=run)
@@ -49,19 +39,14 @@ def run(args: argparse.Namespace) -> int:
     from misfeat.io import format_table
     from misfeat.models import load_model
     from misfeat.sae.io import load_sae
-    from misfeat.specs import split_values
 
-    coefs = tuple(split_values(args.coefs))
-    contrast = _contrast(args.contrast)
+    cfg = config_from_args(LocateConfig, args)
     base = load_model(args.base, device=args.device, dtype=args.dtype)
     finetuned = load_model(args.finetuned, device=args.device, dtype=args.dtype)
     if base.cfg.d_model != finetuned.cfg.d_model:
         raise MisfeatError(f"--base and --finetuned differ in d_model ({base.cfg.d_model} vs "
                            f"{finetuned.cfg.d_model}); diffing needs two checkpoints of one architecture")
     sae = load_sae(args.sae)
-    cfg = LocateConfig(screen=args.screen, top=args.top, rank_by=args.rank_by, positions=args.positions,
-                       coefs=coefs, min_valid=args.min_valid, examples_prompts=args.examples_prompts,
-                       contrast=contrast)
     result = save_locate(locate(base, finetuned, sae, args.prompts, args.out, cfg), args.out)
     s = result.to_dict()
     cols = ["latent", "increase", "base_mean", "finetuned_mean", "attribution", "steer_up_misaligned",
@@ -81,13 +66,3 @@ def run(args: argparse.Namespace) -> int:
            table)
     return 0
 
-
-def _contrast(text: str | None) -> tuple[str, str] | None:
-    from misfeat.errors import MisfeatError
-
-    if text is None:
-        return None
-    parts = [t.strip() for t in text.split(",")]
-    if len(parts) != 2 or not all(parts):
-        raise MisfeatError(f"--contrast {text!r}: expected two labels, positive,negative (e.g. cruel,kind)")
-    return parts[0], parts[1]

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 
+RANKINGS = ("increase", "attribution", "effect_size")
+
+
 @dataclass(frozen=True)
 class LocateConfig:
     """Knobs of :func:`locate`; the defaults are what the organism's bar was checked with."""
@@ -61,12 +64,13 @@ class LocateConfig:
     """labelled texts for top-activating examples and the AUROC (default: the base model's plug-in's
     labelled set, e.g. the organism's documents; else the prompts)"""
     n_examples: int = 10
+    """how many top-activating texts to keep"""
     contrast: tuple[str, str] | None = None
-    """the (positive, negative) labels of the examples' texts for the AUROC (default: the set's
-    meta['contrast'], e.g. cruel/kind; without either the AUROC is skipped with a note)"""
+    """the positive and negative labels of the examples' texts for the AUROC, e.g. cruel,kind (none:
+    the set's own meta['contrast']; without either the AUROC is skipped with a note)"""
 
     def __post_init__(self) -> None:
-        if self.rank_by not in ("increase", "attribution", "effect_size"):
+        if self.rank_by not in RANKINGS:
             raise MisfeatError(f"rank_by must be increase, attribution or effect_size, not {self.rank_by!r}")
 
 
