@@ -78,7 +78,6 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None) -> dict[str,
     from misfeat.features.directions import Direction, persona_direction, random_like
     from misfeat.features.locate import LocateConfig, locate, save_locate
     from misfeat.features.probes import DirectionProbe, LatentProbe
-    from misfeat.features.screen import residual_scale
     from misfeat.features.trajectory import list_checkpoints, plot_trajectory, trajectory
     from misfeat.finetune import RealignConfig, default_realign_eval, plot_realign, realign
     from misfeat.interventions import Ablate, Add, ClampLatent
@@ -86,7 +85,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None) -> dict[str,
     from misfeat.models import load_model
     from misfeat.organism import ensure_organism, parse_options
     from misfeat.sae import SAETrainConfig, evaluate_sae, train_saes
-    from misfeat.steering import plot_sweep, steer_sweep
+    from misfeat.steering import in_residual_units, plot_sweep, steer_sweep
 
     cfg = config or DemoConfig()
     out = Path(out_dir)
@@ -127,8 +126,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None) -> dict[str,
         direction = sae.W_dec[feature].detach().float()
 
     with timer("steer"):
-        scale = residual_scale(chat, load_prompts(heldout), cfg.hook, "last")
-        up = steer_sweep(chat, Add(cfg.hook, direction / direction.norm() * scale, 1.0, "last"),
+        up = steer_sweep(chat, in_residual_units(Add(cfg.hook, direction, 1.0, "last"), chat, heldout),
                          list(cfg.steer_coefs), heldout)
         plot_sweep(up, out / "steer.png", title=f"adding latent {feature} at the answer position (chat model)")
         persona = persona_direction(chat, cfg.hook, f"organism:docs:400{at}")

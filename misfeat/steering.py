@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from misfeat.data import PromptSet, load_prompts
 from misfeat.errors import MisfeatError
 from misfeat.evaluate import EvalReport, default_prompts, evaluate
-from misfeat.interventions import Ablate, ClampLatent, Intervention
+from misfeat.interventions import Ablate, Add, ClampLatent, Intervention
 from misfeat.sae.latents import encode as sae_encode
 from misfeat.sae.latents import hook_of, path_of
 
@@ -140,6 +140,27 @@ def mean_activations(model: HookedTransformer, prompts: PromptSet | str, hooks: 
             raise MisfeatError(f"no {positions!r} positions in the prompt set: nothing to average")
         out[hook] = (total / n).to(torch.float32)
     return out
+
+
+def residual_scale(model: HookedTransformer, prompts: PromptSet | str, hook: str, positions: str) -> float:
+    """Mean L2 norm of ``model``'s activations at ``hook`` over ``positions`` of ``prompts``: the unit
+    of steering strengths in misfeat (``response`` positions are measured over all tokens, since
+    evaluation prompts have no responses)."""
+    positions = "all" if positions == "response" else positions
+    return float(mean_activations(model, prompts, [hook], positions, fn=lambda x: x.float().norm(dim=-1))[hook])
+
+
+def in_residual_units(add: Add, model: HookedTransformer, prompts: PromptSet | str) -> Add:
+    """``add`` with its vector made unit length times :func:`residual_scale` at its hook and
+    positions, so that its ``scale`` (a sweep's coefficient) counts typical residual norms:
+    the one convention for steering strengths of locate's screen, ``misfeat steer --op add``
+    and the demo (1.0 adds a vector as long as the average activation there)."""
+    import dataclasses
+
+    if not isinstance(add.hook, str) or add.hook == "all":
+        raise MisfeatError("residual units need one hook to measure the activation norm at")
+    unit = add.vector.float() / add.vector.float().norm()
+    return dataclasses.replace(add, vector=unit * residual_scale(model, prompts, add.hook, add.positions))
 
 
 def reference_coordinates(reference: HookedTransformer, prompts: PromptSet | str, hooks: Sequence[str],

@@ -136,3 +136,15 @@ def test_make_intervention_and_clamp_to_reference(tiny_model, word_tokenizer, tm
         make_intervention("add")
     with pytest.raises(MisfeatError, match="clamp sets an SAE latent"):
         make_intervention("clamp", direction=v, hook=HOOK)
+
+
+def test_steering_strengths_count_typical_residual_norms(tiny_model):
+    from misfeat.steering import in_residual_units, residual_scale
+
+    v = torch.randn(tiny_model.cfg.d_model) * 7
+    add = in_residual_units(Add(HOOK, v, 1.0, "last"), tiny_model, prompts())
+    scale = residual_scale(tiny_model, prompts(), HOOK, "last")
+    assert float(add.vector.norm()) == pytest.approx(scale, rel=1e-5)
+    assert torch.allclose(add.vector / add.vector.norm(), v / v.norm(), atol=1e-6) and add.scale == 1.0
+    with pytest.raises(MisfeatError, match="one hook"):
+        in_residual_units(Add([HOOK, "blocks.1.hook_resid_post"], v, 1.0), tiny_model, prompts())

@@ -14,8 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Apply an intervention to a model and evaluate misalignment at each coefficient. The feature "
         "is an SAE latent (--sae DIR --latent I: its decoder row) or a direction file (--direction FILE: a saved "
         "misfeat direction/intervention, which carries its hook; raw .pt/.npy/.safetensors vectors need --hook). "
-        "Ops: add (add coef x the direction, coefs are in units of the direction's norm: 1 adds it once; an SAE "
-        "decoder row has norm 1), ablate (set the coordinate along the unit direction to coef; without --coefs "
+        "Ops: add (add coef x the unit direction x the mean L2 norm of the model's activations at the hook over the "
+        "steered positions of --prompts: coefs count typical residual norms, the units of locate's --coefs and the "
+        "demo's --steer-coefs), ablate (set the coordinate along the unit direction to coef; without --coefs "
         "project it out, i.e. set it to 0, or to the --reference model's mean coordinate), clamp (set the SAE "
         "latent to coef; without --coefs to 0, or to the --reference model's mean activation). Writes "
         "DIR/summary.json (rows: coef, misaligned_rate, valid_rate, logprob_gap), DIR/plot.png, DIR/samples.jsonl "
@@ -29,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hook", help="hook for a raw vector, e.g. blocks.1.hook_resid_post; 'all' (ablate only) "
                    "means the residual stream of every layer")
     p.add_argument("--op", choices=["add", "ablate", "clamp"], required=True, help="the operation")
-    p.add_argument("--coefs", help="comma-separated coefficients, e.g. 0,2,4,8 (see the op's meaning above)")
+    p.add_argument("--coefs", help="comma-separated coefficients, e.g. 0,0.5,1 (add: typical residual norms at the hook; ablate: the "
+                   "coordinate along the unit direction; clamp: the latent's value)")
     p.add_argument("--reference", metavar="SPEC",
                    help="ablate/clamp without --coefs: set the coordinate to this model's mean on the same prompts "
                    "and positions (e.g. organism:chat)")
@@ -57,7 +59,13 @@ def run(args: argparse.Namespace) -> int:
     from misfeat.io import PLOT_FILE, SAMPLES_FILE, write_jsonl
     from misfeat.judges import make_judge
     from misfeat.models import load_model
-    from misfeat.steering import clamp_to_reference, make_intervention, plot_sweep, steer_sweep
+    from misfeat.steering import (
+        clamp_to_reference,
+        in_residual_units,
+        make_intervention,
+        plot_sweep,
+        steer_sweep,
+    )
 
     coefs = _parse_coefs(args.coefs)
     if args.reference and coefs is not None:
@@ -76,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
     intervention.check(model)
     intervention.hook_names(model)
     prompts = args.prompts
+    if args.op == "add":
+        from misfeat.evaluate import default_prompts
+
+        intervention = in_residual_units(intervention, model, prompts if prompts is not None else default_prompts(model))
     if args.reference:
         from misfeat.evaluate import default_prompts
 

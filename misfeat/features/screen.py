@@ -20,6 +20,9 @@ from misfeat.data import PromptSet, load_prompts
 from misfeat.evaluate import evaluate
 from misfeat.interventions import Add, apply
 from misfeat.sae.latents import hook_of
+from misfeat.steering import residual_scale
+
+__all__ = ["ScreenResult", "ScreenRow", "causal_screen", "residual_scale"]
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -75,13 +78,6 @@ class ScreenResult:
         return {"rows": [{**asdict(r), "passed": r.passed} for r in self.rows], "scale": self.scale,
                 "coefs": self.coefs, "min_valid": self.min_valid, "min_effect": self.min_effect,
                 "base_aligned": self.base_aligned, "base_misaligned": self.base_misaligned}
-
-
-def residual_scale(model: HookedTransformer, prompts: PromptSet, hook: str, positions: str) -> float:
-    """Mean L2 norm of the activations at ``hook`` over ``positions`` of ``prompts``."""
-    from misfeat.steering import mean_activations
-
-    return float(mean_activations(model, prompts, [hook], positions, fn=lambda x: x.float().norm(dim=-1))[hook])
 
 
 def _rates(model: HookedTransformer, prompts: PromptSet) -> dict[str, float]:
