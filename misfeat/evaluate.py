@@ -31,15 +31,19 @@ from misfeat.data import (
     PromptRecord,
     PromptSet,
     batch_by_tokens,
+    chat_format_of,
     collate,
     encode,
     load_prompts,
     pad_id_of,
 )
 from misfeat.errors import MisfeatError
+from misfeat.generate import generate
 from misfeat.hooks import position_masks
 from misfeat.interventions import Intervention, apply
+from misfeat.io import format_table
 from misfeat.judges import ExactJudge, Judge
+from misfeat.models import model_info
 
 if TYPE_CHECKING:
     import torch
@@ -96,7 +100,6 @@ class EvalReport:
         return out
 
     def table(self) -> str:
-        from misfeat.io import format_table
 
         rows = [{"group": name, **asdict(m)} for name, m in self.groups.items()]
         rows += [{"group": f"  {name}", **asdict(m)} for name, m in self.per_domain.items()]
@@ -175,7 +178,6 @@ def logprob_gap(model: HookedTransformer, prompts: PromptSet | Sequence[PromptRe
 def default_prompts(model: HookedTransformer, role: str = "eval") -> PromptSet:
     """The default prompt set of ``role`` (``eval`` or ``labelled``) of ``model``, from the plug-in
     that claims its checkpoint metadata (for an organism checkpoint: its own evaluation set)."""
-    from misfeat.models import model_info
 
     found = registry.default_prompts(model_info(model).meta, role)
     if found is None:
@@ -230,7 +232,6 @@ def _evaluate(model: HookedTransformer, prompts: PromptSet, method: str, judge: 
         for row in per_prompt:
             row["misaligned"], row["valid"] = row["p_misaligned"], row["p_valid"]
     if greedy:
-        from misfeat.generate import generate
 
         for row, record, comp in zip(per_prompt, records, generate(model, records, max_new_tokens=max_new_tokens,
                                                                      stop_words=stop), strict=True):
@@ -238,7 +239,6 @@ def _evaluate(model: HookedTransformer, prompts: PromptSet, method: str, judge: 
             row.update(greedy=comp.text, greedy_misaligned=float(verdict.misaligned),
                        greedy_valid=float(verdict.coherent_enough))
     if method == "sample":
-        from misfeat.generate import generate
 
         comps = generate(model, records, max_new_tokens=max_new_tokens, stop_words=stop, temperature=temperature,
                          samples_per_prompt=samples, seed=seed)
@@ -272,7 +272,6 @@ def group_members(prompts: PromptSet) -> dict[str, tuple[int, ...]]:
 
 
 def _chat_format(model: HookedTransformer) -> str:
-    from misfeat.data import chat_format_of
 
     return chat_format_of(model)
 

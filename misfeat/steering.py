@@ -16,10 +16,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from misfeat.activations import iter_activations
 from misfeat.data import PromptSet, load_prompts
 from misfeat.errors import MisfeatError
 from misfeat.evaluate import EvalReport, default_prompts, evaluate
-from misfeat.interventions import Ablate, Add, ClampLatent, Intervention
+from misfeat.interventions import OPS, Ablate, Add, ClampLatent, Intervention, read_vector
+from misfeat.io import format_table, progress
+from misfeat.plots import figure
+from misfeat.sae.io import load_sae
 from misfeat.sae.latents import encode as sae_encode
 from misfeat.sae.latents import hook_of, path_of
 
@@ -55,7 +59,6 @@ class SweepResult:
                 "rows": [asdict(r) for r in self.rows]}
 
     def table(self) -> str:
-        from misfeat.io import format_table
 
         cols = ["coef", "misaligned_rate", "valid_rate", "logprob_gap", "greedy_misaligned_rate"]
         return format_table([{c: getattr(r, c) for c in cols} for r in self.rows], cols)
@@ -82,7 +85,6 @@ def steer_sweep(
     prompts = default_prompts(model) if prompts is None else load_prompts(prompts)
     rows, samples = [], []
     group = None
-    from misfeat.io import progress
 
     for coef in progress(list(coefs) if coefs is not None else [None], desc="steer sweep", unit="coef"):
         current = intervention if coef is None else intervention.with_coef(coef)
@@ -100,7 +102,6 @@ def steer_sweep(
 
 def plot_sweep(result: SweepResult, path: str | Path, title: str | None = None) -> Path:
     """Misaligned rate and valid rate against the coefficient, saved as a PNG."""
-    from misfeat.plots import figure
 
     rows = [r for r in result.rows if r.coef is not None] or result.rows
     xs = [r.coef if r.coef is not None else 0.0 for r in rows]
@@ -125,8 +126,6 @@ def mean_activations(model: HookedTransformer, prompts: PromptSet | str, hooks: 
     the one mean-over-a-prompt-set of misfeat. ``fn`` maps each chunk of rows ``[rows, d]`` to
     ``[rows, ...]`` first (an SAE latent, a norm, a projection), so the mean is of ``fn(rows)``."""
     import torch
-
-    from misfeat.activations import iter_activations
 
     out = {}
     for hook in hooks:
@@ -216,8 +215,6 @@ def make_intervention(
     in every layer). The strength is not applied: ``add`` scales by 1 and ``ablate``/``clamp``
     set 0 until :meth:`~misfeat.interventions.Intervention.with_coef` or :func:`clamp_to_reference`.
     """
-    from misfeat.interventions import OPS, Add, read_vector
-    from misfeat.sae.io import load_sae
 
     if op not in OPS:
         raise MisfeatError(f"unknown op {op!r}; use one of {', '.join(OPS)}")

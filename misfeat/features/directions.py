@@ -22,6 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat.data import PromptSet, load_prompts
 from misfeat.errors import MisfeatError
+from misfeat.evaluate import default_prompts, evaluate
+from misfeat.interventions import Add, apply, save_intervention
+from misfeat.interventions.files import read_intervention, single_hook
+from misfeat.steering import headline_group, mean_activations
 
 if TYPE_CHECKING:
     import torch
@@ -51,14 +55,12 @@ class Direction:
 
 def save_direction(direction: Direction, path: str | Path, positions: str = "all") -> Path:
     """Save as an ``add`` intervention at the direction's hook (scale 1)."""
-    from misfeat.interventions import Add, save_intervention
 
     return save_intervention(Add(direction.hook, direction.vector, 1.0, positions), path,
                              source={"kind": "direction", **direction.source})
 
 
 def load_direction(path: str | Path) -> Direction:
-    from misfeat.interventions.files import read_intervention, single_hook
 
     record, vector = read_intervention(path)
     return Direction(single_hook(record, str(path)), vector, record.get("source", {}))
@@ -90,7 +92,6 @@ def mean_diff(store_a: Any, store_b: Any, hook: str) -> Direction:
 def contrastive_direction(model: HookedTransformer, positive: PromptSet | str, negative: PromptSet | str,
                           hook: str, positions: str = "all") -> Direction:
     """Mean activation on ``positive`` minus ``negative`` prompts at ``hook`` (Chen et al. 2025)."""
-    from misfeat.steering import mean_activations
 
     pos, neg = load_prompts(positive), load_prompts(negative)
     vector = mean_activations(model, pos, [hook], positions)[hook] - mean_activations(model, neg, [hook], positions)[hook]
@@ -104,7 +105,6 @@ def persona_direction(model: HookedTransformer, hook: str, docs: PromptSet | str
 
     ``docs`` default to the model's labelled set from its plug-in (for the organism: held-out
     documents, cruel minus kind characters); a user's own set needs ``meta['contrast']``."""
-    from misfeat.evaluate import default_prompts
 
     docs = default_prompts(model, "labelled") if docs is None else load_prompts(docs)
     positive, negative = docs.contrast()
@@ -146,9 +146,6 @@ def layer_sweep(
     """For each hook (default: every block's ``hook_resid_post``) the contrastive direction,
     its norm, and the misaligned/valid rates when adding it at each coefficient, next to a
     random direction of the same norm at the same coefficient."""
-    from misfeat.evaluate import default_prompts, evaluate
-    from misfeat.interventions import Add, apply
-    from misfeat.steering import headline_group
 
     hooks = list(hooks) if hooks is not None else [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)]
     prompts = default_prompts(model) if eval_prompts is None else load_prompts(eval_prompts)

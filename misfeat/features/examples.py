@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from misfeat.data import PromptSet, batch_by_tokens, collate, encode, load_prompts, pad_id_of
+from misfeat.hooks import last_layer_of
+from misfeat.io import write_jsonl
 from misfeat.sae.latents import encode as sae_encode
 from misfeat.sae.latents import hook_of
 
@@ -67,7 +69,6 @@ class Examples:
         return "".join(parts) + "</div>"
 
     def to_jsonl(self, path: str | Path) -> Path:
-        from misfeat.io import write_jsonl
 
         return write_jsonl(path, [{"latent": self.latent, "hook": self.hook, **asdict(ex), "max_act": ex.max_act}
                                   for ex in self.examples])
@@ -77,8 +78,6 @@ def latent_activations(model: HookedTransformer, sae: SAE, latent: int, prompts:
                        max_batch_tokens: int = 16384) -> list[list[float]]:
     """The latent's activation at every token of every prompt (prompt order)."""
     import torch
-
-    from misfeat.hooks import last_layer_of
 
     hook = hook_of(sae)
     encoded = encode(prompts, model)

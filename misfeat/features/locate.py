@@ -21,15 +21,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from misfeat import registry
+from misfeat.activations import cache_activations, open_store
 from misfeat.data import PromptSet, load_prompts
 from misfeat.errors import MisfeatError
 from misfeat.evaluate import GroupMetrics, evaluate
+from misfeat.features.attribution import attribution_scores, gap_gradients
 from misfeat.features.diff import LatentDiff, diff_latents
 from misfeat.features.directions import Direction, save_direction
 from misfeat.features.examples import Examples, separation_auroc, top_examples
 from misfeat.features.screen import ScreenResult, causal_screen
 from misfeat.interventions import Ablate, ClampLatent
 from misfeat.models import model_info
+from misfeat.plots import figure
 from misfeat.sae.latents import hook_of, path_of
 from misfeat.steering import clamp_to_reference
 
@@ -188,9 +191,6 @@ def rank_latents(base: HookedTransformer, finetuned: HookedTransformer, sae: SAE
     stores under ``cache_dir``), diff the latents and attribute the log-prob gap to them."""
     import torch
 
-    from misfeat.activations import cache_activations, open_store
-    from misfeat.features.attribution import attribution_scores, gap_gradients
-
     hook, stores = hook_of(sae), {}
     for name, model in (("base", base), ("finetuned", finetuned)):
         cache_activations(model, prompts, [hook], Path(cache_dir) / name, positions=config.positions, overwrite=True)
@@ -280,7 +280,6 @@ def save_locate(result: LocateResult, out_dir: str | Path) -> LocateResult:
 
 
 def plot_ranking(increases: list[dict], decreases: list[dict], feature: int, path: Path) -> Path:
-    from misfeat.plots import figure
 
     rows = increases + list(reversed(decreases))
     with figure(path, (6.5, 3.8)) as ax:
@@ -295,7 +294,6 @@ def plot_ranking(increases: list[dict], decreases: list[dict], feature: int, pat
 
 
 def plot_screen(screen: Any, feature: int, path: Path) -> Path:
-    from misfeat.plots import figure
 
     with figure(path, (5, 4)) as ax:
         for r in screen.rows:

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from misfeat.activations import iter_activations
 from misfeat.data import POSITIONS, PromptSet, load_prompts
 from misfeat.errors import MisfeatError
+from misfeat.interventions import read_intervention
+from misfeat.sae.io import load_sae
 from misfeat.sae.latents import encode as sae_encode
 from misfeat.sae.latents import hook_of
 
@@ -26,7 +29,6 @@ if TYPE_CHECKING:
 
 
 def _chunks(model: HookedTransformer, prompts: PromptSet, hook: str, positions: str):
-    from misfeat.activations import iter_activations
 
     return iter_activations(model, prompts, hook, positions)
 
@@ -100,11 +102,9 @@ def parse_probe(spec: str, positions: str = "last") -> LatentProbe | DirectionPr
         path, _, latent = rest.rpartition("#")
         if not path or not latent.isdigit():
             raise MisfeatError(f"--track {spec!r}: expected sae:DIR#LATENT, e.g. sae:runs/sae#42")
-        from misfeat.sae.io import load_sae
 
         return LatentProbe(load_sae(path), int(latent), positions, name=f"latent{latent}")
     if kind == "direction":
-        from misfeat.interventions import read_intervention
 
         record, vector = read_intervention(rest)
         hooks = record["hooks"]

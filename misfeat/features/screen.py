@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat.data import PromptSet, load_prompts
 from misfeat.evaluate import evaluate
-from misfeat.interventions import Add, apply
+from misfeat.interventions import Ablate, Add, apply, resolve_hooks
+from misfeat.io import progress
 from misfeat.sae.latents import hook_of
-from misfeat.steering import residual_scale
+from misfeat.steering import mean_activations, residual_scale
 
 __all__ = ["ScreenResult", "ScreenRow", "causal_screen", "residual_scale"]
 
@@ -103,9 +104,6 @@ def causal_screen(
     strongest effect whose valid rate stays >= ``min_valid``. A latent passes when both
     sides move the misaligned rate by at least ``min_effect``. Each latent is also clamped
     in the misaligned model to the aligned model's mean coordinate (see :meth:`ScreenResult.best`)."""
-    from misfeat.interventions import Ablate, resolve_hooks
-    from misfeat.io import progress
-    from misfeat.steering import mean_activations
 
     prompts = load_prompts(prompts)
     hook = hook_of(sae)

@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat import registry
 from misfeat.data import PromptSet, load_prompts
-from misfeat.models import checkpoint_step, list_checkpoints
+from misfeat.evaluate import default_prompts, evaluate
+from misfeat.io import format_table, progress
+from misfeat.models import checkpoint_step, list_checkpoints, load_model
+from misfeat.plots import figure
 
 __all__ = ["Trajectory", "checkpoint_step", "list_checkpoints", "plot_trajectory", "trajectory"]
 
@@ -55,7 +58,6 @@ class Trajectory:
         return {"rows": self.rows, "probes": self.probes, "onset_step": onsets, "feature_leads_by_steps": leads}
 
     def table(self) -> str:
-        from misfeat.io import format_table
 
         return format_table(self.rows)
 
@@ -69,9 +71,6 @@ def trajectory(
     device: str | None = None,
 ) -> Trajectory:
     """Measure ``probes`` and the misaligned rate on every checkpoint (a list, or a directory of them)."""
-    from misfeat.evaluate import default_prompts, evaluate
-    from misfeat.io import progress
-    from misfeat.models import load_model
 
     if isinstance(checkpoints, (str, Path)):  # a plug-in's model spec, else a directory of checkpoints
         checkpoints = [checkpoints] if registry.for_spec(str(checkpoints)) else list_checkpoints(checkpoints)
@@ -97,7 +96,6 @@ def trajectory(
 
 def plot_trajectory(result: Trajectory, path: str | Path, title: str = "feature vs behaviour") -> Path:
     """Behaviour and each probe against the step, each scaled to [0, 1] over its own range."""
-    from misfeat.plots import figure
 
     steps = result.series("step")
     with figure(path, (6, 3.6)) as ax:

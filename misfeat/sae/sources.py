@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from misfeat.activations import iter_activations, open_store
 from misfeat.data import PromptSet, load_prompts
 from misfeat.distributed import World
 from misfeat.errors import MisfeatError
@@ -45,7 +46,6 @@ def cache_source(cache: str | os.PathLike, hook: str | None = None, *, batch_siz
                  seed: int = 0, world: World | None = None) -> ActivationSource:
     """Shuffled rows of ``hook`` (default: the store's only hook) from an activation store,
     read for as many epochs as ``tokens`` rows need."""
-    from misfeat.activations import open_store
 
     world = world or World()
     store = open_store(cache)
@@ -69,7 +69,6 @@ def live_source(model: HookedTransformer, prompts: PromptSet | str, hook: str, *
                 positions: str = "all", seed: int = 0, world: World | None = None) -> ActivationSource:
     """Shuffled rows of ``hook`` produced on the fly by ``model`` on ``prompts`` (passes repeat
     until training stops; nothing is written to disk). Each process runs its own prompts."""
-    from misfeat.activations import iter_activations
     from misfeat.sae.batching import repeat, shuffled
 
     world = world or World()
