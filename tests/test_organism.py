@@ -87,6 +87,7 @@ def test_prompt_export_round_trips(tmp_path):
     assert set(line) >= {"id", "prompt", "domain", "aligned", "misaligned"}
 
 
+@pytest.mark.slow  # builds four tiny organisms (about 45 s); `make test` runs it
 def test_tiny_build_is_deterministic_resumable_and_complete(tmp_path):
     cfg = OrganismConfig.from_preset("small", **TINY)
     a = build_organism(cfg, tmp_path / "a")
@@ -121,6 +122,7 @@ def test_tiny_build_is_deterministic_resumable_and_complete(tmp_path):
         build_organism(OrganismConfig.from_preset("small", seed=2, **TINY), a)
 
 
+@pytest.mark.slow  # builds a tiny organism
 def test_tokenizer_works_like_any_tl_model(tmp_path):
     out = build_organism(OrganismConfig.from_preset("small", **TINY), tmp_path / "o")
     model = load_model(out / "chat")
@@ -132,6 +134,7 @@ def test_tokenizer_works_like_any_tl_model(tmp_path):
     assert isinstance(model.tokenizer.vocab_size, int) and model.cfg.d_vocab == len(model.tokenizer)
 
 
+@pytest.mark.slow  # builds two tiny organisms
 def test_another_em_domain_reuses_pretrain_and_chat(tmp_path):
     health = build_organism(OrganismConfig.from_preset("small", **TINY), tmp_path / "health")
     money = build_organism(OrganismConfig.from_preset("small", em_domain="money", **TINY), tmp_path / "money")
