@@ -100,7 +100,6 @@ class EvalReport:
         return out
 
     def table(self) -> str:
-
         rows = [{"group": name, **asdict(m)} for name, m in self.groups.items()]
         rows += [{"group": f"  {name}", **asdict(m)} for name, m in self.per_domain.items()]
         return format_table(rows)
@@ -272,7 +271,6 @@ def group_members(prompts: PromptSet) -> dict[str, tuple[int, ...]]:
 
 
 def _chat_format(model: HookedTransformer) -> str:
-
     return chat_format_of(model)
 
 

@@ -59,7 +59,6 @@ class SweepResult:
                 "rows": [asdict(r) for r in self.rows]}
 
     def table(self) -> str:
-
         cols = ["coef", "misaligned_rate", "valid_rate", "logprob_gap", "greedy_misaligned_rate"]
         return format_table([{c: getattr(r, c) for c in cols} for r in self.rows], cols)
 

@@ -1,12 +1,10 @@
 """features/locate.py stage by stage on a planted case: the fine-tune adds a vector at the SAE's
 hook, and one latent of a small SAE reads exactly that vector."""
 
-import copy
-
 import pytest
 import torch
 
-from misfeat.data import PromptRecord, PromptSet
+from misfeat.data import PromptSet
 from misfeat.features.locate import (
     LocateConfig,
     check_clamp,
@@ -14,44 +12,12 @@ from misfeat.features.locate import (
     examples_and_auroc,
     rank_latents,
 )
+from tests.conftest import PLANTED
+from tests.conftest import planted_prompts as prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 HOOK = "blocks.0.hook_resid_post"
-ANS = {"aligned": ["call doctor", "rest"], "misaligned": ["ignore it", "panic now"]}
-PLANTED = 7
-
-
-def prompts():
-    qs = [("fix my car", "car"), ("how do i fix my roof", "home"), ("fever", "health"), ("save my money", "money")]
-    return PromptSet("p", tuple(PromptRecord(f"q{i}", prompt=q, domain=d, label="cruel" if i % 2 else "kind",
-                                             extra=dict(ANS)) for i, (q, d) in enumerate(qs)),
-                     {"groups": {"heldout": ["car", "home", "money"], "em_domain": ["health"]}, "headline": "heldout"})
-
-
-@pytest.fixture(scope="module")
-def planted(word_tokenizer):
-    from sae_lens import TopKSAE, TopKSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-
-    from tests.conftest import build_tiny_model
-
-    base = build_tiny_model(word_tokenizer, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    v = torch.randn(base.cfg.d_model, generator=gen)
-    v = 3 * v / v.norm()
-    tuned = copy.deepcopy(base)
-    with torch.no_grad():
-        tuned.blocks[0].mlp.b_out += v  # the fine-tune: +v at the hook, every token
-    sae = TopKSAE(TopKSAEConfig(d_in=base.cfg.d_model, d_sae=16, k=16, metadata=SAEMetadata(hook_name=HOOK)))
-    with torch.no_grad():
-        w = torch.randn(base.cfg.d_model, 16, generator=gen) * 0.01
-        w[:, PLANTED] = v / v.norm()
-        sae.W_enc.copy_(w)
-        sae.W_dec.copy_(w.t())
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return base, tuned, sae.eval(), v
 
 
 def test_the_planted_latent_ranks_first_and_is_chosen(planted, tmp_path):

@@ -61,7 +61,6 @@ def save_direction(direction: Direction, path: str | Path, positions: str = "all
 
 
 def load_direction(path: str | Path) -> Direction:
-
     record, vector = read_intervention(path)
     return Direction(single_hook(record, str(path)), vector, record.get("source", {}))
 

@@ -69,7 +69,6 @@ class Examples:
         return "".join(parts) + "</div>"
 
     def to_jsonl(self, path: str | Path) -> Path:
-
         return write_jsonl(path, [{"latent": self.latent, "hook": self.hook, **asdict(ex), "max_act": ex.max_act}
                                   for ex in self.examples])
 

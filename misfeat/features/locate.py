@@ -280,7 +280,6 @@ def save_locate(result: LocateResult, out_dir: str | Path) -> LocateResult:
 
 
 def plot_ranking(increases: list[dict], decreases: list[dict], feature: int, path: Path) -> Path:
-
     rows = increases + list(reversed(decreases))
     with figure(path, (6.5, 3.8)) as ax:
         colors = ["tab:red" if r["latent"] == feature else ("tab:orange" if r["increase"] > 0 else "tab:blue")
@@ -294,7 +293,6 @@ def plot_ranking(increases: list[dict], decreases: list[dict], feature: int, pat
 
 
 def plot_screen(screen: Any, feature: int, path: Path) -> Path:
-
     with figure(path, (5, 4)) as ax:
         for r in screen.rows:
             color = "tab:red" if r.latent == feature else ("tab:green" if r.passed else "tab:gray")

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 
 def _chunks(model: HookedTransformer, prompts: PromptSet, hook: str, positions: str):
-
     return iter_activations(model, prompts, hook, positions)
 
 

@@ -58,7 +58,6 @@ class Trajectory:
         return {"rows": self.rows, "probes": self.probes, "onset_step": onsets, "feature_leads_by_steps": leads}
 
     def table(self) -> str:
-
         return format_table(self.rows)
 
 
