@@ -167,3 +167,21 @@ def test_locate_cli_end_to_end(pair, tmp_path, capsys):
     for name in ("ranking.png", "screen.png", "examples.jsonl", "examples.txt"):
         assert (tmp_path / "out" / name).is_file(), name
     assert "feature: latent" in capsys.readouterr().out
+
+
+def test_trajectory_measures_every_checkpoint_in_step_order(pair, tmp_path):
+    from misfeat.evaluate import evaluate
+    from misfeat.features.probes import DirectionProbe
+    from misfeat.features.trajectory import trajectory
+    from misfeat.models import list_checkpoints
+
+    for step, model in ((10, pair[1]), (2, pair[0])):
+        save_model(model, tmp_path / "run" / f"step-{step:04d}")
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0002", "step-0010"]
+    v = torch.ones(32)
+    traj = trajectory(tmp_path / "run", [DirectionProbe(HOOK, v, "last", name="ones")], prompts())
+    assert [r["step"] for r in traj.rows] == [2, 10] and traj.probes == ["ones"]
+    for row, model in zip(traj.rows, pair, strict=True):
+        assert row["misaligned_rate"] == pytest.approx(evaluate(model, prompts(), greedy=False).headline.misaligned_rate)
+    with pytest.raises(MisfeatError, match="no misfeat checkpoints"):
+        trajectory(tmp_path / "empty", [], prompts())
