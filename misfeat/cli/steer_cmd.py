@@ -84,10 +84,12 @@ def run(args: argparse.Namespace) -> int:
     intervention.check(model)
     intervention.hook_names(model)
     prompts = args.prompts
+    unit = None
     if args.op == "add":
         from misfeat.evaluate import default_prompts
 
         intervention = in_residual_units(intervention, model, prompts if prompts is not None else default_prompts(model))
+        unit = float(intervention.vector.norm())  # coef 1 adds this much along the unit direction
     if args.reference:
         from misfeat.evaluate import default_prompts
 
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     result = steer_sweep(model, intervention, coefs, prompts, make_judge(args.judge), method=args.method,
                          samples=args.samples)
     summary = {"model": args.model, "op": args.op, "positions": args.positions, "source": source,
-               "reference": args.reference, **result.summary()}
+               "reference": args.reference, "residual_norm_unit": unit, **result.summary()}
     if args.out:
         from misfeat.interventions import save_intervention
 
