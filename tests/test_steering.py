@@ -51,6 +51,13 @@ def test_steer_cli_add(saved, capsys):
     assert (out / "plot.png").is_file() and (out / "samples.jsonl").read_text().strip()
     assert (out / "intervention.safetensors").is_file()
     assert "misaligned_rate" in capsys.readouterr().out
+    # coefficients count typical residual norms at the hook (the same unit as locate's screen)
+    from misfeat.models import load_model
+    from misfeat.steering import residual_scale
+
+    model = load_model(tmp / "model", device="cpu")
+    expected = residual_scale(model, str(prompts_file), HOOK, "last")
+    assert summary["residual_norm_unit"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_steer_cli_ablate_with_reference_gives_one_row(saved):
