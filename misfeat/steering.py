@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from misfeat.activations import iter_activations
-from misfeat.data import PromptSet, load_prompts
+from misfeat.data import POSITIONS, PromptSet, load_prompts
 from misfeat.errors import MisfeatError
-from misfeat.evaluate import EvalReport, default_prompts, evaluate
+from misfeat.evaluate import METHODS, EvalReport, default_prompts, evaluate
 from misfeat.interventions import OPS, Ablate, Add, ClampLatent, Intervention, read_vector
 from misfeat.io import format_table, progress
 from misfeat.plots import figure
@@ -245,3 +245,87 @@ def make_intervention(
             raise MisfeatError("hook 'all' (every layer) is only for ablate")
         return Add(hook, vector, 1.0, positions), source
     return Ablate(hook, vector, None, positions), source
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    """What :func:`steer` sweeps (the ``misfeat steer`` options)."""
+
+    op: str = "add"
+    """add (steer along the feature), ablate (set its coordinate along the unit direction) or clamp
+    (set the SAE latent)"""
+    coefs: tuple[float, ...] | None = None
+    """strengths, e.g. 0,0.5,1 (add: typical residual norms at the hook, the unit of locate's screen;
+    ablate: the coordinate along the unit direction; clamp: the latent's value); none: ablate or clamp
+    at 0, or at the reference model's mean"""
+    positions: str = "all"
+    """where to intervene: all tokens, prompt, response (also newly generated tokens) or last (the last
+    prompt token)"""
+    method: str = "exact"
+    """evaluation method: exact (reference-answer probabilities) or sample (judged completions)"""
+    samples: int = 4
+    """samples per prompt for method sample"""
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise MisfeatError(f"unknown op {self.op!r}; use one of {', '.join(OPS)}")
+        if self.positions not in POSITIONS:
+            raise MisfeatError(f"unknown positions {self.positions!r}; use one of {', '.join(POSITIONS)}")
+        if self.method not in METHODS:
+            raise MisfeatError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.op == "add" and not self.coefs:
+            raise MisfeatError("op add needs --coefs (coefs= in Python), e.g. 0,0.5,1")
+
+
+@dataclass(frozen=True)
+class SteerResult:
+    """A :func:`steer` run: the sweep, the intervention (at strength 1 / its reference value) and where
+    its feature came from."""
+
+    sweep: SweepResult
+    intervention: Intervention = field(repr=False)
+    source: dict[str, Any]
+    residual_norm_unit: float | None
+    """for add: the length added along the unit direction at coefficient 1"""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"op": self.intervention.op, "positions": self.intervention.positions, "source": self.source,
+                "residual_norm_unit": self.residual_norm_unit, **self.sweep.summary()}
+
+
+def check_steer(config: SteerConfig, *, sae: Any = None, latent: int | None = None, direction: Any = None,
+                reference: Any = None) -> None:
+    """The bad combinations of :func:`steer`'s arguments, refused before any work."""
+    if (sae is None) == (direction is None):
+        raise MisfeatError("give exactly one feature: an SAE with a latent (--sae, --latent), or a direction")
+    if sae is not None and latent is None:
+        raise MisfeatError("an SAE feature needs its latent (--latent I)")
+    if config.op == "clamp" and sae is None:
+        raise MisfeatError("clamp sets an SAE latent: use an SAE and a latent (or ablate a direction to a value)")
+    if reference is not None and config.coefs is not None:
+        raise MisfeatError("a reference model sets the single value itself: drop the coefs, or the reference")
+    if reference is not None and config.op == "add":
+        raise MisfeatError("a reference model applies to ablate or clamp")
+
+
+def steer(model: HookedTransformer, config: SteerConfig, *, sae: SAE | str | None = None, latent: int | None = None,
+          direction: str | Path | torch.Tensor | None = None, hook: str | None = None,
+          prompts: PromptSet | str | None = None, reference: HookedTransformer | None = None,
+          judge: Judge | None = None) -> SteerResult:
+    """Add, ablate or clamp a feature (an SAE latent, or a direction) in ``model`` and evaluate it at
+    each of ``config.coefs``; ablate/clamp with ``reference`` set it to that model's mean on ``prompts``."""
+    check_steer(config, sae=sae, latent=latent, direction=direction, reference=reference)
+    prompts = default_prompts(model) if prompts is None else load_prompts(prompts)
+    intervention, source = make_intervention(config.op, sae=sae, latent=latent, direction=direction, hook=hook,
+                                             positions=config.positions, device=model.cfg.device)
+    intervention.hook_names(model)
+    intervention.check(model)
+    unit = None
+    if isinstance(intervention, Add):
+        intervention = in_residual_units(intervention, model, prompts)
+        unit = float(intervention.vector.norm())
+    if reference is not None:
+        intervention = clamp_to_reference(intervention, model, reference, prompts)
+    sweep = steer_sweep(model, intervention, list(config.coefs) if config.coefs else None, prompts, judge,
+                        method=config.method, samples=config.samples)
+    return SteerResult(sweep, intervention, source, unit)

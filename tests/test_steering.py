@@ -101,10 +101,10 @@ def test_add_needs_coefs(saved, capsys):
     assert main(["steer", "--model", str(tmp / "model"), "--direction", str(direction), "--op", "add",
                  "--prompts", str(prompts_file)]) == 2
     assert "needs --coefs" in capsys.readouterr().err
-    with pytest.raises(MisfeatError, match="comma-separated"):
-        from misfeat.cli.steer_cmd import _parse_coefs
-
-        _parse_coefs("1,two")
+    with pytest.raises(SystemExit):
+        main(["steer", "--model", str(tmp / "model"), "--direction", str(direction), "--op", "add",
+              "--coefs", "1,two"])
+    assert "expected comma-separated float values" in capsys.readouterr().err
 
 
 def test_evaluate_under_interventions_equals_applying_them(tiny_model):
@@ -155,3 +155,22 @@ def test_steering_strengths_count_typical_residual_norms(tiny_model):
     assert torch.allclose(add.vector / add.vector.norm(), v / v.norm(), atol=1e-6) and add.scale == 1.0
     with pytest.raises(MisfeatError, match="one hook"):
         in_residual_units(Add([HOOK, "blocks.1.hook_resid_post"], v, 1.0), tiny_model, prompts())
+
+
+def test_steer_is_the_cli_in_one_call(tiny_model, word_tokenizer):
+    from misfeat.steering import SteerConfig, residual_scale, steer
+    from tests.conftest import build_tiny_model
+
+    v = torch.randn(tiny_model.cfg.d_model)
+    result = steer(tiny_model, SteerConfig(op="add", coefs=(0.0, 1.0), positions="last"), direction=v, hook=HOOK,
+                   prompts=prompts())
+    assert [r.coef for r in result.sweep.rows] == [0.0, 1.0] and result.to_dict()["op"] == "add"
+    assert result.residual_norm_unit == pytest.approx(residual_scale(tiny_model, prompts(), HOOK, "last"), rel=1e-5)
+    reference = build_tiny_model(word_tokenizer, seed=4)
+    clamped = steer(tiny_model, SteerConfig(op="ablate"), direction=v, hook="all", prompts=prompts(),
+                    reference=reference)
+    assert len(clamped.sweep.rows) == 1 and isinstance(clamped.intervention.value, dict)
+    with pytest.raises(MisfeatError, match="needs --coefs"):
+        SteerConfig(op="add")
+    with pytest.raises(MisfeatError, match="reference model sets the single value"):
+        steer(tiny_model, SteerConfig(op="ablate", coefs=(0.0,)), direction=v, hook=HOOK, reference=reference)
