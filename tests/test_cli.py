@@ -76,3 +76,18 @@ def test_options_and_help_come_from_the_config_dataclass():
     assert "how many top candidates to screen causally" in helptext and "(default: 0.5,1.0,2.0)" in helptext
     with pytest.raises(SystemExit):
         p.parse_args(["--contrast", "cruel"])  # two labels needed
+
+
+def test_generated_options_read_only_their_own_fields():
+    import argparse
+
+    from misfeat.cli.fields import add_config_args, config_from_args, field_docs
+    from misfeat.sae.config import SAETrainConfig
+
+    assert field_docs(SAETrainConfig)["d_sae"].startswith("number of latents")  # from the Attributes section
+    p = argparse.ArgumentParser()
+    add_config_args(p, SAETrainConfig, only=("seed", "total_tokens"), flags={"total_tokens": "--tokens"})
+    p.add_argument("--dtype")  # the model's dtype: same name as a config field, not the config's
+    args = p.parse_args(["--tokens", "10000", "--seed", "3", "--dtype", "bfloat16"])
+    cfg = config_from_args(SAETrainConfig, args, hook_name="blocks.0.hook_resid_post", d_sae=8)
+    assert (cfg.total_tokens, cfg.seed, cfg.dtype) == (10000, 3, "float32")

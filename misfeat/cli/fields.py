@@ -15,6 +15,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -23,15 +24,36 @@ from typing import Any
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of dataclass ``cls`` (fields without one are left out)."""
+    """The docstring under each field of dataclass ``cls``, or its entry in the class docstring's
+    ``Attributes:`` section (fields without either are left out)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # the class
-    docs = {}
+    docs = _attributes_section(inspect.getdoc(cls) or "")
     for stmt, nxt in zip(body, body[1:], strict=False):
         if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
                 and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
             docs[stmt.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def _attributes_section(doc: str) -> dict[str, str]:
+    """``name: text`` entries (with indented continuation lines) of a Google-style ``Attributes:``."""
+    out: dict[str, list[str]] = {}
+    lines = doc.split("\n")
+    if "Attributes:" not in [line.strip() for line in lines]:
+        return {}
+    start = [line.strip() for line in lines].index("Attributes:") + 1
+    current = None
+    for line in lines[start:]:
+        entry = re.match(r"^ {4}(\w+): (.*)$", line)
+        if entry:
+            current = entry.group(1)
+            out[current] = [entry.group(2)]
+        elif current and line.startswith(" " * 8):
+            out[current].append(line.strip())
+        elif line.strip():
+            break
+    return {k: " ".join(v).replace("``", "") for k, v in out.items()}
 
 
 def _parser_for(tp: Any, name: str) -> tuple[Callable[[str], Any] | None, bool]:
@@ -82,34 +104,47 @@ def _show(value: Any) -> str:
 
 
 def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
-                    skip: Iterable[str] = (), choices: Mapping[str, Iterable[str]] | None = None,
-                    help_extra: Mapping[str, str] | None = None) -> None:
-    """Add ``--<field>`` for every field of dataclass ``cls`` except ``skip``."""
+                    skip: Iterable[str] = (), only: Iterable[str] | None = None,
+                    choices: Mapping[str, Iterable[str]] | None = None, help_extra: Mapping[str, str] | None = None,
+                    flags: Mapping[str, str] | None = None) -> None:
+    """Add ``--<field>`` for every field of dataclass ``cls`` (only ``only``, except ``skip``);
+    ``flags`` renames a field's option (``{"total_tokens": "--tokens"}``), its ``dest`` stays the field."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    choices, help_extra = dict(choices or {}), dict(help_extra or {})
+    choices, help_extra, flags = dict(choices or {}), dict(help_extra or {}), dict(flags or {})
+    only = set(only) if only is not None else None
+    added = []
     for f in dataclasses.fields(cls):
-        if f.name in skip or not f.init:
+        if f.name in skip or not f.init or (only is not None and f.name not in only):
             continue
+        added.append(f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         convert, _ = _parser_for(hints[f.name], f.name)
         text = docs.get(f.name, f.name.replace("_", " "))
-        text += help_extra.get(f.name, "")
-        flag = "--" + f.name.replace("_", "-")
+        text = (text + help_extra.get(f.name, "")).replace("%", "%%")  # argparse formats help with %
+        flag = flags.get(f.name, "--" + f.name.replace("_", "-"))
         if convert is None:  # a bool: a switch that flips the default
             flag = flag if not default else "--no-" + f.name.replace("_", "-")
             parser.add_argument(flag, dest=f.name, action="store_false" if default else "store_true",
                                 default=default, help=text)
             continue
-        shown = text if "default" in text else f"{text} (default: {_show(default)})"
+        shown = text if "default" in text.lower() else f"{text} (default: {_show(default)})"
         kwargs: dict[str, Any] = {"dest": f.name, "type": convert, "default": default, "help": shown,
                                   "metavar": _metavar(hints[f.name])}
         if f.name in choices:
             kwargs["choices"] = list(choices[f.name])
+            del kwargs["metavar"]
         parser.add_argument(flag, **kwargs)
+    parser.set_defaults(**{_added_key(cls): tuple(added)})
+
+
+def _added_key(cls: type) -> str:
+    return f"_config_fields_{cls.__name__}"
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
-    """``cls`` built from the parsed options that :func:`add_config_args` added (and ``overrides``)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
+    """``cls`` built from the parsed options that :func:`add_config_args` added for it (and ``overrides``);
+    other options of the command, even with a field's name, are not read."""
+    added = getattr(args, _added_key(cls), ())
+    values = {name: getattr(args, name) for name in added}
     return cls(**{**values, **overrides})
