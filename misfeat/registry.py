@@ -25,6 +25,7 @@ negative labels of a labelled text set (used for AUROCs and contrastive directio
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from collections.abc import Callable
@@ -119,6 +120,7 @@ def default_prompts(meta: dict[str, Any], role: str = "eval") -> PromptSet | str
     return plugin.defaults(meta, role)
 
 
+@functools.lru_cache(maxsize=1)
 def _entry_points() -> dict[str, str]:
     from importlib.metadata import entry_points
 
