@@ -119,11 +119,12 @@ def plot_sweep(result: SweepResult, path: str | Path, title: str | None = None) 
 
 
 def mean_activations(model: HookedTransformer, prompts: PromptSet | str, hooks: Sequence[str],
-                     positions: str = "all", max_batch_tokens: int = 16384, *,
+                     positions: str = "all", max_batch_tokens: int | None = 16384, *,
                      fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Mean activation (float32, ``[d]``) of each hook over the selected positions of ``prompts``:
     the one mean-over-a-prompt-set of misfeat. ``fn`` maps each chunk of rows ``[rows, d]`` to
-    ``[rows, ...]`` first (an SAE latent, a norm, a projection), so the mean is of ``fn(rows)``."""
+    ``[rows, ...]`` first (an SAE latent, a norm, a projection), so the mean is of ``fn(rows)``;
+    those means are summed per chunk in float32 and across chunks in float64 (returned as float64)."""
     import torch
 
     out = {}
@@ -131,12 +132,12 @@ def mean_activations(model: HookedTransformer, prompts: PromptSet | str, hooks: 
         total, n = None, 0
         for chunk in iter_activations(model, load_prompts(prompts), hook, positions, batch_tokens=max_batch_tokens):
             with torch.no_grad():
-                s = (chunk if fn is None else fn(chunk)).float().sum(0)
+                s = chunk.float().sum(0) if fn is None else fn(chunk).float().sum(0).double()
             total = s if total is None else total + s
             n += chunk.shape[0]
         if not n:
             raise MisfeatError(f"no {positions!r} positions in the prompt set: nothing to average")
-        out[hook] = (total / n).to(torch.float32)
+        out[hook] = (total / n).to(torch.float32) if fn is None else total / n
     return out
 
 
@@ -145,7 +146,7 @@ def residual_scale(model: HookedTransformer, prompts: PromptSet | str, hook: str
     of steering strengths in misfeat (``response`` positions are measured over all tokens, since
     evaluation prompts have no responses)."""
     positions = "all" if positions == "response" else positions
-    return float(mean_activations(model, prompts, [hook], positions, fn=lambda x: x.float().norm(dim=-1))[hook])
+    return float(mean_activations(model, prompts, [hook], positions, None, fn=lambda x: x.float().norm(dim=-1))[hook])
 
 
 def in_residual_units(add: Add, model: HookedTransformer, prompts: PromptSet | str) -> Add:
@@ -173,7 +174,8 @@ def reference_latent(reference: HookedTransformer, prompts: PromptSet | str, sae
                      positions: str = "all") -> float:
     """The reference model's mean activation of SAE ``latent`` at the SAE's hook."""
     hook = hook_of(sae)
-    return float(mean_activations(reference, prompts, [hook], positions, fn=lambda x: sae_encode(sae, x)[:, latent])[hook])
+    return float(mean_activations(reference, prompts, [hook], positions, None,
+                                  fn=lambda x: sae_encode(sae, x)[:, latent])[hook])
 
 
 def clamp_to_reference(intervention: Ablate | ClampLatent, model: HookedTransformer, reference: HookedTransformer,
