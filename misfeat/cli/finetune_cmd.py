@@ -1,0 +1,206 @@
+"""``misfeat finetune`` (the fine-tuning engine with defences) and ``misfeat score-data``
+(the perplexity-gap ranking of a safe pool)."""
+
+from __future__ import annotations
+
+import argparse
+
+from misfeat.cli import add_device_args, add_model_args, add_output_args, finish
+
+DEFENCE_HELP = """\
+--defence SPEC (repeatable; defences compose in the order given). SPEC = KIND[:ARG][@SITE][,key=value...]
+  kl:LAMBDA[@REF][,response_only]        reverse KL(model || REF) over the full vocabulary, mean over
+                                         non-pad tokens; REF a model spec (default: a frozen copy of --model)
+  ldifs:LAMBDA[@REF],layers=0+1+2[,detached]
+                                         squared L2 between per-layer normalised resid_post features at
+                                         the listed blocks (detached: the no-gradient public variant)
+  steer:FILE[@HOOK][,alpha=A][,positions=all|prompt|response|last]
+                                         add A x vector (a saved misfeat direction/intervention) at HOOK
+                                         (default: the file's hook) during training only
+  caft:FILE[@HOOK][,positions=...]       project the direction out during training only
+  inoculation:TEXT                       TEXT before every training prompt (inoculation-system:TEXT: a system turn)
+  interleave:FRACTION@POOL[,selection=random|gap][,top_n=N][,filter=refusal][,seed=S]
+                                         mix FRACTION x |data| records of the POOL (JSONL) in; gap selection reads
+                                         the 'gap_score' field that `misfeat score-data` writes
+Examples: --defence kl:0.1   --defence steer:runs/locate/direction.safetensors,alpha=2,positions=response
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune", help="fine-tune with in-training defences (KL, LDIFS, steering, CAFT, inoculation, interleave)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a model on records with responses (cross-entropy on response tokens only), with "
+        "any defences against emergent misalignment (Kaczer et al. 2025; Chen et al. 2025). Logs every step's "
+        "loss and each defence's term, evaluates every --eval-every steps, checkpoints under DIR/checkpoints/, "
+        "stops with a non-zero exit when the loss diverges (the last good checkpoint kept). Writes DIR/summary."
+        "json (config, defences, steps, metrics, loss, terms), DIR/rows.jsonl and DIR/run.json.\n\n" + DEFENCE_HELP)
+    add_model_args(p)
+    p.add_argument("--data", required=True, metavar="SPEC",
+                   help="records with responses: a JSONL file or organism:misaligned:<domain>:<n>")
+    p.add_argument("--defence", action="append", default=[], metavar="SPEC", help="a defence (see above)")
+    p.add_argument("--steps", type=int, default=30, help="optimiser steps (default 30)")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per step (default 16)")
+    p.add_argument("--params", default="all", help="all (default), mlp, attn, layers:0,2, or a name prefix")
+    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    p.add_argument("--eval-prompts", metavar="SPEC", help="prompts scored every --eval-every steps (e.g. "
+                   "organism:heldout); without it only the loss is logged")
+    p.add_argument("--eval-every", type=int, default=5, help="evaluate every k steps (default 5)")
+    p.add_argument("--track", default="", help="comma-separated features to track: sae:DIR#LATENT, direction:FILE")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="also save a checkpoint every k steps")
+    p.add_argument("--seed", type=int, default=0, help="data-order seed")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (refused if it is another run)")
+    add_device_args(p)
+    add_output_args(p, out_required=True)
+    p.set_defaults(func=run)
+
+    s = sub.add_parser(
+        "score-data", help="rank a safe pool by the perplexity gap between aligned and misaligned models",
+        description="s_d = (mean_k NLL_misaligned_k(d) - NLL_aligned(d)) / (NLL_aligned(d) + eps), NLL per "
+        "answer token with the prompt masked (Kaczer et al. 2025, Interleaving+). Writes DIR/ranked.jsonl (the "
+        "pool, highest s_d first, each record with gap_score) and DIR/summary.json.")
+    add_model_args(s, "--aligned", help="the aligned model (spec)")
+    s.add_argument("--misaligned", required=True, help="comma-separated misaligned model specs")
+    s.add_argument("--pool", required=True, metavar="SPEC", help="records with responses (JSONL or organism set)")
+    s.add_argument("--hold-out", default="", help="comma-separated misaligned specs left out of the mean")
+    s.add_argument("--eps", type=float, default=1.0, help="eps of s_d (default 1.0)")
+    s.add_argument("--top-n", type=int, default=None, help="keep only the top N")
+    s.add_argument("--filter", choices=["none", "refusal"], default="none",
+                   help="refusal: drop refusals first (Interleaving++)")
+    add_device_args(s)
+    add_output_args(s, out_required=True)
+    s.set_defaults(func=run_score)
+
+
+def _split(spec: str) -> tuple[str, str, str | None, dict[str, str]]:
+    """``KIND:ARG@SITE,k=v,flag`` -> (kind, arg, site, options)."""
+    from misfeat.errors import MisfeatError
+
+    if ":" not in spec:
+        raise MisfeatError(f"--defence {spec!r}: expected KIND:ARG (see misfeat finetune --help)")
+    kind, rest = spec.split(":", 1)
+    if kind.startswith("inoculation"):
+        return kind, rest, None, {}
+    head, *opts = rest.split(",")
+    arg, _, site = head.partition("@")
+    options = {}
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        options[key.strip()] = value.strip() if eq else "true"
+    return kind, arg, site or None, options
+
+
+def _float(value: str, what: str) -> float:
+    from misfeat.errors import MisfeatError
+
+    try:
+        return float(value)
+    except ValueError:
+        raise MisfeatError(f"{what}: expected a number, got {value!r}") from None
+
+
+def parse_defence(spec: str, args: argparse.Namespace, model):
+    """A :class:`~misfeat.finetune.Defence` from a ``--defence`` spec (validated before loading anything)."""
+    from misfeat.errors import MisfeatError
+    from misfeat.finetune import CAFT, KL, LDIFS, Inoculation, Interleave, PreventativeSteering, not_refusal
+    from misfeat.models import load_model
+
+    kind, arg, site, opts = _split(spec)
+    allowed = {"kl": {"response_only"}, "ldifs": {"layers", "detached"}, "steer": {"alpha", "positions"},
+               "caft": {"positions"}, "interleave": {"selection", "top_n", "filter", "seed"}}
+    if kind not in allowed and kind not in ("inoculation", "inoculation-system"):
+        raise MisfeatError(f"--defence {spec!r}: unknown kind {kind!r}; use kl, ldifs, steer, caft, inoculation, "
+                           "interleave")
+    unknown = set(opts) - allowed.get(kind, set())
+    if unknown:
+        raise MisfeatError(f"--defence {spec!r}: unknown option(s) {', '.join(sorted(unknown))}; "
+                           f"{kind} takes {', '.join(sorted(allowed[kind])) or 'none'}")
+    if kind in ("kl", "ldifs"):
+        weight = _float(arg, f"--defence {spec!r}")
+        if weight < 0:
+            raise MisfeatError(f"--defence {spec!r}: lambda must be >= 0")
+        ref = load_model(site or args.model, device=args.device, dtype=args.dtype)
+        if kind == "kl":
+            return KL(ref, weight, response_only="response_only" in opts)
+        if "layers" not in opts:
+            raise MisfeatError(f"--defence {spec!r}: give the layers explicitly, e.g. layers=0+1+2")
+        layers = [int(x) if x.isdigit() else x for x in opts["layers"].split("+")]
+        return LDIFS(ref, layers, weight, detached="detached" in opts)
+    if kind in ("steer", "caft"):
+        from misfeat.interventions import read_intervention
+
+        record, vector = read_intervention(arg)
+        hook = site or record.get("hook", record.get("hooks"))
+        hooks = (hook,) if isinstance(hook, str) else tuple(hook)
+        if kind == "steer":
+            return PreventativeSteering(vector, hooks, _float(opts.get("alpha", "1"), spec),
+                                        opts.get("positions", "all"))
+        return CAFT(vector, hooks, opts.get("positions", "all"))
+    if kind.startswith("inoculation"):
+        return Inoculation(arg, "system" if kind.endswith("system") else "prefix")
+    from misfeat.data import load_prompts
+
+    if not site:
+        raise MisfeatError(f"--defence {spec!r}: give the pool, interleave:FRACTION@POOL")
+    pool = load_prompts(site)
+    selection = opts.get("selection", "random")
+    scores = None
+    if selection == "gap":
+        scores = [r.extra.get("gap_score") for r in pool]
+        if any(s is None for s in scores):
+            raise MisfeatError(f"--defence {spec!r}: gap selection needs the pool ranked by misfeat score-data "
+                               "(records with gap_score)")
+    return Interleave(pool, _float(arg, spec), selection, scores,
+                      top_n=int(opts["top_n"]) if "top_n" in opts else None,
+                      keep=not_refusal if opts.get("filter") == "refusal" else None, seed=int(opts.get("seed", 0)))
+
+
+def run(args: argparse.Namespace) -> int:
+    from misfeat.features.probes import parse_probe
+    from misfeat.finetune import FinetuneConfig, finetune
+    from misfeat.models import load_model
+
+    cfg = FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, params=args.params,
+                         warmup=args.warmup, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                         seed=args.seed)
+    for spec in args.defence:  # syntax errors before any model is loaded
+        _split(spec)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    defences = [parse_defence(spec, args, model) for spec in args.defence]
+    probes = [parse_probe(s.strip(), "last") for s in args.track.split(",") if s.strip()]
+    for probe in probes:
+        if hasattr(probe, "sae"):
+            probe.sae.to(model.cfg.device)
+    result = finetune(model, args.data, cfg, defences=defences, track=probes, eval_prompts=args.eval_prompts,
+                      out_dir=args.out, resume=args.resume)
+    summary = {"model": args.model, "data_spec": args.data, **result.summary()}
+    finish(args, summary, result.table() if result.evals() else f"final loss {result.loss[-1]:.4f}")
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from misfeat.data import load_prompts
+    from misfeat.errors import MisfeatError
+    from misfeat.finetune import not_refusal, perplexity_gap, rank_pool
+    from misfeat.io import format_table
+    from misfeat.models import load_model
+
+    specs = [s.strip() for s in args.misaligned.split(",") if s.strip()]
+    held = {s.strip() for s in args.hold_out.split(",") if s.strip()}
+    if held - set(specs):
+        raise MisfeatError(f"--hold-out {', '.join(sorted(held - set(specs)))} is not among --misaligned")
+    pool = load_prompts(args.pool)
+    aligned = load_model(args.aligned, device=args.device, dtype=args.dtype)
+    misaligned = [load_model(s, device=args.device, dtype=args.dtype) for s in specs]
+    gap = perplexity_gap(aligned, misaligned, pool, eps=args.eps,
+                         held_out=[i for i, s in enumerate(specs) if s in held])
+    ranked = rank_pool(pool, gap.s, top_n=args.top_n, keep=not_refusal if args.filter == "refusal" else None)
+    path = ranked.to_jsonl(Path(args.out) / "ranked.jsonl")
+    summary = {"aligned": args.aligned, "misaligned": specs, "held_out": sorted(held), "pool": args.pool,
+               "n_pool": len(pool), "n_ranked": len(ranked), "eps": args.eps, "ranked": str(path),
+               "top": [{"id": r.id, "gap_score": r.extra["gap_score"]} for r in list(ranked)[:10]], **gap.to_dict()}
+    finish(args, summary, format_table(summary["top"]))
+    return 0
