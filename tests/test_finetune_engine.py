@@ -15,7 +15,6 @@ from misfeat.finetune import (
     LDIFS,
     DivergenceError,
     FinetuneConfig,
-    Forward,
     Inoculation,
     Interleave,
     PreventativeSteering,

@@ -103,7 +103,15 @@ def _float(value: str, what: str) -> float:
 def parse_defence(spec: str, args: argparse.Namespace, model):
     """A :class:`~misfeat.finetune.Defence` from a ``--defence`` spec (validated before loading anything)."""
     from misfeat.errors import MisfeatError
-    from misfeat.finetune import CAFT, KL, LDIFS, Inoculation, Interleave, PreventativeSteering, not_refusal
+    from misfeat.finetune import (
+        CAFT,
+        KL,
+        LDIFS,
+        Inoculation,
+        Interleave,
+        PreventativeSteering,
+        not_refusal,
+    )
     from misfeat.models import load_model
 
     kind, arg, site, opts = _split(spec)

@@ -42,6 +42,7 @@ from misfeat.finetune.engine import (
     FinetuneResult,
     Forward,
     StepRow,
+    _data_order,  # noqa: F401  (kept for existing importers)
     behaviour_evaluator,
     finetune,
 )
@@ -62,7 +63,6 @@ from misfeat.finetune.realign import (
     plot_realign,
     realign,
 )
-from misfeat.finetune.engine import _data_order  # noqa: F401  (kept for existing importers)
 
 __all__ = [
     "CAFT", "CE_TERM", "KL", "LDIFS", "Defence", "DivergenceError", "Evaluator", "FinetuneConfig", "FinetuneResult",
