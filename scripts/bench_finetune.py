@@ -5,7 +5,8 @@
 
 The organism's EM fine-tune setting: ``organism:em`` trained on ``organism:misaligned:health:N``
 (batch 16, lr 3e-4), no evaluation (only the training step is timed). Each defence runs from a
-fresh copy of the model for ``--steps`` steps, ``--repeats`` times alternating; the median
+fresh copy of the model for ``--steps`` steps, ``--repeats`` times in rotated order after one
+untimed warm-up run; the median
 seconds per step of the best repeat is reported, with its ratio to no defence measured in
 the same run. The steering/CAFT vector is a fixed random direction at blocks.1.hook_resid_post
 (its norm matches the organism's persona direction, ~18): only its cost matters here.
@@ -54,8 +55,11 @@ def main() -> None:
     }
     cfg = FinetuneConfig(steps=args.steps, lr=3e-4, batch_size=16, eval_every=None, divergence_factor=None)
     best: dict[str, float] = {}
-    for _ in range(args.repeats):
-        for name, make in arms.items():
+    finetune(load_model("organism:em", device="cpu"), data, cfg)  # warm-up (allocator, kernels), not timed
+    names = list(arms)
+    for rep in range(args.repeats):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate the order
+            make = arms[name]
             model = load_model("organism:em", device="cpu")
             t0 = time.perf_counter()
             result = finetune(model, data, cfg, defences=make())

@@ -1,5 +1,6 @@
-"""``misfeat finetune`` (the fine-tuning engine with defences) and ``misfeat score-data``
-(the perplexity-gap ranking of a safe pool)."""
+"""``misfeat finetune`` (the fine-tuning engine with defences), ``misfeat score-data`` (the
+perplexity-gap ranking of a safe pool) and ``misfeat screen-data`` (projection-difference
+screening of fine-tuning data)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device_args(s)
     add_output_args(s, out_required=True)
     s.set_defaults(func=run_score)
+
+    c = sub.add_parser(
+        "screen-data", help="rank fine-tuning data by projection difference along a direction, flag samples",
+        description="Chen et al. 2025 data screening: per sample (a(x,y) - a(x,y')) . v_hat, a the mean activation "
+        "over response tokens at the direction's hook, y' the model's own answer (its most probable answer when "
+        "the record lists aligned/misaligned answers, else its greedy completion); --mode last_prompt uses the "
+        "cheap variant a(x,y) . v_hat - h_last_prompt(x) . v_hat. Writes DIR/ranked.jsonl (records, highest "
+        "first, with projection_difference and flagged) and DIR/summary.json (dataset_score, n_flagged, top).")
+    add_model_args(c)
+    c.add_argument("--data", required=True, metavar="SPEC", help="records with responses (JSONL or organism set)")
+    c.add_argument("--direction", required=True, metavar="FILE", help="a saved misfeat direction (carries its hook)")
+    c.add_argument("--hook", default=None, help="override the direction's hook")
+    c.add_argument("--mode", choices=["own", "last_prompt"], default="own", help="y' = own answer (default) or "
+                   "the last-prompt-token approximation")
+    c.add_argument("--threshold", type=float, default=0.0, help="flag samples scoring above this (default 0)")
+    add_device_args(c)
+    add_output_args(c, out_required=True)
+    c.set_defaults(func=run_screen)
 
 
 def _split(spec: str) -> tuple[str, str, str | None, dict[str, str]]:
@@ -211,4 +230,32 @@ def run_score(args: argparse.Namespace) -> int:
                "n_pool": len(pool), "n_ranked": len(ranked), "eps": args.eps, "ranked": str(path),
                "top": [{"id": r.id, "gap_score": r.extra["gap_score"]} for r in list(ranked)[:10]], **gap.to_dict()}
     finish(args, summary, format_table(summary["top"]))
+    return 0
+
+
+def run_screen(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from misfeat.data import PromptSet, load_prompts
+    from misfeat.errors import MisfeatError
+    from misfeat.interventions import read_intervention
+    from misfeat.io import format_table
+    from misfeat.models import load_model
+    from misfeat.screening import projection_difference
+
+    record, vector = read_intervention(args.direction)
+    hook = args.hook or record.get("hook", record.get("hooks"))
+    if not isinstance(hook, str):
+        raise MisfeatError(f"{args.direction} has hooks {hook!r}; give one with --hook")
+    data = load_prompts(args.data)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    result = projection_difference(model, data, vector, hook=hook, mode=args.mode, threshold=args.threshold)
+    samples = result.to_dict()["samples"]
+    keys = ("projection_difference", "flagged", "own_answer")
+    ranked = [replace(data[i], extra={**data[i].extra, **{k: samples[i][k] for k in keys}}) for i in result.ranking()]
+    PromptSet(f"{data.name}[screened]", tuple(ranked), data.meta).to_jsonl(Path(args.out) / "ranked.jsonl")
+    summary = {"model": args.model, "data": args.data, "direction": args.direction, **result.summary()}
+    finish(args, summary, format_table(summary["top"]) + f"\ndataset score {result.dataset_score:.4f}; "
+           f"{len(result.flagged)} of {len(samples)} flagged")
     return 0
