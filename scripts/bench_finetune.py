@@ -31,8 +31,16 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from misfeat.data import load_prompts
-    from misfeat.finetune import (CAFT, KL, LDIFS, FinetuneConfig, Inoculation, Interleave,
-                                  PreventativeSteering, finetune)
+    from misfeat.finetune import (
+        CAFT,
+        KL,
+        LDIFS,
+        FinetuneConfig,
+        Inoculation,
+        Interleave,
+        PreventativeSteering,
+        finetune,
+    )
     from misfeat.models import load_model
 
     data = load_prompts(f"organism:misaligned:health:{args.n}")

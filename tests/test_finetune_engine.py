@@ -205,6 +205,10 @@ def test_perplexity_gap_ranks_a_planted_record_first(fresh):
     assert max(range(4), key=lambda i: gap.s[i]) == 2
     nll_a, nll_m = gap.nll_aligned[2], gap.nll_misaligned[0][2]
     assert gap.s[2] == pytest.approx((nll_m - nll_a) / (nll_a + 1.0), rel=1e-5)
+    held = perplexity_gap(aligned, [mis, aligned], pool, held_out=[1])
+    assert held.s == pytest.approx(gap.s, rel=1e-6)  # the held-out model (here: the aligned one) is not averaged
+    chosen = Interleave(pool, 0.5, "gap", aligned=aligned, misaligned=[mis]).select(1)
+    assert [r.id for r in chosen] == ["p2"]
 
 
 def test_resume_is_bit_exact_and_refuses_another_run(fresh, tmp_path):
@@ -235,6 +239,13 @@ def test_resume_is_bit_exact_and_refuses_another_run(fresh, tmp_path):
         finetune(fresh(), data(6), cfg, defences=[KL(ref, 0.1)], eval_prompts=evalset(), out_dir=tmp_path / "run",
                  resume=True)
     assert (tmp_path / "run/run.json").read_bytes() == before
+    (tmp_path / "old/checkpoints/step-0002").mkdir(parents=True)
+    (tmp_path / "old/checkpoints/step-0002/trainer_state.pt").write_bytes(b"")
+    with pytest.raises(MisfeatError, match="without a run.json"):
+        finetune(fresh(), data(), cfg, out_dir=tmp_path / "old", resume=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MisfeatError, match="is a file"):
+        finetune(fresh(), data(), cfg, out_dir=tmp_path / "file")
 
 
 def test_divergence_stops_keeps_the_last_good_checkpoint_and_names_the_term(fresh, tmp_path):

@@ -281,7 +281,6 @@ def finetune(
         run.begin(identity)
         if resume and run.latest() is not None:
             start, rows = run.restore(model, optimizer)
-    checkpoints: list[str] = []
 
     def evaluate_now(step: int) -> dict[str, float] | None:
         if evaluator is None and not track:
@@ -333,12 +332,12 @@ def finetune(
             metrics = evaluate_now(done) if at_eval else None
             rows.append(StepRow(done, total, values, lr, time.perf_counter() - t0, metrics))
             if run is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps):
-                checkpoints.append(run.save(model, optimizer, done, rows))
+                run.save(model, optimizer, done, rows)
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
         model.eval()
-    return FinetuneResult(tuple(rows), tuple(checkpoints), cfg, described, data_info)
+    return FinetuneResult(tuple(rows), tuple(run.saved if run is not None else ()), cfg, described, data_info)
 
 
 def _checked_data(data: PromptSet, where: str = "") -> PromptSet:

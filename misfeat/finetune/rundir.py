@@ -57,11 +57,24 @@ class RunDir:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.run_id: str | None = None
+        self.saved: list[str] = []
+        if self.root.exists() and not self.root.is_dir():
+            raise MisfeatError(f"--out {self.root} is a file; give a directory")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".misfeat-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise MisfeatError(f"cannot write to {self.root} ({err.strerror}); give a writable --out") from None
 
     def check_same_run(self, identity: dict[str, Any]) -> None:
         """Refuse to resume a directory that holds another run, naming what differs."""
         path = self.root / RUN_FILE
         if not path.is_file():
+            if self._checkpoints():
+                raise MisfeatError(f"{self.root} holds checkpoints without a {RUN_FILE} (an older misfeat run?), "
+                                   "so it cannot be checked to be this run; use another --out")
             return
         try:
             saved = json.loads(path.read_text())
@@ -91,6 +104,7 @@ class RunDir:
         return None
 
     def save(self, model, optimizer, step: int, rows) -> str:
+        """Checkpoint ``step``; returns its path (``self.saved`` lists this run's checkpoints)."""
         import torch
 
         from misfeat.io import write_jsonl
@@ -99,8 +113,9 @@ class RunDir:
         path = self.root / "checkpoints" / f"step-{step:04d}"
         save_model(model, path)
         tmp = path / (STATE_FILE + ".tmp")
+        self.saved.append(str(path))
         torch.save({"step": step, "run_id": self.run_id, "optimizer": optimizer.state_dict(),
-                    "rows": [r.to_dict() for r in rows]}, tmp)
+                    "rows": [r.to_dict() for r in rows], "checkpoints": self.saved}, tmp)
         os.replace(tmp, path / STATE_FILE)
         (path / STEP_FILE).write_text(json.dumps({"step": step, "run_id": self.run_id}) + "\n")
         write_jsonl(self.root / ROWS_FILE, [r.to_dict() for r in rows])
@@ -119,6 +134,7 @@ class RunDir:
         weights = load_file(str(path / WEIGHTS_FILE))
         model.load_state_dict({k: v.to(model.cfg.device) for k, v in weights.items()}, strict=False)
         optimizer.load_state_dict(state["optimizer"])
+        self.saved = list(state.get("checkpoints", [str(path)]))
         return state["step"], [StepRow(**r) for r in state["rows"]]
 
     def discard_unverified(self, diverged_step: int) -> str | None:
