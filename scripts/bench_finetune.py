@@ -8,7 +8,8 @@ The organism's EM fine-tune setting: ``organism:em`` trained on ``organism:misal
 fresh copy of the model for ``--steps`` steps, ``--repeats`` times in rotated order after one
 untimed warm-up run; the median
 seconds per step of the best repeat is reported, with its ratio to no defence measured in
-the same run. The steering/CAFT vector is a fixed random direction at blocks.1.hook_resid_post
+the same run; also the process CPU time per step of the whole run (data preparation included),
+which the other jobs on a shared machine disturb less than wall time. The steering/CAFT vector is a fixed random direction at blocks.1.hook_resid_post
 (its norm matches the organism's persona direction, ~18): only its cost matters here.
 """
 
@@ -63,23 +64,28 @@ def main() -> None:
     }
     cfg = FinetuneConfig(steps=args.steps, lr=3e-4, batch_size=16, eval_every=None, divergence_factor=None)
     best: dict[str, float] = {}
+    best_cpu: dict[str, float] = {}
     finetune(load_model("organism:em", device="cpu"), data, cfg)  # warm-up (allocator, kernels), not timed
     names = list(arms)
     for rep in range(args.repeats):
         for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate the order
             make = arms[name]
             model = load_model("organism:em", device="cpu")
-            t0 = time.perf_counter()
-            result = finetune(model, data, cfg, defences=make())
-            wall = time.perf_counter() - t0
+            defences = make()
+            t0, c0 = time.perf_counter(), time.process_time()
+            result = finetune(model, data, cfg, defences=defences)
+            wall, cpu = time.perf_counter() - t0, (time.process_time() - c0) / args.steps
             per_step = statistics.median(r.seconds for r in result.rows if r.loss is not None)
             best[name] = min(best.get(name, float("inf")), per_step)
-            print(f"  {name:18s} {per_step * 1e3:7.1f} ms/step (run wall {wall:.1f} s)", flush=True)
-    base = best["none"]
+            best_cpu[name] = min(best_cpu.get(name, float("inf")), cpu)
+            print(f"  {name:18s} {per_step * 1e3:7.1f} ms/step wall, {cpu * 1e3:7.1f} ms/step CPU "
+                  f"(run wall {wall:.1f} s)", flush=True)
+    base, base_cpu = best["none"], best_cpu["none"]
     print(f"\nfinetune step cost on organism:em, batch 16, {args.threads} thread(s); best of {args.repeats}")
-    print(f"{'defence':18s} {'ms/step':>8s} {'ratio':>6s}")
+    print(f"{'defence':18s} {'wall ms':>8s} {'ratio':>6s} {'CPU ms':>8s} {'ratio':>6s}")
     for name, s in best.items():
-        print(f"{name:18s} {s * 1e3:8.1f} {s / base:6.2f}")
+        c = best_cpu[name]
+        print(f"{name:18s} {s * 1e3:8.1f} {s / base:6.2f} {c * 1e3:8.1f} {c / base_cpu:6.2f}")
 
 
 if __name__ == "__main__":
