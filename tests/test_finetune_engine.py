@@ -286,3 +286,17 @@ def test_finetune_cli_runs_defences_and_exits_nonzero_on_divergence(fresh, tmp_p
     assert code != 0 and "diverged" in capsys.readouterr().err.lower()
     assert main(["finetune", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"),
                  "--defence", "kl:-1@x", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_on_step_sees_every_row_and_can_stop_the_run(fresh, tmp_path):
+    seen = []
+
+    def on_step(model, row):
+        seen.append((row.step, row.eval is not None, model.training))
+        return row.step == 3
+
+    result = finetune(fresh(), data(), FinetuneConfig(steps=6, batch_size=4, eval_every=1), evaluator=lambda m: {"x": 1.0},
+                      on_step=on_step, out_dir=tmp_path / "run")
+    assert seen == [(1, True, False), (2, True, False), (3, True, False)]
+    assert result.stopped_early and [r.step for r in result.rows] == [0, 1, 2, 3]
+    assert result.checkpoints[-1].endswith("step-0003")

@@ -152,13 +152,15 @@ class StepRow:
 
 @dataclass(frozen=True)
 class FinetuneResult:
-    """Rows (step 0 = the start), checkpoint paths, and what ran (config, defences, data)."""
+    """Rows (step 0 = the start), checkpoint paths, what ran (config, defences, data), and
+    whether ``on_step`` stopped the run before ``config.steps``."""
 
     rows: tuple[StepRow, ...]
     checkpoints: tuple[str, ...]
     config: FinetuneConfig
     defences: tuple[dict[str, Any], ...]
     data: dict[str, Any]
+    stopped_early: bool = False
 
     @property
     def loss(self) -> list[float]:
@@ -178,7 +180,8 @@ class FinetuneResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "defences": list(self.defences), "data": self.data,
-                "rows": [r.to_dict() for r in self.rows], "checkpoints": list(self.checkpoints)}
+                "rows": [r.to_dict() for r in self.rows], "checkpoints": list(self.checkpoints),
+                "stopped_early": self.stopped_early}
 
     def summary(self) -> dict[str, Any]:
         train = [r for r in self.rows if r.loss is not None]
@@ -186,7 +189,8 @@ class FinetuneResult:
         return {"config": asdict(self.config), "defences": list(self.defences), "data": self.data,
                 **self.history(), "loss": self.loss, "loss_steps": [r.step for r in train],
                 "terms": {k: [r.terms.get(k) for r in train] for k in terms},
-                "final": self.evals()[-1].eval if self.evals() else {}, "checkpoints": list(self.checkpoints)}
+                "final": self.evals()[-1].eval if self.evals() else {}, "checkpoints": list(self.checkpoints),
+                "stopped_early": self.stopped_early}
 
     def table(self) -> str:
         from misfeat.io import format_table
@@ -230,6 +234,7 @@ def finetune(
     eval_prompts: PromptSet | str | None = None,
     evaluator: Evaluator | None = None,
     objective: Sequence[LossTerm] | None = None,
+    on_step: Callable[[HookedTransformer, StepRow], bool | None] | None = None,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
 ) -> FinetuneResult:
@@ -240,6 +245,8 @@ def finetune(
     :class:`misfeat.features.probes.DirectionProbe`), read on ``eval_prompts`` at each
     evaluation step; ``evaluator`` (default :func:`behaviour_evaluator` of ``eval_prompts``)
     gives the metrics. ``objective`` replaces the response CE by legacy :class:`LossTerm`\\ s.
+    ``on_step(model, row)`` runs after every step (after its evaluation); returning True stops
+    the run there (checkpointed with ``out_dir``; ``result.stopped_early``), e.g. score matching.
     With ``out_dir``: ``run.json`` (what ran), ``rows.jsonl`` and ``checkpoints/step-NNNN/``;
     ``resume`` continues from the last checkpoint bit-exactly, and refuses a directory
     holding another run. Raises :class:`DivergenceError` when the loss diverges.
@@ -302,6 +309,7 @@ def finetune(
 
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
+    stopped = False
     try:
         bar = progress(range(start, cfg.steps), desc="finetune", total=cfg.steps, initial=start, unit="step")
         for step in bar:
@@ -331,13 +339,19 @@ def finetune(
             at_eval = done == cfg.steps or (cfg.eval_every is not None and done % cfg.eval_every == 0)
             metrics = evaluate_now(done) if at_eval else None
             rows.append(StepRow(done, total, values, lr, time.perf_counter() - t0, metrics))
-            if run is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps):
+            stop = bool(on_step(model, rows[-1])) if on_step is not None else False
+            if run is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps
+                                    or stop):
                 run.save(model, optimizer, done, rows)
+            if stop:
+                stopped = True
+                break
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
         model.eval()
-    return FinetuneResult(tuple(rows), tuple(run.saved if run is not None else ()), cfg, described, data_info)
+    return FinetuneResult(tuple(rows), tuple(run.saved if run is not None else ()), cfg, described, data_info,
+                          stopped)
 
 
 def _checked_data(data: PromptSet, where: str = "") -> PromptSet:
