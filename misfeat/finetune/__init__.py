@@ -8,7 +8,8 @@ configuration of it, and the shared loss/schedule the organism build uses.
 Modules: ``core`` (padding, response-only loss, lr schedule, parameter selection),
 ``engine`` (the loop, config, rows, result, the Defence seam), ``rundir`` (checkpoints and
 resume checks), ``defences`` (KL, LDIFS, steering, CAFT, inoculation), ``interleave``
-(safe-pool mixing, perplexity-gap scorer), ``realign`` (Wang et al. re-alignment).
+(safe-pool mixing, perplexity-gap scorer), ``specs`` (defences from text specs, the
+``--defence`` syntax), ``realign`` (Wang et al. re-alignment).
 Importing this package imports no torch.
 """
 
@@ -70,5 +71,5 @@ __all__ = [
     "RealignConfig", "RealignResult", "ResponseLoss", "StepRow", "Tracker", "TrainBatch", "TrainingInterventions",
     "answer_nll", "behaviour_evaluator", "default_realign_eval", "finetune", "is_refusal", "ldifs_distance",
     "lr_schedule", "make_batch", "masked_lm_loss", "not_refusal", "pad_examples", "perplexity_gap", "plot_realign",
-    "rank_pool", "realign", "reverse_kl", "select_parameters",
+    "rank_pool", "realign", "reverse_kl", "select_parameters", "SPEC_HELP", "parse_defence",
 ]
