@@ -64,6 +64,7 @@ from misfeat.finetune.realign import (
     plot_realign,
     realign,
 )
+from misfeat.finetune.specs import SPEC_HELP, parse_defence
 
 __all__ = [
     "CAFT", "CE_TERM", "KL", "LDIFS", "Defence", "DivergenceError", "Evaluator", "FinetuneConfig", "FinetuneResult",
