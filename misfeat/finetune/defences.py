@@ -55,6 +55,9 @@ def ldifs_distance(acts: dict[str, torch.Tensor], ref_acts: dict[str, torch.Tens
 def _check_reference(model: HookedTransformer, reference: HookedTransformer, what: str) -> None:
     if reference is model:
         raise MisfeatError(f"{what}: the reference must be a frozen copy, not the model being trained")
+    if str(reference.cfg.device) != str(model.cfg.device):
+        raise MisfeatError(f"{what}: the reference model is on {reference.cfg.device} but the trained model on "
+                           f"{model.cfg.device}; load both on one device")
     if reference.cfg.d_vocab != model.cfg.d_vocab:
         raise MisfeatError(f"{what}: the reference model's vocabulary ({reference.cfg.d_vocab}) differs from the "
                            f"trained model's ({model.cfg.d_vocab}); use a reference with the same tokenizer")

@@ -178,7 +178,15 @@ class Interleave(Defence):
                 "pool": {"name": self.pool.name, "hash": self.pool.hash, "n": len(self.pool)},
                 "top_n": self.top_n, "eps": self.eps, "held_out": list(self.held_out), "seed": self.seed,
                 "filter": getattr(self.keep, "__name__", None) if self.keep else None,
-                "scores": "given" if self.scores is not None else ("computed" if self.selection == "gap" else None)}
+                "scores": _scores_hash(self.scores) if self.scores is not None else
+                ("computed" if self.selection == "gap" else None)}
+
+
+def _scores_hash(scores: Sequence[float]) -> str:
+    import hashlib
+    import json
+
+    return "given:" + hashlib.sha256(json.dumps([float(x) for x in scores]).encode()).hexdigest()[:16]
 
 
 def not_refusal(record: PromptRecord) -> bool:
