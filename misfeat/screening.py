@@ -3,7 +3,8 @@
 Per sample (x, y): ``Delta P = (a(x, y) - a(x, y')) . v_hat``, with ``a`` the mean activation
 over the response tokens at the direction's hook and ``y'`` the model's own answer: for
 records carrying enumerable ``aligned``/``misaligned`` answer lists, the model's most probable
-answer among them (exact); otherwise its greedy generation. The cheap variant (App. I) needs
+answer among them (or, ``mode='expected'``, the exact expectation of ``a(x, y')`` under the
+model's distribution over them); otherwise its greedy generation. The cheap variant (App. I) needs
 no answer of the model: ``a(x, y) . v_hat - h_last(x) . v_hat``, ``h_last`` the activation at
 the last prompt token. The dataset score is the mean over samples. A sample whose training
 response moves the model further along ``v`` than its own answer has ``Delta P > 0``.
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
     from misfeat.data import PromptRecord, PromptSet
 
-MODES = ("own", "last_prompt")
+MODES = ("own", "expected", "last_prompt")
 
 
 @dataclass(frozen=True)
@@ -90,31 +91,40 @@ def _mean_acts(model: HookedTransformer, records: Sequence[PromptRecord], hook: 
     return torch.cat(out).cpu()
 
 
+def _answer_options(model: HookedTransformer, records: Sequence[PromptRecord]):
+    """``(options, logprobs)`` over the enumerable records: ``options`` a list of ``(record index,
+    answer)`` for every answer in ``extra['aligned'] + extra['misaligned']``, ``logprobs [n_options]``."""
+    import torch
+
+    from misfeat.evaluate import response_logprobs
+
+    enumerable = [i for i, r in enumerate(records) if r.extra.get("aligned") and r.extra.get("misaligned")]
+    for i in enumerable:
+        for key in ("aligned", "misaligned"):
+            if isinstance(records[i].extra[key], str):
+                raise MisfeatError(f"record {records[i].id!r}: '{key}' must be a list of answers, not a string")
+    options = [(i, a) for i in enumerable for a in [*records[i].extra["aligned"], *records[i].extra["misaligned"]]]
+    if not options:
+        return [], torch.empty(0)
+    return options, response_logprobs(model, [records[i].with_response(a) for i, a in options])
+
+
 def own_answers(model: HookedTransformer, records: Sequence[PromptRecord], max_new_tokens: int = 32) -> list[str]:
     """The model's own answer per record: its most probable answer among ``extra['aligned'] +
     extra['misaligned']`` when the record lists them, else its greedy completion."""
     import torch
 
     from misfeat.data import chat_format_of
-    from misfeat.evaluate import response_logprobs
     from misfeat.generate import generate
 
     answers: list[str | None] = [None] * len(records)
-    enumerable = [i for i, r in enumerate(records) if r.extra.get("aligned") and r.extra.get("misaligned")]
-    for i in enumerable:
-        r = records[i]
-        for key in ("aligned", "misaligned"):
-            if isinstance(r.extra[key], str):
-                raise MisfeatError(f"record {r.id!r}: '{key}' must be a list of answers, not a string")
-    if enumerable:
-        options = [(i, a) for i in enumerable for a in [*records[i].extra["aligned"], *records[i].extra["misaligned"]]]
-        lp = response_logprobs(model, [records[i].with_response(a) for i, a in options])
-        best: dict[int, tuple[float, str]] = {}
-        for (i, a), v in zip(options, lp.tolist(), strict=True):
-            if i not in best or v > best[i][0]:
-                best[i] = (v, a)
-        for i, (_, a) in best.items():
-            answers[i] = a
+    options, lp = _answer_options(model, records)
+    best: dict[int, tuple[float, str]] = {}
+    for (i, a), v in zip(options, lp.tolist(), strict=True):
+        if i not in best or v > best[i][0]:
+            best[i] = (v, a)
+    for i, (_, a) in best.items():
+        answers[i] = a
     free = [i for i in range(len(records)) if answers[i] is None]
     if free:
         stops = (".",) if chat_format_of(model) == "organism" else ()
@@ -133,14 +143,18 @@ def projection_difference(model: HookedTransformer, dataset: PromptSet | str, di
                           hook: str, mode: str = "own", threshold: float = 0.0,
                           max_new_tokens: int = 32) -> ScreeningResult:
     """Per-sample projection difference of ``dataset`` (records with responses) along ``direction``
-    at ``hook`` (``blocks.L.hook_resid_post`` = Chen's ``hidden_states[L+1]``); see the module doc."""
+    at ``hook`` (``blocks.L.hook_resid_post`` = Chen's ``hidden_states[L+1]``); see the module doc.
+
+    ``mode``: ``own`` (y' = the model's own answer), ``expected`` (for records listing their
+    answers: a(x, y') replaced by its exact expectation under the model, sum_y' pi(y'|x) a(x, y')
+    with pi renormalised over the listed answers; greedy answer otherwise), or ``last_prompt``."""
     import torch
 
     from misfeat.data import load_prompts
     from misfeat.hooks import check_hooks
 
     if mode not in MODES:
-        raise MisfeatError(f"unknown mode {mode!r}; use own or last_prompt")
+        raise MisfeatError(f"unknown mode {mode!r}; use {', '.join(MODES)}")
     data = load_prompts(dataset)
     if not len(data):
         raise MisfeatError("the dataset to screen is empty")
@@ -158,10 +172,18 @@ def projection_difference(model: HookedTransformer, dataset: PromptSet | str, di
     unit = direction / direction.norm()
     records = list(data)
     trained = _mean_acts(model, records, hook, "response") @ unit
-    if mode == "own":
+    if mode in ("own", "expected"):
         answers = own_answers(model, records, max_new_tokens)
         base = _mean_acts(model, [r.with_response(a) for r, a in zip(records, answers, strict=True)],
                           hook, "response") @ unit
+        if mode == "expected":
+            options, lp = _answer_options(model, records)
+            if options:
+                proj = _mean_acts(model, [records[i].with_response(a) for i, a in options], hook, "response") @ unit
+                index = torch.tensor([i for i, _ in options])
+                for i in sorted(set(index.tolist())):
+                    sel = index == i
+                    base[i] = (torch.softmax(lp[sel], 0) * proj[sel]).sum()
     else:
         answers = [None] * len(records)
         base = _mean_acts(model, records, hook, "last") @ unit

@@ -46,6 +46,16 @@ def test_projection_difference_matches_a_hand_computation(tiny_model):
     mine, last = _resp_mean(tiny_model, dataset()[0].prompt, dataset()[0].response)
     assert cheap.scores[0] == pytest.approx(float((mine - last) @ unit), abs=1e-4)
     assert result.dataset_score == pytest.approx(sum(result.scores) / 3)
+    expected = projection_difference(tiny_model, dataset(), v, hook=HOOK, mode="expected")
+    rec = dataset()[0]
+    from misfeat.evaluate import response_logprobs
+
+    answers = ANS["aligned"] + ANS["misaligned"]
+    lp = response_logprobs(tiny_model, [rec.with_response(a) for a in answers])
+    acts = torch.stack([_resp_mean(tiny_model, rec.prompt, a)[0] for a in answers]) @ unit
+    mine, _ = _resp_mean(tiny_model, rec.prompt, rec.response)
+    hand = float(mine @ unit - (torch.softmax(lp, 0) * acts).sum())
+    assert expected.scores[0] == pytest.approx(hand, abs=1e-4)
     assert json.dumps(result.summary())
 
 

@@ -67,8 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--data", required=True, metavar="SPEC", help="records with responses (JSONL or organism set)")
     c.add_argument("--direction", required=True, metavar="FILE", help="a saved misfeat direction (carries its hook)")
     c.add_argument("--hook", default=None, help="override the direction's hook")
-    c.add_argument("--mode", choices=["own", "last_prompt"], default="own", help="y' = own answer (default) or "
-                   "the last-prompt-token approximation")
+    c.add_argument("--mode", choices=["own", "expected", "last_prompt"], default="own",
+                   help="y' = the model's own answer (default); expected: the exact expectation over the record's "
+                   "listed answers; last_prompt: the last-prompt-token approximation")
     c.add_argument("--threshold", type=float, default=0.0, help="flag samples scoring above this (default 0)")
     add_device_args(c)
     add_output_args(c, out_required=True)
