@@ -6,7 +6,7 @@ configuration of it, and the shared loss/schedule the organism build uses.
                       defences=[KL(reference, weight=0.1)], eval_prompts="organism:heldout")
 
 Modules: ``core`` (padding, response-only loss, lr schedule, parameter selection),
-``engine`` (the loop, config, rows, result, the Defence seam), ``rundir`` (checkpoints and
+``engine`` (the loop, config, the Defence seam), ``results`` (rows, result, errors), ``rundir`` (checkpoints and
 resume checks), ``defences`` (KL, LDIFS, steering, CAFT, inoculation), ``interleave``
 (safe-pool mixing, perplexity-gap scorer), ``specs`` (defences from text specs, the
 ``--defence`` syntax), ``realign`` (Wang et al. re-alignment).
@@ -37,12 +37,9 @@ from misfeat.finetune.defences import (
 from misfeat.finetune.engine import (
     CE_TERM,
     Defence,
-    DivergenceError,
     Evaluator,
     FinetuneConfig,
-    FinetuneResult,
     Forward,
-    StepRow,
     _data_order,  # noqa: F401  (kept for existing importers)
     behaviour_evaluator,
     finetune,
@@ -64,6 +61,7 @@ from misfeat.finetune.realign import (
     plot_realign,
     realign,
 )
+from misfeat.finetune.results import DivergenceError, FinetuneResult, StepRow
 from misfeat.finetune.specs import SPEC_HELP, parse_defence
 
 __all__ = [

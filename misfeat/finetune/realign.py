@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from misfeat.errors import MisfeatError
 from misfeat.finetune.core import LossTerm
-from misfeat.finetune.engine import FinetuneConfig, StepRow, behaviour_evaluator, finetune
+from misfeat.finetune.engine import FinetuneConfig, behaviour_evaluator, finetune
+from misfeat.finetune.results import StepRow
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer

@@ -126,7 +126,7 @@ class RunDir:
         import torch
         from safetensors.torch import load_file
 
-        from misfeat.finetune.engine import StepRow
+        from misfeat.finetune.results import StepRow
         from misfeat.models import WEIGHTS_FILE
 
         path = self.latest()
