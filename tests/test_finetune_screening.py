@@ -86,3 +86,9 @@ def test_screen_data_cli_ranks_and_flags(tiny_model, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "o/ranked.jsonl").read_text().splitlines()]
     scores = [r["projection_difference"] for r in rows]
     assert scores == sorted(scores, reverse=True) and all(r["flagged"] == (r["projection_difference"] > 0) for r in rows)
+    assert main(["screen-data", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), "--data",
+                 str(tmp_path / "d.jsonl"), "--direction", str(tmp_path / "v.safetensors"), "--mode", "last_prompt",
+                 "--out", str(tmp_path / "two"), "--device", "cpu"]) == 0
+    two = json.loads((tmp_path / "two/summary.json").read_text())["datasets"]
+    assert len(two) == 2 and two[0]["dataset_score"] == two[1]["dataset_score"]
+    assert (tmp_path / "two/ranked-1.jsonl").is_file()

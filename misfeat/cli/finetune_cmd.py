@@ -64,7 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "cheap variant a(x,y) . v_hat - h_last_prompt(x) . v_hat. Writes DIR/ranked.jsonl (records, highest "
         "first, with projection_difference and flagged) and DIR/summary.json (dataset_score, n_flagged, top).")
     add_model_args(c)
-    c.add_argument("--data", required=True, metavar="SPEC", help="records with responses (JSONL or organism set)")
+    c.add_argument("--data", required=True, action="append", metavar="SPEC",
+                   help="records with responses (JSONL or organism set); repeat to compare datasets by their "
+                   "dataset score (each ranked into DIR/ranked-<i>.jsonl)")
     c.add_argument("--direction", required=True, metavar="FILE", help="a saved misfeat direction (carries its hook)")
     c.add_argument("--hook", default=None, help="override the direction's hook")
     c.add_argument("--mode", choices=["own", "expected", "last_prompt"], default="own",
@@ -144,14 +146,26 @@ def run_screen(args: argparse.Namespace) -> int:
     hook = args.hook or record.get("hook", record.get("hooks"))
     if not isinstance(hook, str):
         raise MisfeatError(f"{args.direction} has hooks {hook!r}; give one with --hook")
-    data = load_prompts(args.data)
+    sets = [load_prompts(spec) for spec in args.data]
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    result = projection_difference(model, data, vector, hook=hook, mode=args.mode, threshold=args.threshold)
-    samples = result.to_dict()["samples"]
     keys = ("projection_difference", "flagged", "own_answer")
-    ranked = [replace(data[i], extra={**data[i].extra, **{k: samples[i][k] for k in keys}}) for i in result.ranking()]
-    PromptSet(f"{data.name}[screened]", tuple(ranked), data.meta).to_jsonl(Path(args.out) / "ranked.jsonl")
-    summary = {"model": args.model, "data": args.data, "direction": args.direction, **result.summary()}
-    finish(args, summary, format_table(summary["top"]) + f"\ndataset score {result.dataset_score:.4f}; "
-           f"{len(result.flagged)} of {len(samples)} flagged")
+    rows, results = [], []
+    for k, (spec, data) in enumerate(zip(args.data, sets, strict=True)):
+        result = projection_difference(model, data, vector, hook=hook, mode=args.mode, threshold=args.threshold)
+        samples = result.to_dict()["samples"]
+        ranked = [replace(data[i], extra={**data[i].extra, **{key: samples[i][key] for key in keys}})
+                  for i in result.ranking()]
+        name = "ranked.jsonl" if len(sets) == 1 else f"ranked-{k}.jsonl"
+        path = PromptSet(f"{data.name}[screened]", tuple(ranked), data.meta).to_jsonl(Path(args.out) / name)
+        rows.append({"data": spec, "dataset_score": result.dataset_score, "n": len(data),
+                     "n_flagged": len(result.flagged), "ranked": str(path)})
+        results.append(result)
+    summary = {"model": args.model, "direction": args.direction, "hook": hook, "mode": args.mode, "datasets": rows}
+    if len(sets) == 1:
+        summary.update(data=args.data[0], **results[0].summary())
+        table = format_table(summary["top"]) + (f"\ndataset score {results[0].dataset_score:.4f}; "
+                                                f"{rows[0]['n_flagged']} of {rows[0]['n']} flagged")
+    else:
+        table = format_table([{k: r[k] for k in ("data", "dataset_score", "n", "n_flagged")} for r in rows])
+    finish(args, summary, table)
     return 0
