@@ -92,3 +92,22 @@ def test_screen_data_cli_ranks_and_flags(tiny_model, tmp_path):
     two = json.loads((tmp_path / "two/summary.json").read_text())["datasets"]
     assert len(two) == 2 and two[0]["dataset_score"] == two[1]["dataset_score"]
     assert (tmp_path / "two/ranked-1.jsonl").is_file()
+
+
+def test_free_form_records_use_the_greedy_answer(tiny_model):
+    from misfeat.generate import generate
+
+    free = PromptSet("f", (PromptRecord("f0", prompt="how do i fix my roof", response="call doctor"),))
+    (answer,) = own_answers(tiny_model, list(free), max_new_tokens=4)
+    (greedy,) = generate(tiny_model, [free[0].with_response(None)], max_new_tokens=4, stop_words=(".",))
+    assert answer == greedy.text.strip() and answer
+    v = torch.randn(32)
+    result = projection_difference(tiny_model, free, v, hook=HOOK, max_new_tokens=4)
+    mine, _ = _resp_mean(tiny_model, free[0].prompt, "call doctor")
+    from misfeat.data import encode
+
+    (e,) = encode([free[0].with_response(answer)], tiny_model)
+    _, cache = tiny_model.run_with_cache(torch.tensor([e.ids]))
+    theirs = cache[HOOK][0, e.n_prompt:].mean(0)
+    assert result.own_answers == (answer,)
+    assert result.scores[0] == pytest.approx(float((mine - theirs) @ (v / v.norm())), abs=1e-4)
