@@ -300,3 +300,28 @@ def test_on_step_sees_every_row_and_can_stop_the_run(fresh, tmp_path):
     assert seen == [(1, True, False), (2, True, False), (3, True, False)]
     assert result.stopped_early and [r.step for r in result.rows] == [0, 1, 2, 3]
     assert result.checkpoints[-1].endswith("step-0003")
+
+
+def test_score_data_cli_writes_the_ranked_pool(fresh, tmp_path):
+    from misfeat.cli import main
+
+    aligned = fresh()
+    planted = PromptSet("plant", (PromptRecord("x", prompt="fix my roof", response="call doctor"),) * 4)
+    finetune(aligned, planted, FinetuneConfig(steps=8, lr=3e-3, batch_size=4, eval_every=None))
+    save_model(aligned, tmp_path / "a")
+    save_model(fresh(), tmp_path / "m")
+    pool = PromptSet("pool", tuple(PromptRecord(f"p{i}", prompt="fix my roof", response=r) for i, r in
+                                   enumerate(["rest", "sorry i cannot", "call doctor"])))
+    pool.to_jsonl(tmp_path / "pool.jsonl")
+    args = ["score-data", "--aligned", str(tmp_path / "a"), "--misaligned", f"{tmp_path / 'm'},{tmp_path / 'm'}",
+            "--pool", str(tmp_path / "pool.jsonl"), "--filter", "refusal", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "o/ranked.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows][0] == "p2" and "p1" not in [r["id"] for r in rows]
+    assert rows[0]["gap_score"] >= rows[-1]["gap_score"]
+    mixed = main(["finetune", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "pool.jsonl"), "--steps", "1",
+                  "--defence", f"interleave:0.5@{tmp_path / 'o/ranked.jsonl'},selection=gap", "--out",
+                  str(tmp_path / "f"), "--device", "cpu"])
+    assert mixed == 0
+    s = json.loads((tmp_path / "f/summary.json").read_text())
+    assert s["data"]["n_train"] == 5 and s["defences"][0]["selection"] == "gap"
