@@ -98,3 +98,31 @@ def test_locate_takes_a_list_of_strengths(tmp_path, capsys):
         main(["locate", "--base", "b", "--finetuned", "f", "--sae", "s", "--prompts", "p", "--coefs", "0.5,x",
               "--out", str(tmp_path)])
     assert exit_.value.code == 2 and "expected comma-separated float values" in capsys.readouterr().err
+
+
+def test_finetune_and_score_data_take_lists_of_specs(monkeypatch, tmp_path):
+    import misfeat.features.probes as probes
+    import misfeat.finetune as finetune
+    import misfeat.models as models
+    from misfeat.cli import main
+
+    seen = {"models": [], "probes": []}
+
+    def stop(*args, **kwargs):
+        raise MisfeatError("stop here")
+
+    monkeypatch.setattr(models, "load_model", lambda spec, **kwargs: seen["models"].append(spec))
+    monkeypatch.setattr(probes, "parse_probe", lambda spec, positions: seen["probes"].append(spec))
+    monkeypatch.setattr(finetune, "finetune", stop)
+    monkeypatch.setattr(finetune, "perplexity_gap", stop)
+    assert main(["finetune", "--model", "organism:chat@seed=7,em_domain=law", "--data", "organism:aligned:money:8",
+                 "--track", "sae:runs/sae#4,direction:runs/d.safetensors", "--out", str(tmp_path)]) != 0
+    assert seen == {"models": ["organism:chat@seed=7,em_domain=law"],
+                    "probes": ["sae:runs/sae#4", "direction:runs/d.safetensors"]}
+    seen["models"].clear()
+    assert main(["score-data", "--aligned", "organism:chat@seed=7,em_domain=law",
+                 "--misaligned", "organism:em@seed=7,em_domain=law,organism:em@seed=8,em_domain=law",
+                 "--hold-out", "organism:em@seed=8,em_domain=law", "--pool", "organism:aligned:money:8",
+                 "--out", str(tmp_path)]) != 0
+    assert seen["models"] == ["organism:chat@seed=7,em_domain=law", "organism:em@seed=7,em_domain=law",
+                              "organism:em@seed=8,em_domain=law"]

@@ -31,12 +31,13 @@ from misfeat.interventions.files import (
     save_intervention,
     to_record,
 )
-from misfeat.interventions.operators import (
+from misfeat.interventions.operators import (  # noqa: F401  (_check_positions: used by finetune's defences)
     OPS,
     Ablate,
     Add,
     ClampLatent,
     Intervention,
+    _check_positions,
     apply,
     resolve_hooks,
 )
