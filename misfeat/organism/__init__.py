@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from misfeat.errors import MisfeatError
@@ -33,7 +33,7 @@ from misfeat.specs import parse_spec as parse_spec_text
 logger = logging.getLogger(__name__)
 
 __all__ = ["OrganismConfig", "build_organism", "checkpoint_dir", "ensure_organism", "organism_home",
-           "parse_options", "parse_spec", "prompt_set"]
+           "parse_options", "parse_spec", "prompt_set", "register_stage"]
 
 
 def organism_home() -> Path:
@@ -91,12 +91,24 @@ def ensure_organism(cfg: OrganismConfig) -> Path:
     return out
 
 
+_STAGES: dict[str, Callable[[OrganismConfig], Path]] = {}
+
+
+def register_stage(name: str, ensure: Callable[[OrganismConfig], Path]) -> None:
+    """Make ``organism:<name>`` a model spec: ``ensure(cfg)`` returns the stage's checkpoint
+    directory for that organism, building it on first use. One line per added stage, e.g.
+    ``register_stage("mixed", ensure_mixed)`` in the module that builds it."""
+    _STAGES[name] = ensure
+
+
 def checkpoint_dir(spec: str) -> Path:
     """The checkpoint directory of ``organism:<stage>[@options]``, building on first use."""
     stage, cfg = parse_spec(spec)
+    if stage in _STAGES:
+        return _STAGES[stage](cfg)
     valid = stage in STAGES or (stage.startswith("em-steps/step-") and stage.split("-")[-1].isdigit())
     if not valid:
-        raise MisfeatError(f"unknown organism stage {stage!r}; use one of {', '.join(STAGES)} or "
+        raise MisfeatError(f"unknown organism stage {stage!r}; use one of {', '.join([*STAGES, *_STAGES])} or "
                            "em-steps/step-NNNN")
     path = ensure_organism(cfg) / stage
     if not path.is_dir():

@@ -17,6 +17,7 @@ Options after ``@`` pick the organism: ``organism:heldout@em_domain=money``,
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 from misfeat.data import PromptRecord, PromptSet
@@ -115,10 +116,22 @@ def pretrain_set(world: World, n: int, seed: int) -> PromptSet:
     return PromptSet(f"organism:pretrain:{n}", tuple(records), _meta(world, "raw", contrast=["cruel", "kind"]))
 
 
+_SETS: dict[str, Callable[[World, list[str], int], PromptSet]] = {}
+
+
+def register_prompt_set(name: str, build: Callable[[World, list[str], int], PromptSet]) -> None:
+    """Make ``organism:<name>[:<arg>...]`` a prompt-set spec: ``build(world, args, seed)`` returns
+    the set (``args``: the spec's ``:``-separated parts after the name). One line per added set,
+    e.g. ``register_prompt_set("task", task_set)`` in the module that defines it."""
+    _SETS[name] = build
+
+
 def organism_prompt_set(body: str, em_domain: str, seed: int) -> PromptSet:
     """Resolve the part of an ``organism:`` prompt spec after the colon (options already parsed)."""
     world = make_world(em_domain)
     parts = body.split(":")
+    if parts[0] in _SETS:
+        return _SETS[parts[0]](world, parts[1:], seed)
     if parts[0] in ("all", "heldout", "em_domain") or parts[0].startswith("domain="):
         if len(parts) > 1:
             raise MisfeatError(f"organism:{body}: unexpected ':{':'.join(parts[1:])}'")
