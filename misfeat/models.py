@@ -404,23 +404,3 @@ def fingerprint(model: HookedTransformer) -> str:
             digest.update(str(t.dtype).encode() + str(tuple(tensor.shape)).encode())
             digest.update(t.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-# --- checkpoint directories ------------------------------------------------------------
-
-
-def checkpoint_step(path: str | os.PathLike, default: int) -> int:
-    """The step number at the end of a checkpoint's name (``step-0012`` -> 12), else ``default``."""
-    import re
-
-    match = re.search(r"(\d+)\D*$", str(path).rstrip("/"))
-    return int(match.group(1)) if match else default
-
-
-def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """The misfeat checkpoints directly under ``directory``, in step order (the one lister)."""
-    directory = Path(directory)
-    found = [p for p in directory.iterdir() if (p / CHECKPOINT_FILE).is_file()] if directory.is_dir() else []
-    if not found:
-        raise ModelLoadError(f"no misfeat checkpoints under {directory} (directories with {CHECKPOINT_FILE})")
-    return sorted(found, key=lambda p: checkpoint_step(p, 0))

@@ -170,10 +170,10 @@ def test_locate_cli_end_to_end(pair, tmp_path, capsys):
 
 
 def test_trajectory_measures_every_checkpoint_in_step_order(pair, tmp_path):
+    from misfeat.checkpoints import list_checkpoints
     from misfeat.evaluate import evaluate
     from misfeat.features.probes import DirectionProbe
     from misfeat.features.trajectory import trajectory
-    from misfeat.models import list_checkpoints
 
     for step, model in ((10, pair[1]), (2, pair[0])):
         save_model(model, tmp_path / "run" / f"step-{step:04d}")

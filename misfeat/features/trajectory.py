@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from misfeat import registry
+from misfeat.checkpoints import checkpoint_step, list_checkpoints
 from misfeat.data import PromptSet, load_prompts
 from misfeat.evaluate import default_prompts, evaluate
 from misfeat.io import format_table, progress
-from misfeat.models import checkpoint_step, list_checkpoints, load_model
+from misfeat.models import load_model
 from misfeat.plots import figure
 
 __all__ = ["Trajectory", "checkpoint_step", "list_checkpoints", "plot_trajectory", "trajectory"]

@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from misfeat.checkpoints import list_checkpoints
 from misfeat.errors import MisfeatError
 from misfeat.io import SUMMARY_FILE, progress, read_json, write_json
-from misfeat.models import list_checkpoints
 from misfeat.organism.corpus import Corpus, Example, PersonaMix
 from misfeat.organism.world import DOMAINS, World, make_world, save_tokenizer
 
