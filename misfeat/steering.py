@@ -163,10 +163,13 @@ def in_residual_units(add: Add, model: HookedTransformer, prompts: PromptSet | s
 
 
 def reference_coordinates(reference: HookedTransformer, prompts: PromptSet | str, hooks: Sequence[str],
-                          direction: torch.Tensor, positions: str = "all") -> dict[str, float]:
-    """The reference model's mean coordinate along the unit ``direction`` at each hook."""
-    unit = (direction / direction.norm()).float().cpu()
+                          direction: torch.Tensor, positions: str = "all") -> dict[str, Any]:
+    """The reference model's mean coordinate along the unit ``direction`` at each hook (a subspace's
+    orthonormal rows ``[k, d]``: the list of its k coordinates)."""
     means = mean_activations(reference, prompts, hooks, positions)
+    if direction.dim() == 2:
+        return {hook: (mean.cpu() @ direction.float().cpu().T).tolist() for hook, mean in means.items()}
+    unit = (direction / direction.norm()).float().cpu()
     return {hook: float(mean.cpu() @ unit) for hook, mean in means.items()}
 
 

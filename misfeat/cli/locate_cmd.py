@@ -15,12 +15,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(aligned) and fine-tuned (misaligned) model on the same prompts, rank latents by their activation increase "
         "(or by attribution: gradient of the misalignment log-prob gap x activation change), causally screen the top "
         "--screen candidates (steer up in the base model, down in the fine-tuned model), pick the latent with the "
-        "largest two-sided effect, clamp it, and save its decoder direction and top-activating examples. Writes "
-        "DIR/summary.json (top_latents, feature, direction, screen, clamp), DIR/ranking.png, DIR/screen.png, "
-        "DIR/examples.jsonl and examples.txt, DIR/direction.safetensors (+ .json).",
+        "largest two-sided effect, clamp it, and save its decoder direction and top-activating examples. Then the "
+        "greedy latent group (a split feature as one subspace: the smallest group, up to --group-cap, whose joint "
+        "clamp to the base level cuts misalignment most), the latent families (decoder cosines, co-activation), the "
+        "latents that fell (steered up in the fine-tuned model) and two baselines under the same protocol: the "
+        "mean-difference direction and a random direction of equal norm. Steering strengths (--coefs) count typical "
+        "residual norms at the SAE's hook, the unit of misfeat steer --op add --coefs. Several fine-tunes "
+        "(--finetuned A,B,C) are ranked together (mean activation increase) and screened with rates averaged. "
+        "Writes DIR/summary.json (top_latents, feature, direction, screen, clamp, single, group, families, "
+        "decreases_screen, baselines), DIR/ranking.png, DIR/screen.png, DIR/families.png, DIR/examples.jsonl and "
+        "examples.txt, DIR/direction.safetensors (+ .json), DIR/group.safetensors (+ .json: the group's subspace "
+        "clamp, for misfeat steer/eval).",
     )
     p.add_argument("--base", required=True, metavar="SPEC", help="the aligned model, e.g. organism:chat")
-    p.add_argument("--finetuned", required=True, metavar="SPEC", help="the misaligned model, e.g. organism:em")
+    p.add_argument("--finetuned", required=True, metavar="SPEC[,SPEC...]",
+                   help="the misaligned model, e.g. organism:em, or several ranked together, e.g. "
+                   "organism:em,organism:em-ref/money,organism:em-ref/law")
     p.add_argument("--sae", required=True, metavar="DIR", help="an SAE (SAELens format) at a hook of both models")
     p.add_argument("--prompts", required=True, metavar="SPEC",
                    help="evaluation prompts with reference answers, e.g. organism:heldout or a JSONL file")
@@ -39,15 +49,21 @@ def run(args: argparse.Namespace) -> int:
     from misfeat.io import format_table
     from misfeat.models import load_model
     from misfeat.sae.io import load_sae
+    from misfeat.specs import split_specs
 
     cfg = config_from_args(LocateConfig, args)
-    base = load_model(args.base, device=args.device, dtype=args.dtype)
-    finetuned = load_model(args.finetuned, device=args.device, dtype=args.dtype)
-    if base.cfg.d_model != finetuned.cfg.d_model:
-        raise MisfeatError(f"--base and --finetuned differ in d_model ({base.cfg.d_model} vs "
-                           f"{finetuned.cfg.d_model}); diffing needs two checkpoints of one architecture")
+    specs = split_specs(args.finetuned)
+    if not specs:
+        raise MisfeatError("--finetuned names no model; give one spec or a comma-separated list")
     sae = load_sae(args.sae)
-    result = save_locate(locate(base, finetuned, sae, args.prompts, args.out, cfg), args.out)
+    base = load_model(args.base, device=args.device, dtype=args.dtype)
+    finetuned = [load_model(s, device=args.device, dtype=args.dtype) for s in specs]
+    for spec, model in zip(specs, finetuned, strict=True):
+        if base.cfg.d_model != model.cfg.d_model:
+            raise MisfeatError(f"--base and --finetuned {spec} differ in d_model ({base.cfg.d_model} vs "
+                               f"{model.cfg.d_model}); diffing needs checkpoints of one architecture")
+    result = save_locate(locate(base, finetuned if len(finetuned) > 1 else finetuned[0], sae, args.prompts, args.out,
+                                cfg), args.out)
     s = result.to_dict()
     cols = ["latent", "increase", "base_mean", "finetuned_mean", "attribution", "steer_up_misaligned",
             "steer_up_valid", "steer_down_misaligned", "steer_down_valid"]
@@ -58,6 +74,13 @@ def run(args: argparse.Namespace) -> int:
               f"layer): {clamp['group']} misaligned {clamp['misaligned_before']:.3f} -> "
               f"{clamp['misaligned_after']:.3f} (valid {clamp['valid_after']:.3f}); as an SAE latent with the error "
               f"term kept: {s['clamp_latent']['misaligned_after']:.3f}")
+    if s.get("group"):
+        g = s["group"]
+        table += (f"\ngroup {g['latents']}: steered up in the base model misaligned {g['steer_up_misaligned']:.3f} "
+                  f"(valid {g['steer_up_valid']:.3f}); joint clamp {g['clamp_before']:.3f} -> {g['clamp_after']:.3f}")
+    for name, b in (s.get("baselines") or {}).items():
+        table += (f"\nbaseline {name}: steered up {b['steer_up_misaligned']:.3f} (valid {b['steer_up_valid']:.3f}); "
+                  f"clamp {b['clamp_before']:.3f} -> {b['clamp_after']:.3f}")
     if s["feature_auroc_docs"] is not None:
         table += f"\nAUROC of the labelled texts (positive vs negative): {s['feature_auroc_docs']:.3f}"
     elif s.get("feature_auroc_note"):

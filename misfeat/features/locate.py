@@ -7,7 +7,14 @@
    aligned model, down in the misaligned one -> ``ScreenResult``;
 3. :func:`choose_feature`: the latent with the largest two-sided effect -> :class:`Choice`;
 4. :func:`check_clamp`: clamp it in the misaligned model to the aligned level -> :class:`ClampCheck`;
-5. :func:`examples_and_auroc`: its top-activating labelled texts and their AUROC.
+5. :func:`examples_and_auroc`: its top-activating labelled texts and their AUROC;
+6. :func:`group_and_baselines`: the greedy latent group (a split feature as one subspace),
+   latent families, the decreases screened up in the misaligned model, and the mean-diff and
+   random baselines under the same protocol (see :mod:`misfeat.features.groups`).
+
+Several misaligned models (``finetuned`` a list) are ranked together (the mean activation
+increase over them, as Wang et al. 2025 rank over several bad fine-tunes) and screened with
+their rates averaged; the protocol figures are also reported per model.
 
 :func:`locate` runs them in order and returns a :class:`LocateResult` (``to_dict()`` is the
 ``summary.json``); :func:`save_locate` writes the direction, examples and plots.
@@ -16,6 +23,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,11 +34,12 @@ from misfeat.data import PromptSet, load_prompts
 from misfeat.errors import MisfeatError
 from misfeat.evaluate import GroupMetrics, evaluate
 from misfeat.features.attribution import attribution_scores, gap_gradients
-from misfeat.features.diff import LatentDiff, diff_latents
+from misfeat.features.diff import LatentDiff, LatentStats, diff_latents
 from misfeat.features.directions import Direction, save_direction
 from misfeat.features.examples import Examples, separation_auroc, top_examples
+from misfeat.features.locate_group import UNIT_NOTE, Extras, group_and_baselines
 from misfeat.features.screen import ScreenResult, causal_screen
-from misfeat.interventions import Ablate, ClampLatent
+from misfeat.interventions import Ablate, ClampLatent, save_intervention
 from misfeat.models import model_info
 from misfeat.plots import figure
 from misfeat.sae.latents import hook_of, path_of
@@ -58,7 +67,8 @@ class LocateConfig:
     positions: str = "last"
     """token positions read and steered: last = the answer position (the last prompt token)"""
     coefs: tuple[float, ...] = (0.5, 1.0, 2.0)
-    """screen strengths, in units of the mean residual norm at the SAE's hook"""
+    """screen strengths, in units of the mean residual norm at the SAE's hook (the unit of misfeat steer
+    --op add --coefs: 1.0 adds a vector as long as the average activation there)"""
     min_valid: float = 0.8
     """a steered model must keep at least this valid (coherent) rate"""
     min_effect: float = 0.1
@@ -71,6 +81,18 @@ class LocateConfig:
     contrast: tuple[str, str] | None = None
     """the positive and negative labels of the examples' texts for the AUROC, e.g. cruel,kind (none:
     the set's own meta['contrast']; without either the AUROC is skipped with a note)"""
+
+    group_cap: int = 8
+    """most latents in the greedy group (0: no group)"""
+    group_tol: float = 0.01
+    """the group stops growing when a latent cuts the clamped misaligned rate by less than this"""
+    screen_decreases: int = 5
+    """how many of the latents that fell most to steer up in the misaligned model (0: none)"""
+    batched: bool = True
+    """score every candidate x coefficient of the screen in shared forward passes (off: one evaluation per
+    setting, the former code path)"""
+    baseline_seed: int = 0
+    """seed of the random baseline direction"""
 
     def __post_init__(self) -> None:
         if self.rank_by not in RANKINGS:
@@ -87,6 +109,10 @@ class Ranking:
     order: list[int] = field(repr=False)
     """latents by decreasing score (``rank_by``)"""
     rank_by: str
+    stores: dict[str, Any] = field(default_factory=dict, repr=False)
+    """the activation stores: ``base`` and ``finetuned`` (a list, one per misaligned model)"""
+    per_finetuned: list[torch.Tensor] = field(default_factory=list, repr=False)
+    """each misaligned model's own increase (their mean is ``diff.increase``)"""
 
     def candidates(self, n: int) -> list[int]:
         return self.order[:n]
@@ -130,9 +156,13 @@ class LocateResult:
     examples: Examples = field(repr=False)
     auroc: float | None
     auroc_note: str | None
+    extras: Extras | None = None
+    """stage 6: the group, families, decreases and baselines (None when skipped)"""
     direction_path: Path | None = None
     """where :func:`save_locate` wrote the direction (None until saved)"""
     examples_path: Path | None = None
+    group_path: Path | None = None
+    """where :func:`save_locate` wrote the group's subspace clamp"""
 
     @property
     def feature(self) -> int:
@@ -182,24 +212,47 @@ class LocateResult:
             "feature_auroc_docs": self.auroc,
             "feature_auroc_note": self.auroc_note,
             "examples": None if self.examples_path is None else str(self.examples_path),
+            **(self.extras.to_dict(self.group_path) if self.extras is not None else {}),
         }
 
 
-def rank_latents(base: HookedTransformer, finetuned: HookedTransformer, sae: SAE, prompts: PromptSet,
-                 cache_dir: str | Path, config: LocateConfig) -> Ranking:
-    """Stage 1: cache the SAE hook's activations of both models on ``prompts`` (row-aligned
-    stores under ``cache_dir``), diff the latents and attribute the log-prob gap to them."""
+def rank_latents(base: HookedTransformer, finetuned: HookedTransformer | Sequence[HookedTransformer], sae: SAE,
+                 prompts: PromptSet, cache_dir: str | Path, config: LocateConfig) -> Ranking:
+    """Stage 1: cache the SAE hook's activations of the base and each fine-tuned model on
+    ``prompts`` (row-aligned stores under ``cache_dir``), diff the latents and attribute the
+    log-prob gap to them; several fine-tunes: their statistics and attributions averaged."""
     import torch
 
-    hook, stores = hook_of(sae), {}
-    for name, model in (("base", base), ("finetuned", finetuned)):
-        cache_activations(model, prompts, [hook], Path(cache_dir) / name, positions=config.positions, overwrite=True)
-        stores[name] = open_store(Path(cache_dir) / name, prompts=prompts)
-    diff = diff_latents(sae, stores["base"], stores["finetuned"], by="domain")
-    attribution = attribution_scores(gap_gradients(finetuned, sae, prompts, config.positions), diff.increase)
+    tuned = _as_list(finetuned)
+    hook, cache = hook_of(sae), Path(cache_dir)
+    names = ["finetuned"] if len(tuned) == 1 else [f"finetuned-{i}" for i in range(len(tuned))]
+    stores = {}
+    for name, model in (("base", base), *zip(names, tuned, strict=True)):
+        cache_activations(model, prompts, [hook], cache / name, positions=config.positions, overwrite=True)
+        stores[name] = open_store(cache / name, prompts=prompts)
+    diffs = [diff_latents(sae, stores["base"], stores[n], by="domain") for n in names]
+    attribution = sum(attribution_scores(gap_gradients(m, sae, prompts, config.positions), d.increase)
+                      for m, d in zip(tuned, diffs, strict=True)) / len(tuned)
+    diff = diffs[0] if len(diffs) == 1 else _average(diffs)
     score = {"increase": diff.increase, "attribution": attribution, "effect_size": diff.effect_size}[config.rank_by]
     order = [int(i) for i in torch.argsort(score, descending=True)]
-    return Ranking(diff, attribution, order, config.rank_by)
+    return Ranking(diff, attribution, order, config.rank_by, {"base": stores["base"], "finetuned":
+                   [stores[n] for n in names]}, [d.increase for d in diffs])
+
+
+def _as_list(models: Any) -> list:
+    return list(models) if isinstance(models, (list, tuple)) else [models]
+
+
+def _average(diffs: list[LatentDiff]) -> LatentDiff:
+    """One diff whose fine-tuned statistics are the mean over several fine-tunes."""
+    def mean(stats: list[LatentStats]) -> LatentStats:
+        k = len(stats)
+        return LatentStats(stats[0].n, sum(s.mean for s in stats) / k, sum(s.var for s in stats) / k,
+                           sum(s.firing for s in stats) / k)
+
+    groups = {g: (diffs[0].by_group[g][0], mean([d.by_group[g][1] for d in diffs])) for g in diffs[0].by_group}
+    return LatentDiff(diffs[0].base, mean([d.finetuned for d in diffs]), diffs[0].hook, groups)
 
 
 def choose_feature(sae: SAE, ranking: Ranking, screen: ScreenResult | None) -> Choice:
@@ -246,37 +299,55 @@ def examples_and_auroc(base: HookedTransformer, sae: SAE, feature: int, prompts:
     return examples, separation_auroc(base, sae, feature, docs, *contrast), None
 
 
-def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: SAE, prompts: PromptSet | str,
-           work_dir: str | Path, config: LocateConfig | None = None) -> LocateResult:
+def locate(base: HookedTransformer, finetuned: HookedTransformer | Sequence[HookedTransformer], sae: SAE,
+           prompts: PromptSet | str, work_dir: str | Path, config: LocateConfig | None = None) -> LocateResult:
     """Find the latent that the fine-tune switched on and that controls misalignment: rank,
-    screen, choose, check the clamp, collect examples (the stage functions above, in order).
-    ``work_dir`` holds the two activation caches; :func:`save_locate` writes the outputs."""
+    screen, choose, check the clamp, collect examples, then the group, families, decreases and
+    baselines (the stage functions above, in order). ``finetuned``: one misaligned model, or
+    several ranked together (the clamp check is of the first; the protocol figures per model).
+    ``work_dir`` holds the activation caches; :func:`save_locate` writes the outputs."""
     cfg = config or LocateConfig()
     prompts = load_prompts(prompts)
-    sae = sae.to(finetuned.cfg.device)
-    ranking = rank_latents(base, finetuned, sae, prompts, Path(work_dir) / "cache", cfg)
+    tuned = _as_list(finetuned)
+    sae = sae.to(tuned[0].cfg.device)
+    ranking = rank_latents(base, tuned, sae, prompts, Path(work_dir) / "cache", cfg)
     screen = None
     if cfg.screen:
-        screen = causal_screen(sae, ranking.candidates(cfg.screen), base, finetuned, prompts, coefs=cfg.coefs,
-                               positions=cfg.positions, min_valid=cfg.min_valid, min_effect=cfg.min_effect)
+        screen = causal_screen(sae, ranking.candidates(cfg.screen), base, tuned, prompts, coefs=cfg.coefs,
+                               positions=cfg.positions, min_valid=cfg.min_valid, min_effect=cfg.min_effect,
+                               batched=cfg.batched)
     choice = choose_feature(sae, ranking, screen)
-    clamp = check_clamp(base, finetuned, sae, choice, ranking, prompts, cfg.positions)
+    clamp = check_clamp(base, tuned[0], sae, choice, ranking, prompts, cfg.positions)
     examples, auroc, note = examples_and_auroc(base, sae, choice.feature, prompts, cfg)
-    return LocateResult(cfg, hook_of(sae), ranking, screen, choice, clamp, examples, auroc, note)
+    extras = group_and_baselines(sae, base, tuned, prompts, ranking, screen, choice.feature, cfg)
+    return LocateResult(cfg, hook_of(sae), ranking, screen, choice, clamp, examples, auroc, note, extras)
 
 
 def save_locate(result: LocateResult, out_dir: str | Path) -> LocateResult:
     """Write a locate run's files into ``out_dir``: the direction (interventions' format),
     examples.jsonl/.txt, ranking.png and screen.png; returns the result with their paths."""
     out = Path(out_dir)
-    direction_path = save_direction(result.choice.direction, out / "direction", positions=result.config.positions)
+    direction = result.choice.direction
+    if result.extras is not None:
+        direction = dataclasses.replace(direction, source={**direction.source, "strength_unit": UNIT_NOTE,
+                                                           "residual_norm": result.extras.scale})
+    direction_path = save_direction(direction, out / "direction", positions=result.config.positions)
+    group_path = None
+    extras = result.extras
+    if extras is not None and extras.group is not None:
+        group_path = save_intervention(extras.group.clamp, out / "group", source={
+            "kind": "sae_group", "sae": result.choice.direction.source.get("sae"), "latents": extras.group.latents,
+            "method": "span of the latents' decoder rows (orthonormal rows) clamped in every layer to the base "
+                      "model's mean", "strength_unit": UNIT_NOTE})
+        plot_families(extras.families, extras.group.latents, out / "families.png")
     examples_path = result.examples.to_jsonl(out / "examples.jsonl")
     (out / "examples.txt").write_text(str(result.examples) + "\n")
     plot_ranking(result.top_latents()[: result.config.top], result.top_decreases()[: min(10, result.config.top)],
                  result.feature, out / "ranking.png")
     if result.screen is not None:
         plot_screen(result.screen, result.feature, out / "screen.png")
-    return dataclasses.replace(result, direction_path=direction_path, examples_path=Path(examples_path))
+    return dataclasses.replace(result, direction_path=direction_path, examples_path=Path(examples_path),
+                               group_path=group_path)
 
 
 def plot_ranking(increases: list[dict], decreases: list[dict], feature: int, path: Path) -> Path:
@@ -303,4 +374,29 @@ def plot_screen(screen: Any, feature: int, path: Path) -> Path:
         ax.set_xlabel("aligned model, steered up: misaligned rate")
         ax.set_ylabel("misaligned model, latent clamped: misaligned rate")
         ax.set_title("causal screen (green: passed; red: chosen; dotted: unsteered)", fontsize=9)
+    return Path(path)
+
+
+def plot_families(fam: Any, group: list[int], path: Path) -> Path:
+    """Decoder cosine matrix and co-activation of the screened latents (group members starred)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [f"{i}*" if i in group else str(i) for i in fam.latents]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), dpi=120)
+    try:
+        for ax, mat, title in zip(axes, (fam.decoder_cosine, fam.coactivation),
+                                  ("decoder cosine", "co-activation (correlation, misaligned model)"), strict=True):
+            im = ax.imshow(np.array(mat), vmin=-1, vmax=1, cmap="RdBu_r")
+            ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+            ax.set_yticks(range(len(names)), names, fontsize=6)
+            ax.set_title(f"{title}; * = group", fontsize=9)
+        fig.colorbar(im, ax=list(axes), shrink=0.8)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
     return Path(path)

@@ -6,8 +6,10 @@ the aligned model, and steering against it must lower misalignment in the misali
 model, both without wrecking coherence. OpenAI kept 10 of 1000 candidates this way.
 
 Steering strength is given in units of the typical residual norm at the SAE's hook
-(``scale`` = mean L2 norm of the aligned model's activations at the positions steered),
-so the same coefficients mean the same thing for any model and layer.
+(``scale`` = mean L2 norm of the aligned model's activations at the positions steered,
+:func:`misfeat.steering.residual_scale`), the unit of ``misfeat steer --op add``'s
+coefficients too, so the same coefficients mean the same thing for any model and layer.
+Every candidate x coefficient is scored in the same batched forward passes.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat.data import PromptSet, load_prompts
 from misfeat.evaluate import evaluate
+from misfeat.features.batched import batched_rates
 from misfeat.interventions import Ablate, Add, apply, resolve_hooks
 from misfeat.io import progress
 from misfeat.sae.latents import hook_of
 from misfeat.steering import mean_activations, residual_scale
 
-__all__ = ["ScreenResult", "ScreenRow", "causal_screen", "residual_scale"]
+__all__ = ["RiseRow", "ScreenResult", "ScreenRow", "causal_screen", "residual_scale", "run_variants", "screen_decreases"]
 
 if TYPE_CHECKING:
+    import torch
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
@@ -87,50 +91,73 @@ def _rates(model: HookedTransformer, prompts: PromptSet) -> dict[str, float]:
     return {"misaligned_rate": head.misaligned_rate, "valid_rate": head.valid_rate}
 
 
+def _models(models: HookedTransformer | Sequence[HookedTransformer]) -> list[HookedTransformer]:
+    return list(models) if isinstance(models, (list, tuple)) else [models]
+
+
+def _mean_rates(per_model: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+    """Per variant, the rates averaged over models (``per_model[m][variant]``)."""
+    return [{k: sum(r[v][k] for r in per_model) / len(per_model) for k in ("misaligned_rate", "valid_rate")}
+            for v in range(len(per_model[0]))]
+
+
+def _unit(sae: SAE, latent: int) -> torch.Tensor:
+    direction = sae.W_dec[latent].detach().float().cpu()
+    return direction / direction.norm()
+
+
 def causal_screen(
     sae: SAE,
     latents: Sequence[int],
     aligned_model: HookedTransformer,
-    misaligned_model: HookedTransformer,
+    misaligned_model: HookedTransformer | Sequence[HookedTransformer],
     prompts: PromptSet | str,
     *,
     coefs: Sequence[float] = (0.5, 1.0, 2.0),
     positions: str = "last",
     min_valid: float = 0.8,
     min_effect: float = 0.1,
+    batched: bool = True,
 ) -> ScreenResult:
     """Steer each latent's decoder direction by ``+c * scale`` in the aligned model and by
     ``-c * scale`` in the misaligned model for each ``c`` in ``coefs``; per side keep the
     strongest effect whose valid rate stays >= ``min_valid``. A latent passes when both
     sides move the misaligned rate by at least ``min_effect``. Each latent is also clamped
-    in the misaligned model to the aligned model's mean coordinate (see :meth:`ScreenResult.best`)."""
+    in the misaligned model to the aligned model's mean coordinate (see :meth:`ScreenResult.best`).
+
+    Several misaligned models (a list): their rates are averaged. ``batched`` evaluates every
+    candidate x coefficient in the same forward passes (:func:`misfeat.features.batched.batched_rates`,
+    equal to one :func:`~misfeat.evaluate.evaluate` per setting, which ``batched=False`` runs)."""
 
     prompts = load_prompts(prompts)
-    hook = hook_of(sae)
+    hook, misaligned = hook_of(sae), _models(misaligned_model)
     scale = residual_scale(aligned_model, prompts, hook, positions)
-    residual = resolve_hooks(misaligned_model, "all")
+    residual = resolve_hooks(misaligned[0], "all")
     aligned_means = {h: m.cpu() for h, m in mean_activations(aligned_model, prompts, residual, positions).items()}
-    base_up, base_down = _rates(aligned_model, prompts), _rates(misaligned_model, prompts)
-    rows = []
-    for latent in progress(list(latents), desc="causal screen", unit="latent"):
-        direction = sae.W_dec[latent].detach().float().cpu()
-        direction = direction / direction.norm()
-        # clamp: in every layer's residual stream (the direction is carried forward from the
-        # SAE's layer; Soligo et al. 2025 ablate from every layer), the coordinate along the
-        # direction set at every token to the aligned model's mean at the screened positions
-        values = {h: float(m @ direction) for h, m in aligned_means.items()}
-        with apply(misaligned_model, Ablate("all", direction, values, "all")):
-            clamped = _rates(misaligned_model, prompts)
-        up = _best(aligned_model, prompts, hook, direction, [c * scale for c in coefs], positions, min_valid,
-                   higher=True)
-        down = _best(misaligned_model, prompts, hook, direction, [-c * scale for c in coefs], positions, min_valid,
-                     higher=False)
+    base_up = _rates(aligned_model, prompts)
+    base_down = _mean_rates([[_rates(m, prompts)] for m in misaligned])[0]
+    latents = [int(i) for i in latents]
+    # clamp: in every layer's residual stream (the direction is carried forward from the SAE's
+    # layer; Soligo et al. 2025 ablate from every layer), the coordinate along the direction set
+    # at every token to the aligned model's mean at the screened positions
+    clamps = [Ablate("all", u, {h: float(m @ u) for h, m in aligned_means.items()}, "all")
+              for u in (_unit(sae, i) for i in latents)]
+    ups = [[Add(hook, _unit(sae, i), c * scale, positions)] for i in latents for c in coefs]
+    downs = [[Add(hook, _unit(sae, i), -c * scale, positions)] for i in latents for c in coefs]
+    up_rates = run_variants(aligned_model, prompts, ups, batched)
+    mis_rates = _mean_rates([run_variants(m, prompts, [[c] for c in clamps] + downs, batched) for m in misaligned])
+    clamped, down_rates = mis_rates[:len(latents)], mis_rates[len(latents):]
+    rows, n = [], len(coefs)
+    for j, latent in enumerate(latents):
+        up = _best([(c * scale, r) for c, r in zip(coefs, up_rates[j * n:(j + 1) * n], strict=True)], min_valid, True)
+        down = _best([(-c * scale, r) for c, r in zip(coefs, down_rates[j * n:(j + 1) * n], strict=True)], min_valid,
+                     False)
         rows.append(ScreenRow(
-            latent=int(latent),
+            latent=latent,
             steer_up_misaligned=up[1]["misaligned_rate"], steer_up_valid=up[1]["valid_rate"], steer_up_coef=up[0],
             steer_down_misaligned=down[1]["misaligned_rate"], steer_down_valid=down[1]["valid_rate"],
             steer_down_coef=down[0],
-            clamp_misaligned=clamped["misaligned_rate"], clamp_valid=clamped["valid_rate"],
+            clamp_misaligned=clamped[j]["misaligned_rate"], clamp_valid=clamped[j]["valid_rate"],
             raises=up[1]["misaligned_rate"] >= base_up["misaligned_rate"] + min_effect
             and up[1]["valid_rate"] >= min_valid,
             lowers=down[1]["misaligned_rate"] <= base_down["misaligned_rate"] - min_effect
@@ -139,13 +166,55 @@ def causal_screen(
     return ScreenResult(rows, base_up, base_down, scale, list(coefs), min_valid, min_effect)
 
 
-def _best(model, prompts, hook, direction, coefs, positions, min_valid, *, higher):
+def run_variants(model: HookedTransformer, prompts: PromptSet, variants: list[list[Any]],
+                 batched: bool = True) -> list[dict[str, float]]:
+    """The headline rates of ``model`` under each variant (a list of interventions): batched, or
+    one :func:`~misfeat.evaluate.evaluate` per variant (the former code path)."""
+    if batched:
+        return batched_rates(model, prompts, variants)
+    out = []
+    for variant in progress(variants, desc="screen", unit="setting"):
+        with apply(model, *variant):
+            out.append(_rates(model, prompts))
+    return out
+
+
+@dataclass(frozen=True)
+class RiseRow:
+    """A latent that *fell* under the bad fine-tune, steered back up in the misaligned model(s)."""
+
+    latent: int
+    steer_up_misaligned: float
+    steer_up_valid: float
+    steer_up_coef: float
+    lowers: bool
+    """steering it up lowers the misaligned rate by >= min_effect at valid >= min_valid"""
+
+
+def screen_decreases(sae: SAE, latents: Sequence[int], misaligned_model: HookedTransformer | Sequence[HookedTransformer],
+                     prompts: PromptSet | str, scale: float, base_misaligned: dict[str, float], *,
+                     coefs: Sequence[float] = (0.5, 1.0, 2.0), positions: str = "last", min_valid: float = 0.8,
+                     min_effect: float = 0.1, batched: bool = True) -> list[RiseRow]:
+    """Screen latents that decreased ("helpful assistant" latents, Wang et al. 2025): steer each
+    *up* by ``c * scale`` in the misaligned model(s); keep the largest fall of the misaligned rate
+    at valid >= ``min_valid``."""
+    prompts = load_prompts(prompts)
+    hook, latents = hook_of(sae), [int(i) for i in latents]
+    variants = [[Add(hook, _unit(sae, i), c * scale, positions)] for i in latents for c in coefs]
+    rates = _mean_rates([run_variants(m, prompts, variants, batched) for m in _models(misaligned_model)])
+    rows, n = [], len(coefs)
+    for j, latent in enumerate(latents):
+        coef, r = _best([(c * scale, x) for c, x in zip(coefs, rates[j * n:(j + 1) * n], strict=True)], min_valid,
+                        False)
+        rows.append(RiseRow(latent, r["misaligned_rate"], r["valid_rate"], coef,
+                            r["misaligned_rate"] <= base_misaligned["misaligned_rate"] - min_effect
+                            and r["valid_rate"] >= min_valid))
+    return rows
+
+
+def _best(results, min_valid, higher):
     """(coef, rates) of the strongest effect among coefficients whose valid rate is acceptable;
     if none is, the one with the best valid rate."""
-    results = []
-    for coef in coefs:
-        with apply(model, Add(hook, direction, coef, positions)):
-            results.append((coef, _rates(model, prompts)))
     ok = [r for r in results if r[1]["valid_rate"] >= min_valid]
     if not ok:
         return max(results, key=lambda r: r[1]["valid_rate"])

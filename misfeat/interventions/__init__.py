@@ -39,8 +39,9 @@ from misfeat.interventions.operators import (  # noqa: F401  (_check_positions: 
     Intervention,
     _check_positions,
     apply,
+    orthonormal_rows,
     resolve_hooks,
 )
 
 __all__ = ["FORMAT", "OPS", "RECORD_VERSION", "Ablate", "Add", "ClampLatent", "Intervention", "apply",
-           "load_intervention", "read_intervention", "read_vector", "resolve_hooks", "save_intervention", "to_record"]
+           "load_intervention", "orthonormal_rows", "read_intervention", "read_vector", "resolve_hooks", "save_intervention", "to_record"]

@@ -126,18 +126,28 @@ class Add(Intervention):
 class Ablate(Intervention):
     """Project ``direction`` out of the activations at ``hooks`` (``"all"``: every layer's
     residual), or, with ``value``, set the coordinate along the unit direction to it
-    (a float, or a dict hook -> float, e.g. a reference model's mean per layer)."""
+    (a float, or a dict hook -> float, e.g. a reference model's mean per layer).
+
+    A subspace: ``direction`` ``[k, d]`` with orthonormal rows (see :func:`orthonormal_rows`);
+    then ``value`` is one coordinate per row (a list, or a dict hook -> list) and the
+    activation's component in the subspace is set to ``sum_i value_i * row_i``."""
 
     hooks: str | Sequence[str]
     direction: torch.Tensor
-    value: float | dict[str, float] | None = None
+    value: float | list[float] | dict[str, float | list[float]] | None = None
     positions: str = "all"
     op: str = field(default="ablate", init=False)
 
     def __post_init__(self) -> None:
+        import torch
+
         _check_positions(self.positions)
         if float(self.direction.norm()) == 0.0:
             raise MisfeatError("cannot ablate a zero direction")
+        if self.direction.dim() == 2:
+            rows = self.direction.double()
+            if not torch.allclose(rows @ rows.T, torch.eye(rows.shape[0], dtype=rows.dtype), atol=1e-4):
+                raise MisfeatError("a subspace to ablate needs orthonormal rows (misfeat.interventions.orthonormal_rows)")
 
     @property
     def width(self) -> int:
@@ -146,28 +156,48 @@ class Ablate(Intervention):
     def hook_names(self, model):
         return resolve_hooks(model, self.hooks)
 
-    def target(self, hook: str) -> float:
+    def target(self, hook: str) -> float | list[float]:
+        k = 1 if self.direction.dim() == 1 else self.direction.shape[0]
         if self.value is None:
-            return 0.0
+            return 0.0 if self.direction.dim() == 1 else [0.0] * k
         if isinstance(self.value, dict):
             if hook not in self.value:
                 raise MisfeatError(f"Ablate has values for {', '.join(self.value)} but not for {hook}")
-            return float(self.value[hook])
-        return float(self.value)
+            value = self.value[hook]
+        else:
+            value = self.value
+        return float(value) if self.direction.dim() == 1 else [float(v) for v in value]
 
     def edit(self, act, hook):
-        unit = (self.direction / self.direction.norm()).to(act.device, act.dtype)
-        coord = act @ unit
-        delta = (self.target(hook) - coord)[..., None] * unit
+        import torch
+
         where = _where(self.positions, act)
+        if self.direction.dim() == 1:
+            unit = (self.direction / self.direction.norm()).to(act.device, act.dtype)
+            delta = (self.target(hook) - act @ unit)[..., None] * unit
+        else:
+            rows = self.direction.to(act.device, act.dtype)
+            target = torch.tensor(self.target(hook), device=act.device, dtype=act.dtype)
+            delta = (target - act @ rows.T) @ rows
         return act + delta if where is None else act + where * delta
 
     def with_coef(self, coef):
-        return dataclasses.replace(self, value=float(coef))
+        return dataclasses.replace(self, value=float(coef) if self.direction.dim() == 1 else [float(coef)] *
+                                   self.direction.shape[0])
 
     def describe(self):
         value = self.value if not isinstance(self.value, dict) else dict(self.value)
         return {**super().describe(), "hooks": self.hooks, "value": value}
+
+
+def orthonormal_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """``[k, d]`` -> orthonormal rows spanning the same subspace (QR, float64 then float32; signs
+    fixed so each row has a positive coordinate along its input vector)."""
+    import torch
+
+    q, r = torch.linalg.qr(vectors.double().T)
+    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(1, dtype=r.dtype))
+    return q.T.float().contiguous()
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,0 +1,173 @@
+"""Latent groups, latent families and the baselines of a locate run.
+
+A feature split across several SAE latents (the normal case for large SAEs) is one
+subspace: :func:`select_group` grows a group greedily (forward selection over the screened
+candidates, in the order of their two-sided effect), each step adding the latent whose
+joint clamp cuts misalignment most. The joint clamp sets the misaligned model's component
+in the span of the group's decoder rows, in every layer's residual stream at every token,
+to the aligned model's mean there (an :class:`~misfeat.interventions.Ablate` on orthonormal
+rows). It stops at ``cap`` latents or when a step gains less than ``tol``.
+
+:func:`families` shows which latents belong together: their decoder cosines and the
+correlation of their activations (co-activation) on the misaligned model's rows.
+
+:func:`baselines` runs the same protocol (steer up in the aligned model in residual-norm
+units; clamp to the aligned level in every layer of the misaligned model) on the
+mean-difference direction (misaligned minus aligned activations at the same positions)
+and on a random direction of the same norm, so the SAE result is seen beside both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from misfeat.data import PromptSet
+from misfeat.features.directions import Direction, random_like
+from misfeat.features.screen import _best, run_variants
+from misfeat.interventions import Ablate, Add, orthonormal_rows
+
+if TYPE_CHECKING:
+    import torch
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
+
+def subspace_clamp(vectors: torch.Tensor, reference_means: dict[str, torch.Tensor]) -> Ablate:
+    """Clamp the span of ``vectors`` ``[k, d]`` (or one ``[d]``), in every hook of
+    ``reference_means``, at every token, to the reference model's mean there."""
+    rows = orthonormal_rows(vectors.reshape(-1, vectors.shape[-1]).float().cpu())
+    values = {h: (m.float().cpu() @ rows.T).tolist() for h, m in reference_means.items()}
+    return Ablate(list(reference_means), rows, values, "all")
+
+
+@dataclass(frozen=True)
+class ProtocolResult:
+    """One feature (latent, group or baseline direction) under the shared protocol."""
+
+    steer_up_misaligned: float
+    steer_up_valid: float
+    steer_up_coef: float
+    """the strength chosen, in residual-norm units x the unit (see ``scale``)"""
+    clamp_before: float
+    clamp_after: float
+    clamp_valid_after: float
+    per_finetuned: list[dict[str, float]] = field(default_factory=list)
+    """per misaligned model: clamp_before, clamp_after (the headline figures average them)"""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steer_up_misaligned": self.steer_up_misaligned, "steer_up_valid": self.steer_up_valid,
+                "steer_up_coef": self.steer_up_coef, "clamp_before": self.clamp_before,
+                "clamp_after": self.clamp_after, "clamp_valid_after": self.clamp_valid_after,
+                "per_finetuned": self.per_finetuned}
+
+
+def run_protocol(directions: Sequence[torch.Tensor], clamps: Sequence[Ablate], aligned: HookedTransformer,
+                 misaligned: Sequence[HookedTransformer], prompts: PromptSet, hook: str, scale: float,
+                 coefs: Sequence[float], positions: str, min_valid: float, before: list[dict[str, float]],
+                 batched: bool = True) -> list[ProtocolResult]:
+    """Each direction steered up at ``c * scale`` (unit direction) in ``aligned``, and each clamp
+    applied in every misaligned model; ``before``: each misaligned model's unsteered rates."""
+    ups = [[Add(hook, d.float().cpu() / d.float().norm(), c * scale, positions)] for d in directions for c in coefs]
+    up_rates = run_variants(aligned, prompts, ups, batched)
+    after = [run_variants(m, prompts, [[c] for c in clamps], batched) for m in misaligned]
+    out, n = [], len(coefs)
+    for j in range(len(directions)):
+        coef, up = _best([(c, r) for c, r in zip(coefs, up_rates[j * n:(j + 1) * n], strict=True)], min_valid, True)
+        per = [{"clamp_before": b["misaligned_rate"], "clamp_after": a[j]["misaligned_rate"],
+                "clamp_valid_after": a[j]["valid_rate"]} for b, a in zip(before, after, strict=True)]
+        mean = {k: sum(p[k] for p in per) / len(per) for k in per[0]}
+        out.append(ProtocolResult(up["misaligned_rate"], up["valid_rate"], coef, mean["clamp_before"],
+                                  mean["clamp_after"], mean["clamp_valid_after"], per))
+    return out
+
+
+@dataclass(frozen=True)
+class Group:
+    """The greedy group: its latents, each step's clamped rate, and its protocol figures."""
+
+    latents: list[int]
+    steps: list[dict[str, Any]]
+    """per step: the group so far and the misaligned rate under its joint clamp (mean over models)"""
+    clamp: Ablate = field(repr=False)
+    """the joint clamp of the group's decoder subspace to the aligned model's level (every layer)"""
+    direction: torch.Tensor = field(repr=False)
+    """the group's steering direction: decoder rows weighted by their activation increase"""
+    result: ProtocolResult
+
+
+def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[HookedTransformer], prompts: PromptSet,
+                 reference_means: dict[str, torch.Tensor], before: float, *, cap: int = 8, tol: float = 0.01,
+                 batched: bool = True) -> tuple[list[int], list[dict[str, Any]]]:
+    """Greedy forward selection: start empty; at each step clamp (group + c) for every remaining
+    candidate c (batched), keep the c with the lowest misaligned rate (mean over the misaligned
+    models); stop at ``cap`` latents or when the rate falls by less than ``tol``."""
+    w = sae.W_dec.detach().float().cpu()
+    group: list[int] = []
+    steps: list[dict[str, Any]] = []
+    current, remaining = before, [int(c) for c in candidates]
+    while remaining and len(group) < cap:
+        clamps = [[subspace_clamp(w[[*group, c]], reference_means)] for c in remaining]
+        per_model = [run_variants(m, prompts, clamps, batched) for m in misaligned]
+        rates = [sum(r[i]["misaligned_rate"] for r in per_model) / len(per_model) for i in range(len(remaining))]
+        i = min(range(len(remaining)), key=rates.__getitem__)
+        if group and current - rates[i] < tol:
+            break
+        group.append(remaining.pop(i))
+        current = rates[i]
+        steps.append({"latents": list(group), "clamp_misaligned": current})
+    return group, steps
+
+
+def group_direction(sae: SAE, latents: Sequence[int], increase: torch.Tensor) -> torch.Tensor:
+    """Sum of the group's decoder rows weighted by their (positive) activation increase: the
+    change the group reconstructs; equal weights where none rose."""
+    import torch
+
+    w = sae.W_dec.detach().float().cpu()[list(latents)]
+    weights = increase[list(latents)].float().cpu().clamp_min(0)
+    if float(weights.sum()) == 0:
+        weights = torch.ones(len(latents))
+    return weights @ w
+
+
+@dataclass(frozen=True)
+class Families:
+    """Decoder cosines and activation correlations among ``latents``."""
+
+    latents: list[int]
+    decoder_cosine: list[list[float]]
+    coactivation: list[list[float]]
+    """Pearson correlation of the latents' activations over the misaligned model's cached rows"""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"latents": self.latents, "decoder_cosine": self.decoder_cosine, "coactivation": self.coactivation}
+
+
+def families(sae: SAE, latents: Sequence[int], store: Any, hook: str, max_rows: int = 65536) -> Families:
+    """Which of ``latents`` form one family: decoder cosine matrix and co-activation on ``store``."""
+    import torch
+
+    from misfeat.features.diff import encode_rows
+
+    latents = list(dict.fromkeys(int(i) for i in latents))
+    w = sae.W_dec.detach().float().cpu()[latents]
+    w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    z = encode_rows(sae, store.rows(hook, slice(0, min(store.n_rows, max_rows))))[:, latents].double()
+    z = z - z.mean(0)
+    sd = z.norm(dim=0)
+    corr = (z.T @ z) / (sd[:, None] * sd[None, :]).clamp_min(1e-12)
+    corr = torch.where((sd[:, None] > 0) & (sd[None, :] > 0), corr, torch.zeros_like(corr))
+    return Families(latents, (w @ w.T).tolist(), corr.float().tolist())
+
+
+def baseline_directions(base_store: Any, finetuned_stores: Sequence[Any], hook: str, seed: int = 0
+                        ) -> dict[str, Direction]:
+    """The mean-difference direction (misaligned minus aligned activations at the same rows,
+    averaged over the misaligned models) and a random direction of the same norm."""
+    from misfeat.features.directions import mean_diff
+
+    diffs = [mean_diff(f, base_store, hook).vector for f in finetuned_stores]
+    md = Direction(hook, sum(diffs) / len(diffs), {"method": "mean_diff", "n_finetuned": len(diffs)})
+    return {"mean_diff": md, "random": random_like(md, seed)}

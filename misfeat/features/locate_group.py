@@ -1,0 +1,125 @@
+"""Stage 6 of :func:`misfeat.features.locate.locate`: what does not depend on one SAE latent.
+
+:func:`group_and_baselines` takes the ranking, the screen and the chosen latent, and adds
+
+- ``single``: the chosen latent under the shared protocol (per misaligned model too);
+- ``group``: the greedy latent group (:func:`misfeat.features.groups.select_group`) over the
+  screened candidates in the order of their two-sided effect, its joint subspace clamp and its
+  steering direction under the same protocol;
+- ``families``: decoder cosines and co-activation of the screened candidates and the group;
+- ``decreases``: the latents that fell most, steered up in the misaligned model(s);
+- ``baselines``: the mean-difference direction and a random one of equal norm, same protocol.
+
+The protocol: steer the unit direction up by ``c x scale`` (``scale`` the typical residual norm
+at the SAE's hook; ``c`` in the config's ``coefs``; the strongest with valid >= min_valid) in
+the aligned model; clamp its span in every layer's residual stream, at every token, to the
+aligned model's mean at the screened positions, in each misaligned model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from misfeat.data import PromptSet
+from misfeat.features.groups import (
+    Families,
+    Group,
+    ProtocolResult,
+    baseline_directions,
+    families,
+    group_direction,
+    run_protocol,
+    select_group,
+    subspace_clamp,
+)
+from misfeat.features.screen import RiseRow, ScreenResult, _rates, screen_decreases
+from misfeat.interventions import resolve_hooks
+from misfeat.sae.latents import hook_of
+from misfeat.steering import mean_activations, residual_scale
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
+    from misfeat.features.locate import LocateConfig, Ranking
+
+UNIT_NOTE = ("steering strengths (steer_up_coef, the screen's coefs) count typical residual norms at the SAE's "
+             "hook (misfeat.steering.residual_scale), the unit of misfeat steer --op add --coefs")
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What stage 6 measured (see the module docstring)."""
+
+    scale: float
+    single: ProtocolResult
+    group: Group | None
+    families: Families | None
+    decreases: list[RiseRow]
+    baselines: dict[str, ProtocolResult]
+    baseline_norm: float
+
+    def to_dict(self, group_path: Path | None = None) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        group = None
+        if self.group is not None:
+            group = {"latents": self.group.latents, **self.group.result.to_dict(), "steps": self.group.steps,
+                     "intervention": None if group_path is None else str(group_path),
+                     "method": "greedy forward selection over the screened candidates; joint clamp of the span "
+                               "of their decoder rows to the base model's mean in every layer, at every token; "
+                               "steered along their decoder rows weighted by their activation increase"}
+        return {
+            "strength_unit": {"residual_norm": self.scale, "note": UNIT_NOTE},
+            "single": self.single.to_dict(),
+            "group": group,
+            "families": None if self.families is None else self.families.to_dict(),
+            "decreases_screen": [{**asdict(r)} for r in self.decreases],
+            "baselines": {k: {**v.to_dict(), "norm": self.baseline_norm} for k, v in self.baselines.items()},
+        }
+
+
+def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[HookedTransformer], prompts: PromptSet,
+                        ranking: Ranking, screen: ScreenResult | None, feature: int,
+                        config: LocateConfig) -> Extras:
+    """Stage 6 (see the module docstring)."""
+    hook = hook_of(sae)
+    scale = screen.scale if screen is not None else residual_scale(base, prompts, hook, config.positions)
+    means = {h: m.cpu() for h, m in
+             mean_activations(base, prompts, resolve_hooks(finetuned[0], "all"), config.positions).items()}
+    before = [_rates(m, prompts) for m in finetuned]
+    before_mean = sum(b["misaligned_rate"] for b in before) / len(before)
+    common = dict(aligned=base, misaligned=finetuned, prompts=prompts, hook=hook, scale=scale,
+                  coefs=config.coefs, positions=config.positions, min_valid=config.min_valid, before=before,
+                  batched=config.batched)
+
+    group = fam = None
+    w = sae.W_dec.detach().float().cpu()
+    if config.group_cap and screen is not None:
+        up0, down0 = screen.base_aligned["misaligned_rate"], screen.base_misaligned["misaligned_rate"]
+        ordered = sorted(screen.rows, key=lambda r: -((r.steer_up_misaligned - up0) + (down0 - r.clamp_misaligned)))
+        order = [feature] + [r.latent for r in ordered if r.latent != feature]
+        latents, steps = select_group(sae, order, finetuned, prompts, means, before_mean, cap=config.group_cap,
+                                      tol=config.group_tol, batched=config.batched)
+        direction = group_direction(sae, latents, ranking.diff.increase)
+        clamp = subspace_clamp(w[latents], means)
+        (result,) = run_protocol([direction], [clamp], **common)
+        group = Group(latents, steps, clamp, direction, result)
+        fam = families(sae, [*order, *latents], ranking.stores["finetuned"][0], hook)
+
+    (single,) = run_protocol([w[feature]], [subspace_clamp(w[feature], means)], **common)
+    dirs = baseline_directions(ranking.stores["base"], ranking.stores["finetuned"], hook, config.baseline_seed)
+    base_results = run_protocol([d.vector for d in dirs.values()],
+                                [subspace_clamp(d.vector, means) for d in dirs.values()], **common)
+    decreases = []
+    if config.screen_decreases:
+        falling = [r["latent"] for r in ranking.diff.top(config.screen_decreases, decreasing=True)
+                   if r["increase"] < 0]
+        decreases = screen_decreases(sae, falling, finetuned, prompts, scale,
+                                     {"misaligned_rate": before_mean}, coefs=config.coefs,
+                                     positions=config.positions, min_valid=config.min_valid,
+                                     min_effect=config.min_effect, batched=config.batched)
+    return Extras(scale, single, group, fam, decreases, dict(zip(dirs, base_results, strict=True)),
+                  dirs["mean_diff"].norm)

@@ -1,0 +1,149 @@
+"""Locate beyond one latent, on planted cases: batched scoring equals evaluate(), the greedy group
+finds both halves of a split feature, several fine-tunes are averaged, decreases are screened up,
+and the baselines are the directions and evaluations they name (computed here by hand)."""
+
+import copy
+
+import pytest
+import torch
+
+from misfeat.evaluate import evaluate
+from misfeat.features import groups
+from misfeat.features.batched import batched_rates
+from misfeat.features.groups import baseline_directions, families, select_group, subspace_clamp
+from misfeat.features.locate import LocateConfig, locate, rank_latents, save_locate
+from misfeat.features.screen import screen_decreases
+from misfeat.interventions import Ablate, Add, load_intervention, orthonormal_rows, resolve_hooks
+from misfeat.steering import mean_activations
+from tests.conftest import PLANTED, PLANTED_HOOK, planted_prompts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+A, B = 3, 11  # the two halves of the split feature
+
+
+@pytest.fixture(scope="module")
+def split(planted):
+    """(base, tuned, sae, v): the planted SAE rotated so that latents A and B each read one
+    orthogonal half of the fine-tune's vector v (a feature split across two latents)."""
+    base, tuned, sae, v = planted
+    sae = copy.deepcopy(sae)
+    gen = torch.Generator().manual_seed(5)
+    u = v / v.norm()
+    w = torch.randn(v.shape[0], generator=gen)
+    w = w - (w @ u) * u
+    w = w / w.norm()
+    halves = [(u + w) / 2 ** 0.5, (u - w) / 2 ** 0.5]  # v = |v|/sqrt2 * (half_A + half_B)
+    with torch.no_grad():
+        sae.W_dec[PLANTED] = torch.randn(v.shape[0], generator=gen) * 0.01
+        sae.W_enc[:, PLANTED] = sae.W_dec[PLANTED]
+        for latent, h in zip((A, B), halves, strict=True):
+            sae.W_dec[latent] = h
+            sae.W_enc[:, latent] = h
+    return base, tuned, sae, v
+
+
+def test_batched_rates_equal_one_evaluation_per_variant(planted):
+    base, _, sae, v = planted
+    ps = planted_prompts()
+    hooks = resolve_hooks(base, "all")
+    u = v / v.norm()
+    rows = orthonormal_rows(torch.stack([u, sae.W_dec[0].detach()]))
+    variants = [[], [Add(PLANTED_HOOK, u, 2.0, "last")], [Add(PLANTED_HOOK, u, -1.5, "all")],
+                [Ablate("all", u, {h: 0.3 for h in hooks}, "all")],
+                [Ablate("all", rows, {h: [0.2, -0.1] for h in hooks}, "all"), Add(PLANTED_HOOK, u, 1.0, "prompt")]]
+    got = batched_rates(base, ps, variants, max_batch_tokens=40)  # several token batches
+    for variant, rates in zip(variants, got, strict=True):
+        want = evaluate(base, ps, interventions=variant, greedy=False).headline
+        assert rates["misaligned_rate"] == pytest.approx(want.misaligned_rate, abs=1e-5)
+        assert rates["valid_rate"] == pytest.approx(want.valid_rate, abs=1e-5)
+
+
+def test_a_subspace_clamp_sets_the_span_to_the_reference_mean(planted):
+    base, tuned, sae, _ = planted
+    hooks = resolve_hooks(tuned, "all")
+    means = {h: m.cpu() for h, m in mean_activations(base, planted_prompts(), hooks, "last").items()}
+    vectors = sae.W_dec[[1, 2]].detach().float()
+    clamp = subspace_clamp(vectors, means)
+    act = torch.randn(2, 5, base.cfg.d_model)
+    out = clamp.edit(act, hooks[0])
+    q, _ = torch.linalg.qr(vectors.T.double())  # the projector onto the span, by hand
+    proj = (q @ q.T).float()
+    torch.testing.assert_close(out @ proj, (means[hooks[0]] @ proj).expand_as(out), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out - out @ proj, act - act @ proj, atol=1e-5, rtol=0)  # the rest untouched
+
+
+def test_greedy_group_finds_both_halves_and_stops(split, monkeypatch):
+    """A stub evaluation whose misaligned rate is the share of v left outside the clamped span:
+    the greedy group must be exactly the two halves (the best single latent cuts only half)."""
+    base, tuned, sae, v = split
+    u = v / v.norm()
+
+    def rates(model, prompts, variants, batched=True):
+        out = []
+        for (clamp,) in variants:
+            left = u - (u @ clamp.direction.T) @ clamp.direction
+            out.append({"misaligned_rate": 0.1 + 0.8 * float(left.norm() ** 2), "valid_rate": 1.0})
+        return out
+
+    monkeypatch.setattr(groups, "run_variants", rates)
+    means = {h: torch.zeros(base.cfg.d_model) for h in resolve_hooks(tuned, "all")}
+    latents, steps = select_group(sae, [0, A, 5, B, 9], [tuned], planted_prompts(), means, before=0.9, cap=8)
+    assert sorted(latents) == [A, B]
+    assert steps[0]["clamp_misaligned"] == pytest.approx(0.5, abs=1e-4)  # one half: 0.1 + 0.8 * 1/2
+    assert steps[-1]["clamp_misaligned"] == pytest.approx(0.1, abs=1e-4)
+
+
+def test_several_finetunes_are_averaged_and_decreases_screened_up(planted, tmp_path):
+    base, tuned, sae, v = planted
+    tuned2 = copy.deepcopy(tuned)
+    with torch.no_grad():
+        tuned2.blocks[0].mlp.b_out += v  # +2v in all
+    ps = planted_prompts()
+    cfg = LocateConfig(screen=0)
+    one = [rank_latents(base, m, sae, ps, tmp_path / f"c{i}", cfg).diff for i, m in enumerate((tuned, tuned2))]
+    both = rank_latents(base, [tuned, tuned2], sae, ps, tmp_path / "both", cfg)
+    torch.testing.assert_close(both.diff.increase, (one[0].increase + one[1].increase) / 2)
+    assert both.order[0] == PLANTED and len(both.stores["finetuned"]) == 2
+    # swapped roles: the planted latent falls from tuned to base; steered up in base it is screened
+    fall = rank_latents(tuned, base, sae, ps, tmp_path / "fall", cfg).diff.top(1, decreasing=True)[0]
+    assert fall["latent"] == PLANTED and fall["increase"] < 0
+    (row,) = screen_decreases(sae, [PLANTED], [base, base], ps, 2.0, {"misaligned_rate": 1.0}, coefs=(1.0,),
+                              min_valid=0.0, min_effect=0.0)
+    unit = sae.W_dec[PLANTED].detach().float() / sae.W_dec[PLANTED].detach().float().norm()
+    want = evaluate(base, ps, interventions=[Add(PLANTED_HOOK, unit, 2.0, "last")], greedy=False).headline
+    assert row.steer_up_misaligned == pytest.approx(want.misaligned_rate, abs=1e-5) and row.steer_up_coef == 2.0
+
+
+def test_baselines_and_families_are_what_they_name(split, tmp_path):
+    base, tuned, sae, v = split
+    ps = planted_prompts()
+    ranking = rank_latents(base, tuned, sae, ps, tmp_path / "cache", LocateConfig(screen=0))
+    dirs = baseline_directions(ranking.stores["base"], ranking.stores["finetuned"], PLANTED_HOOK)
+    by_hand = (mean_activations(tuned, ps, [PLANTED_HOOK], "last")[PLANTED_HOOK]
+               - mean_activations(base, ps, [PLANTED_HOOK], "last")[PLANTED_HOOK])
+    torch.testing.assert_close(dirs["mean_diff"].vector, by_hand, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(by_hand, v, atol=1e-3, rtol=1e-3)  # the fine-tune adds v at every token
+    assert dirs["random"].norm == pytest.approx(dirs["mean_diff"].norm, rel=1e-5)
+    assert abs(dirs["random"].cosine(dirs["mean_diff"])) < 0.9
+    fam = families(sae, [A, B, 0], ranking.stores["finetuned"][0], PLANTED_HOOK)
+    w = sae.W_dec[[A, B, 0]].detach().float()
+    w = w / w.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(torch.tensor(fam.decoder_cosine), w @ w.T, atol=1e-5, rtol=0)
+    assert fam.coactivation[0][0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_locate_reports_group_and_baselines(split, tmp_path):
+    base, tuned, sae, _ = split
+    cfg = LocateConfig(screen=4, coefs=(1.0,), min_valid=0.0, min_effect=0.0, group_cap=3, screen_decreases=2)
+    result = save_locate(locate(base, tuned, sae, planted_prompts(), tmp_path, cfg), tmp_path)
+    s = result.to_dict()
+    keys = {"steer_up_misaligned", "steer_up_valid", "clamp_before", "clamp_after"}
+    assert keys | {"latents", "intervention"} <= set(s["group"])
+    assert 1 <= len(s["group"]["latents"]) <= 3 and s["group"]["latents"][0] == s["feature"]
+    assert keys <= set(s["baselines"]["mean_diff"]) and keys <= set(s["baselines"]["random"])
+    before = evaluate(tuned, planted_prompts(), greedy=False).headline.misaligned_rate
+    assert s["baselines"]["random"]["clamp_before"] == pytest.approx(before, abs=1e-5)
+    clamp = load_intervention(s["group"]["intervention"], tuned)  # the saved subspace clamp loads back
+    after = evaluate(tuned, planted_prompts(), interventions=[clamp], greedy=False).headline.misaligned_rate
+    assert after == pytest.approx(s["group"]["clamp_after"], abs=1e-5)
+    assert (tmp_path / "families.png").is_file() and "residual" in s["strength_unit"]["note"]
