@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "misfeat.cli.cache_cmd",
     "misfeat.cli.sae_cmd",
     "misfeat.cli.locate_cmd",
+    "misfeat.cli.early_warning_cmd",
     "misfeat.cli.steer_cmd",
     "misfeat.cli.realign_cmd",
     "misfeat.cli.finetune_cmd",

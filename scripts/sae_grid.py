@@ -1,0 +1,102 @@
+"""The SAE grid of issue 14: SAEs of several sizes and sparsities, trained on the organism's
+pre-training documents or on chat-format text, each followed by `misfeat locate` with its
+defaults; one row per SAE (explained variance, the single latent, the group, the baselines).
+
+    python scripts/sae_grid.py --seed 0 --corpus chat --d-sae 1024 --k 16 --out runs/grid
+
+Corpora: ``pretrain`` = organism:pretrain:3000 (the README's SAE); ``chat`` = the chat model's
+own tuning format, aligned question/answer pairs of every domain (organism:aligned:<d>:N).
+Activations of organism:chat at blocks.1.hook_resid_post, every token. Appends rows to
+OUT/grid.jsonl (skips SAEs already there) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def corpus(name: str, seed: int, n_per_domain: int = 600):
+    from misfeat.data import PromptSet, load_prompts
+
+    if name == "pretrain":
+        return f"organism:pretrain:3000@seed={seed}"
+    from misfeat.organism.world import make_world
+
+    sets = [load_prompts(f"organism:aligned:{d}:{n_per_domain}@seed={seed}") for d in make_world("health").domain_names]
+    return PromptSet(f"chat-format@seed={seed}", tuple(r for s in sets for r in s), sets[0].meta)
+
+
+def row(sae_dir: Path, locate_dir: Path, seconds: float, ev: float | None) -> dict:
+    s = json.loads((locate_dir / "summary.json").read_text())
+    feature = next(r for r in s["top_latents"] if r["latent"] == s["feature"])
+    single, group, b = s["single"], s["group"] or {}, s["baselines"]
+
+    def cut(x):
+        return None if not x or not x.get("clamp_before") else 1 - x["clamp_after"] / x["clamp_before"]
+
+    return {"sae": str(sae_dir), "ev": ev, "locate_s": round(seconds, 1), "feature": s["feature"],
+            "passed": s["feature_passed_screen"], "single_up": feature.get("steer_up_misaligned"),
+            "single_valid": feature.get("steer_up_valid"), "single_cut": cut(single),
+            "group": group.get("latents"), "group_up": group.get("steer_up_misaligned"),
+            "group_valid": group.get("steer_up_valid"), "group_cut": cut(group),
+            "md_up": b["mean_diff"]["steer_up_misaligned"], "md_valid": b["mean_diff"]["steer_up_valid"],
+            "md_cut": cut(b["mean_diff"]), "rand_up": b["random"]["steer_up_misaligned"],
+            "rand_valid": b["random"]["steer_up_valid"], "rand_cut": cut(b["random"]),
+            "clamp_before": single["clamp_before"]}
+
+
+def main() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from misfeat.activations import cache_activations
+    from misfeat.cli import main as cli
+    from misfeat.models import load_model
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpus", choices=["pretrain", "chat"], default="chat")
+    p.add_argument("--d-sae", default="1024")
+    p.add_argument("--k", default="16")
+    p.add_argument("--tokens", type=int, default=1_000_000)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    at = f"@seed={args.seed}"
+    out = args.out / f"seed{args.seed}-{args.corpus}"
+    cache = out / "cache"
+    if not cache.exists():
+        cache_activations(load_model(f"organism:chat{at}", device="cpu"), corpus(args.corpus, args.seed), [HOOK],
+                          cache, positions="all")
+    sae_root = out / f"sae-{args.d_sae.replace(',', '_')}-k{args.k.replace(',', '_')}"
+    if not sae_root.exists():
+        assert cli(["train-sae", "--cache", str(cache), "--d-sae", args.d_sae, "--k", args.k, "--tokens",
+                    str(args.tokens), "--out", str(sae_root), "--device", "cpu"]) == 0
+    done = {json.loads(x)["sae"] for x in (args.out / "grid.jsonl").read_text().splitlines()} \
+        if (args.out / "grid.jsonl").exists() else set()
+    dirs = [sae_root] if (sae_root / "cfg.json").exists() else sorted(d for d in sae_root.iterdir()
+                                                                       if (d / "cfg.json").exists())
+    for sae_dir in dirs:
+        if str(sae_dir) in done:
+            continue
+        from misfeat.sae.io import load_sae
+
+        info = load_sae(sae_dir).cfg.metadata.misfeat_training
+        ev = (info.get("last_batch") or {}).get("EV")
+        locate_dir = sae_dir / "locate"
+        start = time.perf_counter()
+        assert cli(["locate", "--base", f"organism:chat{at}", "--finetuned", f"organism:em{at}", "--sae",
+                    str(sae_dir), "--prompts", f"organism:heldout{at}", "--out", str(locate_dir), "--device",
+                    "cpu"]) == 0
+        r = {"seed": args.seed, "corpus": args.corpus, **row(sae_dir, locate_dir, time.perf_counter() - start, ev)}
+        with open(args.out / "grid.jsonl", "a") as f:
+            f.write(json.dumps(r) + "\n")
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
