@@ -53,8 +53,6 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(LocateConfig, args)
     specs = split_specs(args.finetuned)
-    if not specs:
-        raise MisfeatError("--finetuned names no model; give one spec or a comma-separated list")
     sae = load_sae(args.sae)
     base = load_model(args.base, device=args.device, dtype=args.dtype)
     finetuned = [load_model(s, device=args.device, dtype=args.dtype) for s in specs]
