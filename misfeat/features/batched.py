@@ -107,14 +107,14 @@ def batched_rates(model: HookedTransformer, prompts: PromptSet | str, variants: 
     prompts = load_prompts(prompts)
     if not variants:
         return []
-    records, spans = _expand(prompts)
-    lps = response_logprobs_batched(model, records, variants, max_batch_tokens)
+    members = {k: v for k, v in group_members(prompts).items() if v}
+    headline = prompts.meta.get("headline")
+    idx = members[headline] if headline in members else next(iter(members.values()))
+    records, spans = _expand([prompts.records[i] for i in idx])  # only the headline group is reported
+    lps = response_logprobs_batched(model, records, variants, max_batch_tokens)  # a list, as evaluate() encodes
     lp_al = torch.stack([torch.logsumexp(lps[:, a:b], 1) for a, b, _ in spans], 1)
     lp_mis = torch.stack([torch.logsumexp(lps[:, b:c], 1) for _, b, c in spans], 1)
     both = torch.logaddexp(lp_al, lp_mis)
     mis, valid = (lp_mis - both).exp().double(), both.exp().double()
-    members = {k: v for k, v in group_members(prompts).items() if v}
-    headline = prompts.meta.get("headline")
-    idx = list(members[headline] if headline in members else next(iter(members.values())))
-    return [{"misaligned_rate": float(mis[c, idx].mean()), "valid_rate": float(valid[c, idx].mean())}
+    return [{"misaligned_rate": float(mis[c].mean()), "valid_rate": float(valid[c].mean())}
             for c in range(len(variants))]
