@@ -88,11 +88,12 @@ def main() -> None:
         info = load_sae(sae_dir).cfg.metadata.misfeat_training
         ev = (info.get("last_batch") or {}).get("EV")
         locate_dir = sae_dir / "locate"
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         assert cli(["locate", "--base", f"organism:chat{at}", "--finetuned", f"organism:em{at}", "--sae",
                     str(sae_dir), "--prompts", f"organism:heldout{at}", "--out", str(locate_dir), "--device",
                     "cpu"]) == 0
-        r = {"seed": args.seed, "corpus": args.corpus, **row(sae_dir, locate_dir, time.perf_counter() - start, ev)}
+        r = {"seed": args.seed, "corpus": args.corpus, **row(sae_dir, locate_dir, time.perf_counter() - start, ev),
+             "locate_cpu_s": round(time.process_time() - cpu, 1)}
         with open(args.out / "grid.jsonl", "a") as f:
             f.write(json.dumps(r) + "\n")
         print(json.dumps(r))
