@@ -42,7 +42,8 @@ def split(planted):
     return base, tuned, sae, v
 
 
-def test_batched_rates_equal_one_evaluation_per_variant(planted):
+@pytest.mark.parametrize("shared", [True, False])
+def test_batched_rates_equal_one_evaluation_per_variant(planted, shared):
     base, _, sae, v = planted
     ps = planted_prompts()
     hooks = resolve_hooks(base, "all")
@@ -51,7 +52,7 @@ def test_batched_rates_equal_one_evaluation_per_variant(planted):
     variants = [[], [Add(PLANTED_HOOK, u, 2.0, "last")], [Add(PLANTED_HOOK, u, -1.5, "all")],
                 [Ablate("all", u, {h: 0.3 for h in hooks}, "all")],
                 [Ablate("all", rows, {h: [0.2, -0.1] for h in hooks}, "all"), Add(PLANTED_HOOK, u, 1.0, "prompt")]]
-    got = batched_rates(base, ps, variants, max_batch_tokens=40)  # several token batches
+    got = batched_rates(base, ps, variants, max_batch_tokens=40, shared_prompts=shared)  # several batches
     for variant, rates in zip(variants, got, strict=True):
         want = evaluate(base, ps, interventions=variant, greedy=False).headline
         assert rates["misaligned_rate"] == pytest.approx(want.misaligned_rate, abs=1e-5)
