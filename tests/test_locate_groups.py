@@ -140,7 +140,7 @@ def test_locate_reports_group_and_baselines(split, tmp_path):
     s = result.to_dict()
     keys = {"steer_up_misaligned", "steer_up_valid", "clamp_before", "clamp_after"}
     assert keys | {"latents", "intervention"} <= set(s["group"])
-    assert 1 <= len(s["group"]["latents"]) <= 3 and s["group"]["latents"][0] == s["feature"]
+    assert 1 <= len(s["group"]["latents"]) <= 3 and set(s["group"]["latents"]) <= {r["latent"] for r in s["screen"]["rows"]}
     assert keys <= set(s["baselines"]["mean_diff"]) and keys <= set(s["baselines"]["random"])
     before = evaluate(tuned, planted_prompts(), greedy=False).headline.misaligned_rate
     assert s["baselines"]["random"]["clamp_before"] == pytest.approx(before, abs=1e-5)
