@@ -50,6 +50,29 @@ def row(sae_dir: Path, locate_dir: Path, seconds: float, ev: float | None) -> di
             "clamp_before": single["clamp_before"]}
 
 
+def table(path: Path) -> str:
+    """The grid as a markdown table (pass = steer-up >= 0.3 at valid >= 0.8 and clamp cut >= 80%)."""
+    def f(x):
+        return "-" if x is None else f"{x:.2f}"
+
+    def ok(up, valid, c):
+        return "pass" if up is not None and up >= 0.3 and valid >= 0.8 and c is not None and c >= 0.8 else "fail"
+
+    lines = ["| seed | corpus | d_sae x k | EV | single: latent, up (valid), cut | group: latents, up (valid), cut | "
+             "mean-diff: up (valid), cut | random: up (valid), cut | locate wall / CPU s |", "|" + "---|" * 9]
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        name = Path(r["sae"]).name.replace("sae-", "").replace("topk-", "")
+        lines.append(
+            f"| {r['seed']} | {r['corpus']} | {name} | {f(r['ev'])} | {r['feature']}{'' if r['passed'] else ' (no pass)'}: "
+            f"{f(r['single_up'])} ({f(r['single_valid'])}), {f(r['single_cut'])} "
+            f"**{ok(r['single_up'], r['single_valid'], r['single_cut'])}** | {r['group']}: {f(r['group_up'])} "
+            f"({f(r['group_valid'])}), {f(r['group_cut'])} **{ok(r['group_up'], r['group_valid'], r['group_cut'])}** | "
+            f"{f(r['md_up'])} ({f(r['md_valid'])}), {f(r['md_cut'])} | {f(r['rand_up'])} ({f(r['rand_valid'])}), "
+            f"{f(r['rand_cut'])} | {r['locate_s']:.0f} / {r.get('locate_cpu_s', '-')} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     import torch
 
@@ -65,7 +88,11 @@ def main() -> None:
     p.add_argument("--k", default="16")
     p.add_argument("--tokens", type=int, default=1_000_000)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--table", action="store_true", help="only print OUT/grid.jsonl as a markdown table")
     args = p.parse_args()
+    if args.table:
+        print(table(args.out / "grid.jsonl"))
+        return
     at = f"@seed={args.seed}"
     out = args.out / f"seed{args.seed}-{args.corpus}"
     cache = out / "cache"
