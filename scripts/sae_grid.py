@@ -44,6 +44,7 @@ def row(sae_dir: Path, locate_dir: Path, seconds: float, ev: float | None) -> di
             "single_valid": feature.get("steer_up_valid"), "single_cut": cut(single),
             "group": group.get("latents"), "group_up": group.get("steer_up_misaligned"),
             "group_valid": group.get("steer_up_valid"), "group_cut": cut(group),
+            "single_clamp_valid": single.get("clamp_valid_after"), "group_clamp_valid": group.get("clamp_valid_after"),
             "md_up": b["mean_diff"]["steer_up_misaligned"], "md_valid": b["mean_diff"]["steer_up_valid"],
             "md_cut": cut(b["mean_diff"]), "rand_up": b["random"]["steer_up_misaligned"],
             "rand_valid": b["random"]["steer_up_valid"], "rand_cut": cut(b["random"]),
@@ -65,9 +66,9 @@ def table(path: Path) -> str:
         name = Path(r["sae"]).name.replace("sae-", "").replace("topk-", "")
         lines.append(
             f"| {r['seed']} | {r['corpus']} | {name} | {f(r['ev'])} | {r['feature']}{'' if r['passed'] else ' (no pass)'}: "
-            f"{f(r['single_up'])} ({f(r['single_valid'])}), {f(r['single_cut'])} "
+            f"{f(r['single_up'])} ({f(r['single_valid'])}), {f(r['single_cut'])} ({f(r.get('single_clamp_valid'))}) "
             f"**{ok(r['single_up'], r['single_valid'], r['single_cut'])}** | {r['group']}: {f(r['group_up'])} "
-            f"({f(r['group_valid'])}), {f(r['group_cut'])} **{ok(r['group_up'], r['group_valid'], r['group_cut'])}** | "
+            f"({f(r['group_valid'])}), {f(r['group_cut'])} ({f(r.get('group_clamp_valid'))}) **{ok(r['group_up'], r['group_valid'], r['group_cut'])}** | "
             f"{f(r['md_up'])} ({f(r['md_valid'])}), {f(r['md_cut'])} | {f(r['rand_up'])} ({f(r['rand_valid'])}), "
             f"{f(r['rand_cut'])} | {r['locate_s']:.0f} / {r.get('locate_cpu_s', '-')} |")
     return "\n".join(lines)

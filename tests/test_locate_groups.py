@@ -79,16 +79,21 @@ def test_greedy_group_finds_both_halves_and_stops(split, monkeypatch):
     base, tuned, sae, v = split
     u = v / v.norm()
 
+    breaker = sae.W_dec[9].detach().float()  # latent 9 cuts everything, but breaks the model
+
     def rates(model, prompts, variants, batched=True):
         out = []
         for (clamp,) in variants:
             left = u - (u @ clamp.direction.T) @ clamp.direction
-            out.append({"misaligned_rate": 0.1 + 0.8 * float(left.norm() ** 2), "valid_rate": 1.0})
+            broken = float((clamp.direction @ (breaker / breaker.norm())).norm()) > 0.99
+            out.append({"misaligned_rate": 0.0 if broken else 0.1 + 0.8 * float(left.norm() ** 2),
+                        "valid_rate": 0.1 if broken else 1.0})
         return out
 
     monkeypatch.setattr(groups, "run_variants", rates)
     means = {h: torch.zeros(base.cfg.d_model) for h in resolve_hooks(tuned, "all")}
-    latents, steps = select_group(sae, [0, A, 5, B, 9], [tuned], planted_prompts(), means, before=0.9, cap=8)
+    latents, steps = select_group(sae, [0, A, 5, B, 9], [tuned], planted_prompts(), means, before=0.9, cap=8,
+                                  min_valid=0.8)
     assert sorted(latents) == [A, B]
     assert steps[0]["clamp_misaligned"] == pytest.approx(0.5, abs=1e-4)  # one half: 0.1 + 0.8 * 1/2
     assert steps[-1]["clamp_misaligned"] == pytest.approx(0.1, abs=1e-4)

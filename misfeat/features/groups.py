@@ -99,10 +99,12 @@ class Group:
 
 def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[HookedTransformer], prompts: PromptSet,
                  reference_means: dict[str, torch.Tensor], before: float, *, cap: int = 8, tol: float = 0.01,
-                 batched: bool = True) -> tuple[list[int], list[dict[str, Any]]]:
+                 min_valid: float = 0.0, batched: bool = True) -> tuple[list[int], list[dict[str, Any]]]:
     """Greedy forward selection: start empty; at each step clamp (group + c) for every remaining
     candidate c (batched), keep the c with the lowest misaligned rate (mean over the misaligned
-    models); stop at ``cap`` latents or when the rate falls by less than ``tol``."""
+    models) among those whose clamped valid rate stays >= ``min_valid`` (a clamp that breaks the
+    model is not a cut); stop at ``cap`` latents, when no candidate keeps the model valid, or
+    when the rate falls by less than ``tol``."""
     w = sae.W_dec.detach().float().cpu()
     group: list[int] = []
     steps: list[dict[str, Any]] = []
@@ -110,13 +112,17 @@ def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[Hooke
     while remaining and len(group) < cap:
         clamps = [[subspace_clamp(w[[*group, c]], reference_means)] for c in remaining]
         per_model = [run_variants(m, prompts, clamps, batched) for m in misaligned]
-        rates = [sum(r[i]["misaligned_rate"] for r in per_model) / len(per_model) for i in range(len(remaining))]
-        i = min(range(len(remaining)), key=rates.__getitem__)
-        if group and current - rates[i] < tol:
+        rates = [{k: sum(r[i][k] for r in per_model) / len(per_model) for k in ("misaligned_rate", "valid_rate")}
+                 for i in range(len(remaining))]
+        ok = [i for i in range(len(remaining)) if rates[i]["valid_rate"] >= min_valid]
+        if not ok:
+            break
+        i = min(ok, key=lambda j: rates[j]["misaligned_rate"])
+        if group and current - rates[i]["misaligned_rate"] < tol:
             break
         group.append(remaining.pop(i))
-        current = rates[i]
-        steps.append({"latents": list(group), "clamp_misaligned": current})
+        current = rates[i]["misaligned_rate"]
+        steps.append({"latents": list(group), "clamp_misaligned": current, "clamp_valid": rates[i]["valid_rate"]})
     return group, steps
 
 

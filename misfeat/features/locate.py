@@ -83,7 +83,8 @@ class LocateConfig:
     the set's own meta['contrast']; without either the AUROC is skipped with a note)"""
 
     group_cap: int = 8
-    """most latents in the greedy group (0: no group)"""
+    """most latents in the greedy group (0: no group); a latent joins only if the group's joint clamp keeps
+    the valid rate >= min_valid"""
     group_tol: float = 0.01
     """the group stops growing when a latent cuts the clamped misaligned rate by less than this"""
     screen_decreases: int = 5

@@ -102,7 +102,8 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
         ordered = sorted(screen.rows, key=lambda r: -((r.steer_up_misaligned - up0) + (down0 - r.clamp_misaligned)))
         order = [feature] + [r.latent for r in ordered if r.latent != feature]
         latents, steps = select_group(sae, order, finetuned, prompts, means, before_mean, cap=config.group_cap,
-                                      tol=config.group_tol, batched=config.batched)
+                                      tol=config.group_tol, min_valid=config.min_valid,
+                                      batched=config.batched)
         direction = group_direction(sae, latents, ranking.diff.increase)
         clamp = subspace_clamp(w[latents], means)
         (result,) = run_protocol([direction], [clamp], **common)
