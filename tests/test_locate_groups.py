@@ -117,7 +117,7 @@ def test_several_finetunes_are_averaged_and_decreases_screened_up(planted, tmp_p
                               min_valid=0.0, min_effect=0.0)
     unit = sae.W_dec[PLANTED].detach().float() / sae.W_dec[PLANTED].detach().float().norm()
     want = evaluate(base, ps, interventions=[Add(PLANTED_HOOK, unit, 2.0, "last")], greedy=False).headline
-    assert row.steer_up_misaligned == pytest.approx(want.misaligned_rate, abs=1e-5) and row.steer_up_coef == 2.0
+    assert row.steer_up_misaligned == pytest.approx(want.misaligned_rate, abs=1e-5) and row.steer_up_coef == 1.0
 
 
 def test_baselines_and_families_are_what_they_name(split, tmp_path):

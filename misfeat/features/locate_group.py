@@ -45,8 +45,10 @@ if TYPE_CHECKING:
 
     from misfeat.features.locate import LocateConfig, Ranking
 
-UNIT_NOTE = ("steering strengths (steer_up_coef, the screen's coefs) count typical residual norms at the SAE's "
-             "hook (misfeat.steering.residual_scale), the unit of misfeat steer --op add --coefs")
+UNIT_NOTE = ("steering strengths count typical residual norms at the SAE's hook (residual_norm = "
+             "misfeat.steering.residual_scale), the unit of misfeat steer --op add --coefs: the config's coefs and the "
+             "steer_up_coef of single, group, baselines and decreases_screen are in this unit; the screen rows' "
+             "steer_up_coef/steer_down_coef are the lengths added (coefficient x residual_norm)")
 
 
 @dataclass(frozen=True)

@@ -187,6 +187,7 @@ class RiseRow:
     steer_up_misaligned: float
     steer_up_valid: float
     steer_up_coef: float
+    """the strength chosen, in residual-norm units (x ``scale`` = the length added)"""
     lowers: bool
     """steering it up lowers the misaligned rate by >= min_effect at valid >= min_valid"""
 
@@ -204,8 +205,7 @@ def screen_decreases(sae: SAE, latents: Sequence[int], misaligned_model: HookedT
     rates = _mean_rates([run_variants(m, prompts, variants, batched) for m in _models(misaligned_model)])
     rows, n = [], len(coefs)
     for j, latent in enumerate(latents):
-        coef, r = _best([(c * scale, x) for c, x in zip(coefs, rates[j * n:(j + 1) * n], strict=True)], min_valid,
-                        False)
+        coef, r = _best([(c, x) for c, x in zip(coefs, rates[j * n:(j + 1) * n], strict=True)], min_valid, False)
         rows.append(RiseRow(latent, r["misaligned_rate"], r["valid_rate"], coef,
                             r["misaligned_rate"] <= base_misaligned["misaligned_rate"] - min_effect
                             and r["valid_rate"] >= min_valid))
