@@ -90,7 +90,7 @@ class RestoreConfig:
     tolerance: float = 0.05
     """utility may fall this much (relative) below the fine-tuned model's"""
     mask: str = "grad"
-    """grad (the method), random (same size, ablation), full (W := W_aligned, ablation)"""
+    """grad (the method), random (same size, ablation), full (W := W_aligned, ablation; kept as is, no walk)"""
     sign: bool = True
     """restore only weights whose difference has the loss-lowering sign (False: ablation)"""
     accumulate: bool = True

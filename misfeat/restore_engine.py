@@ -307,8 +307,10 @@ class Restorer:
                 self.zero_grad()
                 self.set_mask({n: torch.zeros_like(m) for n, m in self.restored.items()})
             self.save_state(rows, warm, rollback, ckpts)
-        last = cfg.steps if cfg.mask != "full" else 1
-        chosen = choose_step({r.step: r.utility for r in rows}, before, cfg.tolerance, cfg.select_every, last)
+        if cfg.mask == "full":  # the ablation is W := W_aligned itself: no checkpoint walk
+            chosen = 1
+        else:
+            chosen = choose_step({r.step: r.utility for r in rows}, before, cfg.tolerance, cfg.select_every, cfg.steps)
         mask = ckpts.get(chosen) or {n: torch.zeros_like(m) for n, m in self.restored.items()}
         self.set_mask(mask)
         return rows, warm, rollback, chosen, mask
