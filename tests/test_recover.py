@@ -133,7 +133,7 @@ def test_forced_utility_failure_restarts_with_rollback(pair, monkeypatch):
     cfg = RestoreConfig(layer=2, steps=3, warmup=2, select_every=1, fraction=0.005)
     class Norm:  # a tracker: measured on the model after every step, like realign's
         def measure(self, model, prompts):
-            return {"w_norm": float(model.blocks[0].attn.W_V.norm())}
+            return {"w_norm": float(model.blocks[0].attn.W_V.detach().norm())}
 
     result = restore_alignment(ft, pair[1], PROBE, TASK, cfg, track=[Norm()])
     assert len({r.tracked["w_norm"] for r in result.rows}) == len(result.rows)  # it moves with every step
