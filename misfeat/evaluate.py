@@ -35,6 +35,7 @@ from misfeat.data import (
 )
 from misfeat.errors import MisfeatError
 from misfeat.hooks import position_masks
+from misfeat.io import progress
 from misfeat.judges import ExactJudge, Judge
 
 if TYPE_CHECKING:
@@ -105,7 +106,8 @@ def response_logprobs(
     out = torch.empty(len(encoded), dtype=torch.float32)
     pad = pad_id_of(model)
     with torch.inference_mode():
-        for group in batch_by_tokens([len(e) for e in encoded], max_batch_tokens):
+        groups = batch_by_tokens([len(e) for e in encoded], max_batch_tokens)
+        for group in progress(groups, desc="score responses", unit="batch"):
             batch = collate([encoded[i] for i in group], pad, "right", device=model.cfg.device)
             masks = {"all": batch.attention_mask, "prompt": batch.prompt_mask,
                      "response": batch.response_mask, "last": batch.last_mask}

@@ -141,7 +141,8 @@ def _stream(args: argparse.Namespace, world, device: str | None):
         buffer_rows = None if world.size == 1 else max(2 * local_batch, min(1 << 18, 2 * store.n_rows // world.size))
         batches = store.batches(hook, local_batch, shuffle=True, seed=args.seed, epochs=epochs,
                                 rank=world.rank, world_size=world.size, buffer_rows=buffer_rows)
-        return hook, batches, {"cache": args.cache, "cache_rows": store.n_rows, "positions": store.positions}
+        return hook, batches, {"cache": args.cache, "cache_rows": store.n_rows, "positions": store.positions,
+                               "model_name": store.manifest["model"]["spec"]}  # the model, not the cache path
     if not args.prompts or not args.hook:
         raise MisfeatError("--model needs --prompts SPEC (the text to run) and --hook H (where to read)")
     from misfeat.activations import iter_activations
@@ -160,7 +161,7 @@ def _stream(args: argparse.Namespace, world, device: str | None):
     buffer_rows = min(max(64 * local_batch, 1 << 16), max(2 * local_batch, args.tokens // world.size))
     batches = shuffled(live, buffer_rows=buffer_rows, seed=args.seed + world.rank, out_rows=local_batch)
     return args.hook, batches, {"model": args.model, "prompts": args.prompts, "positions": args.positions,
-                                "model_name": model.cfg.model_name}
+                                "model_name": args.model}
 
 
 def _wandb_logger(args: argparse.Namespace, cfgs, data: dict):
