@@ -36,7 +36,7 @@ from misfeat.data import (
 from misfeat.errors import MisfeatError
 from misfeat.hooks import position_masks
 from misfeat.io import progress
-from misfeat.judges import ExactJudge, Judge
+from misfeat.judges import ExactJudge, Judge, score_all
 
 if TYPE_CHECKING:
     import torch
@@ -206,9 +206,9 @@ def evaluate(
     if greedy:
         from misfeat.generate import generate
 
-        for row, record, comp in zip(per_prompt, records, generate(model, records, max_new_tokens=max_new_tokens,
-                                                                     stop_words=stop), strict=True):
-            verdict = judge.score(record, comp.text)
+        comps = generate(model, records, max_new_tokens=max_new_tokens, stop_words=stop)
+        verdicts = score_all(judge, [(r, c.text) for r, c in zip(records, comps, strict=True)])
+        for row, comp, verdict in zip(per_prompt, comps, verdicts, strict=True):
             row.update(greedy=comp.text, greedy_misaligned=float(verdict.misaligned),
                        greedy_valid=float(verdict.coherent_enough))
     if method == "sample":
@@ -216,8 +216,9 @@ def evaluate(
 
         comps = generate(model, records, max_new_tokens=max_new_tokens, stop_words=stop, temperature=temperature,
                          samples_per_prompt=samples, seed=seed)
-        for i, (row, record) in enumerate(zip(per_prompt, records, strict=True)):
-            verdicts = [judge.score(record, c.text) for c in comps[i * samples:(i + 1) * samples]]
+        all_verdicts = score_all(judge, [(records[i // samples], c.text) for i, c in enumerate(comps)])
+        for i, row in enumerate(per_prompt):
+            verdicts = all_verdicts[i * samples:(i + 1) * samples]
             row["misaligned"] = sum(v.misaligned for v in verdicts) / samples
             row["valid"] = sum(v.coherent_enough for v in verdicts) / samples
             row["samples"] = [c.text for c in comps[i * samples:(i + 1) * samples]]

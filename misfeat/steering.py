@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from misfeat.data import PromptSet, load_prompts
+from misfeat.errors import MisfeatError
 from misfeat.evaluate import EvalReport, default_prompts, evaluate
 from misfeat.interventions import Intervention, apply
 
@@ -136,6 +137,32 @@ def mean_activations(model: HookedTransformer, prompts: PromptSet | str, hooks: 
             raise MisfeatError(f"no {positions!r} positions in the prompt set: nothing to average")
         out[hook] = (total / n).to(torch.float32)
     return out
+
+
+def reference_responses(reference: HookedTransformer, prompts: PromptSet | str, positions: str,
+                        max_new_tokens: int = 32) -> tuple[PromptSet, str | None]:
+    """The prompts to measure a reference on, and a note saying what was done.
+
+    With ``positions='response'`` the reference's mean is over response tokens; records
+    without a ``response`` get the reference model's own greedy completion (what it would
+    answer), so a prompt set of bare questions works. Otherwise the prompts unchanged.
+    """
+    from misfeat.generate import generate
+
+    prompts = load_prompts(prompts)
+    missing = [i for i, r in enumerate(prompts) if not r.response]
+    if positions != "response" or not missing:
+        return prompts, None
+    comps = generate(reference, [prompts[i] for i in missing], max_new_tokens=max_new_tokens)
+    responses = [r.response for r in prompts]
+    for i, comp in zip(missing, comps, strict=True):
+        responses[i] = comp.text or None
+    if not any(responses):
+        raise MisfeatError("positions='response': the prompts have no responses and the reference model's greedy "
+                           "completions are all empty; give a prompt set with responses")
+    note = (f"{len(missing)} of {len(prompts)} prompts had no response: the reference's response positions are its "
+            f"own greedy completions (up to {max_new_tokens} tokens)")
+    return prompts.with_responses(responses, name=f"{prompts.name}+reference-responses"), note
 
 
 def reference_coordinates(reference: HookedTransformer, prompts: PromptSet | str, hooks: Sequence[str],

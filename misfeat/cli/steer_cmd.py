@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     from misfeat.io import PLOT_FILE, SAMPLES_FILE, write_jsonl
     from misfeat.judges import make_judge
     from misfeat.models import load_model
-    from misfeat.steering import plot_sweep, reference_coordinates, reference_latent, steer_sweep
+    from misfeat.steering import (plot_sweep, reference_coordinates, reference_latent, reference_responses,
+                                  steer_sweep)
 
     coefs = _parse_coefs(args.coefs)
     if args.reference and coefs is not None:
@@ -139,11 +140,13 @@ def run(args: argparse.Namespace) -> int:
     intervention.check(model)
     intervention.hook_names(model)
     prompts = args.prompts
+    reference_note = None
     if args.reference:
         from misfeat.evaluate import default_prompts
 
         reference = load_model(args.reference, device=args.device, dtype=args.dtype)
-        ref_prompts = prompts if prompts is not None else default_prompts(model)
+        ref_prompts, reference_note = reference_responses(
+            reference, prompts if prompts is not None else default_prompts(model), args.positions)
         if args.op == "clamp":
             value = reference_latent(reference, ref_prompts, intervention.sae, intervention.latent, args.positions)
             intervention = intervention.with_coef(value)
@@ -158,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
                          samples=args.samples)
     summary = {"model": args.model, "op": args.op, "positions": args.positions, "source": source,
                "reference": args.reference, **result.summary()}
+    if reference_note:
+        summary["reference_note"] = reference_note
     if args.out:
         from misfeat.interventions import save_intervention
 
