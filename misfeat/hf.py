@@ -286,6 +286,32 @@ def export_hf(model: HookedTransformer, out_dir: str | os.PathLike, hf_config: d
     return out
 
 
+_ABSENT = {  # TransformerLens parameter suffixes with no Hugging Face counterpart, per architecture
+    "bias-free": ("attn.b_Q", "attn.b_K", "attn._b_K", "attn.b_V", "attn._b_V", "attn.b_O", "mlp.b_in",
+                  "mlp.b_out", "unembed.b_U"),
+    "Qwen2ForCausalLM": ("attn.b_O", "mlp.b_in", "mlp.b_out", "unembed.b_U"),
+    "GPTNeoXForCausalLM": ("unembed.b_U",),
+    "GPT2LMHeadModel": ("unembed.b_U",),
+}
+
+
+def absent_in_hf(model: HookedTransformer) -> set[str]:
+    """Names of ``model``'s parameters its Hugging Face architecture does not have (empty for
+    models that did not come from a Hugging Face directory): fine-tuning leaves them at zero."""
+    config = model_meta(model).get("hf_config") or {}
+    arch = (config.get("architectures") or [None])[0]
+    if arch is None:
+        return set()
+    suffixes = _ABSENT.get(arch, _ABSENT["bias-free"] if arch in EXPORTABLE else ())
+    return {n for n, _ in model.named_parameters() if n.endswith(suffixes)}
+
+
+def model_meta(model: HookedTransformer) -> dict[str, Any]:
+    from misfeat.models import model_info
+
+    return model_info(model).meta
+
+
 def _dropped(state: dict, name: str, arch: str) -> None:
     tensor = state.get(name)
     if tensor is not None and tensor.abs().max() > 0:

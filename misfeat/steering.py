@@ -153,10 +153,14 @@ def reference_responses(reference: HookedTransformer, prompts: PromptSet | str, 
     missing = [i for i, r in enumerate(prompts) if not r.response]
     if positions != "response" or not missing:
         return prompts, None
-    comps = generate(reference, [prompts[i] for i in missing], max_new_tokens=max_new_tokens)
+    from misfeat.data import chat_format_of
+
+    stop = (".",) if chat_format_of(reference) == "organism" else ()  # the organism's end of turn
+    comps = generate(reference, [prompts[i] for i in missing], max_new_tokens=max_new_tokens, stop_words=stop)
     responses = [r.response for r in prompts]
     for i, comp in zip(missing, comps, strict=True):
-        responses[i] = comp.text or None
+        # a completion of only whitespace is still where the reference put its answer
+        responses[i] = comp.text or reference.tokenizer.decode(list(comp.ids), skip_special_tokens=True) or None
     if not any(responses):
         raise MisfeatError("positions='response': the prompts have no responses and the reference model's greedy "
                            "completions are all empty; give a prompt set with responses")
