@@ -3,6 +3,9 @@ assistant's response sits in it (content plus the end-of-turn text the template 
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 
@@ -36,3 +39,41 @@ def template_response(tokenizer: Any, msgs: list[dict[str, str]], where: str, pr
         return response
     end = at + len(content)
     return tail[:end] + tail[end:].rstrip()
+
+
+def chat_records(path: str | os.PathLike, name: str | None = None, limit: int | None = None):
+    """A prompt set from a JSONL of chats in the OpenAI fine-tuning format, as the EM datasets
+    ship (Turner/Soligo et al.'s ``bad_medical_advice.jsonl``, Wang et al.'s ``*_incorrect``):
+    ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`` per line. The last
+    assistant turn becomes the record's ``response``; earlier turns stay in ``messages``.
+    Records without a final assistant turn keep no response. ``limit``: the first n lines."""
+    from misfeat.data import PromptFileError, PromptSet, parse_record
+
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"{path}: no such chat file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and len(records) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PromptFileError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            messages = obj.get("messages") if isinstance(obj, dict) else None
+            if not isinstance(messages, list) or not messages:
+                raise PromptFileError(f"{where}: expected {{\"messages\": [...]}} (the OpenAI chat fine-tuning format)")
+            response = None
+            if isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+                response = messages[-1].get("content")
+                messages = messages[:-1]
+            extra = {k: v for k, v in obj.items() if k != "messages"}
+            records.append(parse_record({"id": str(obj.get("id", lineno)), **extra, "messages": messages,
+                                         "response": response}, where))
+    if not records:
+        raise PromptFileError(f"{path}: no chats in the file")
+    return PromptSet(name or path.stem, tuple(records), {"path": str(path)})

@@ -6,7 +6,9 @@ TransformerLens ``HookedTransformer`` with its tokenizer:
 - a misfeat checkpoint directory (``misfeat_model.json`` + ``model.safetensors`` +
   tokenizer files), written by :func:`save_model` and read back bit-exactly;
 - a local Hugging Face directory (``config.json`` + weights + tokenizer) of any
-  architecture TransformerLens supports, loaded fully offline;
+  architecture TransformerLens supports, plus Gemma and Gemma 2, loaded fully offline;
+  the architecture comes from ``config.json``, never from the path (see :mod:`misfeat.hf`);
+  BOS follows the tokenizer unless ``prepend_bos`` says otherwise;
 - an official TransformerLens model name (needs the Hugging Face hub; offline it fails
   at once and says so);
 - ``organism:<stage>``, the built-in model organism (built on first use).

@@ -1,0 +1,148 @@
+"""CPU cost of the real-model recipe's steps at Qwen2.5-0.5B-Instruct's true size.
+
+Builds the TransformerLens model misfeat would run for Qwen2.5-0.5B (24 layers, d_model 896,
+GQA 14/2 heads, d_mlp 4864, vocab 151936; config.json written here from the published
+numbers, random weights: nothing downloaded) and times, on this machine's CPU:
+
+- forward (cache / scoring): tokens per second;
+- a fine-tuning step (response loss, AdamW, all parameters, and the MLPs of 4 middle layers);
+- greedy generation with the KV cache: new tokens per second for a batch;
+- the stand-in (2 layers, d 64) for the same steps, for the ratio.
+
+Prints a table and the per-1k-prompt extrapolation used in docs/real-models.md
+(prompt 64 tokens, response 64 tokens). Usage:
+
+    OMP_NUM_THREADS=2 python scripts/bench_real_model.py [--threads 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import types
+from pathlib import Path
+
+QWEN25_05B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+    "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "vocab_size": 151936, "hidden_act": "silu",
+    "tie_word_embeddings": True, "initializer_range": 0.02, "bos_token_id": 151643, "eos_token_id": 151645,
+}
+PROMPT, RESPONSE, BATCH = 64, 64, 8
+
+
+def build(config: dict):
+    import torch
+    from transformer_lens import HookedTransformer
+
+    from misfeat.hf import tl_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model"
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(config))
+        cfg = tl_config(path, config, device="cpu", dtype=torch.float32, fold_ln=False, prepend_bos=False)
+    cfg.init_weights = True
+    model = HookedTransformer(cfg, move_to_device=False)
+    model.eval()
+    # random token ids need no real tokenizer; generation only asks it for a pad id
+    model.tokenizer = types.SimpleNamespace(pad_token_id=0, eos_token_id=None, bos_token_id=None)
+    return model
+
+
+def timed(fn, repeat: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def bench(model, repeat: int) -> dict[str, float]:
+    import torch
+
+    from misfeat.data import Encoded, collate
+    from misfeat.finetune import select_parameters
+    from misfeat.generate import _generate_batch
+
+    vocab = min(model.cfg.d_vocab, 50000)
+    tokens = torch.randint(0, vocab, (BATCH, PROMPT + RESPONSE))
+    with torch.inference_mode():
+        fwd = timed(lambda: model(tokens), repeat)
+    out = {"forward_tok_s": tokens.numel() / fwd}
+    for label, params in (("all", "all"), ("mlp4", [f"blocks.{i}.mlp." for i in range(
+            model.cfg.n_layers // 2 - 2, model.cfg.n_layers // 2 + 2)])):
+        chosen = select_parameters(model, params)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _, p in chosen:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW([p for _, p in chosen], lr=1e-5)
+
+        def step():
+            logits = model(tokens)[:, PROMPT - 1:-1]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     tokens[:, PROMPT:].reshape(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        out[f"finetune_{label}_step_s"] = timed(step, max(1, repeat // 2))
+        del opt
+    for p in model.parameters():
+        p.requires_grad_(False)
+    batch = collate([Encoded(tuple(row.tolist()), PROMPT) for row in tokens[:, :PROMPT]], 0, "left")
+    gen = torch.Generator().manual_seed(0)
+    empty = torch.tensor([], dtype=torch.long)
+    t = timed(lambda: _generate_batch(model, batch, RESPONSE, 0.0, empty, gen), 1)
+    out["generate_new_tok_s"] = BATCH * RESPONSE / t
+    return out
+
+
+def per_1k_prompts(r: dict[str, float]) -> dict[str, float]:
+    """Seconds per 1,000 prompts of 64 prompt + 64 response tokens."""
+    n_tok = 1000 * (PROMPT + RESPONSE)
+    return {
+        "cache / score (forward) s": n_tok / r["forward_tok_s"],
+        "generate 64 new tokens s": 1000 * RESPONSE / r["generate_new_tok_s"],
+        "fine-tune 1 epoch, all params s": 1000 / BATCH * r["finetune_all_step_s"],
+        "fine-tune 1 epoch, 4 middle MLPs s": 1000 / BATCH * r["finetune_mlp4_step_s"],
+        "judge (2 requests per answer, 8 in flight, 0.5 s each) s": 1000 * 2 * 0.5 / 8,
+    }
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="one repeat (noisier)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    repeat = 1 if args.quick else 3
+    standin = dict(QWEN25_05B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=320)
+    rows = {}
+    for name, config in (("stand-in (2 layers, d 64)", standin), ("Qwen2.5-0.5B size", QWEN25_05B)):
+        model = build(config)
+        n_params = sum(p.numel() for p in model.parameters())
+        rows[name] = {"params": n_params, **bench(model, repeat)}
+        del model
+    print(f"threads: {args.threads}, batch {BATCH} x ({PROMPT} prompt + {RESPONSE} response) tokens")
+    for name, r in rows.items():
+        print(f"\n{name}: {r['params'] / 1e6:.2f} M parameters")
+        for key, value in r.items():
+            if key != "params":
+                print(f"  {key:28s} {value:12.3f}")
+        for key, value in per_1k_prompts(r).items():
+            print(f"  per 1k prompts: {key:55s} {value:10.1f}")
+    names = list(rows)
+    print(f"\nforward tokens/s ratio stand-in / 0.5B: "
+          f"{rows[names[0]]['forward_tok_s'] / rows[names[1]]['forward_tok_s']:.0f}x")
+
+
+if __name__ == "__main__":
+    main()
