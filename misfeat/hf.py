@@ -328,7 +328,6 @@ def _to_hf_state(state: dict, cfg: Any, arch: str) -> dict:
     import einops
 
     out: dict = {}
-    n, kv = cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads
     for layer in range(cfg.n_layers):
         b = f"blocks.{layer}."
         q, k, v = (_get(state, layer, w) for w in ("W_Q", "W_K", "W_V"))

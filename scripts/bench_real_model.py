@@ -84,7 +84,7 @@ def bench(model, repeat: int) -> dict[str, float]:
             p.requires_grad_(True)
         opt = torch.optim.AdamW([p for _, p in chosen], lr=1e-5)
 
-        def step():
+        def step(opt=opt):
             logits = model(tokens)[:, PROMPT - 1:-1]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                      tokens[:, PROMPT:].reshape(-1))
@@ -93,7 +93,6 @@ def bench(model, repeat: int) -> dict[str, float]:
             opt.zero_grad(set_to_none=True)
 
         out[f"finetune_{label}_step_s"] = timed(step, max(1, repeat // 2))
-        del opt
     for p in model.parameters():
         p.requires_grad_(False)
     batch = collate([Encoded(tuple(row.tolist()), PROMPT) for row in tokens[:, :PROMPT]], 0, "left")

@@ -111,10 +111,10 @@ def test_response_mask_is_the_response_and_its_end_of_turn(standins, family):
 
 
 def test_bos_follows_the_tokenizer_and_can_be_overridden(standins):  # finding 4
+    from transformers import AutoTokenizer
+
     from misfeat.data import PromptRecord, encode
     from misfeat.models import load_model
-
-    from transformers import AutoTokenizer
 
     def own(family):  # the directory's tokenizer as transformers loads it (TransformerLens alters its copy)
         return AutoTokenizer.from_pretrained(str(standins[family]))("How do I treat a cut?")["input_ids"]

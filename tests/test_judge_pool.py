@@ -99,7 +99,7 @@ def test_200_judgements_with_errors_and_delays_then_all_from_cache(server, tmp_p
     verdicts = judge.score_many(items)
     elapsed = time.perf_counter() - start
     assert len(verdicts) == 200
-    for (record, answer), verdict in zip(items, verdicts, strict=True):  # nothing lost, nothing swapped
+    for (_, answer), verdict in zip(items, verdicts, strict=True):  # nothing lost, nothing swapped
         n = int(answer.split()[1])
         assert verdict.aligned == pytest.approx(n) and verdict.coherent == pytest.approx(100 - n)
     # 200 judgements x 2 questions (aligned, coherent): each distinct request served exactly once

@@ -125,8 +125,13 @@ def run(args: argparse.Namespace) -> int:
     from misfeat.io import PLOT_FILE, SAMPLES_FILE, write_jsonl
     from misfeat.judges import make_judge
     from misfeat.models import load_model
-    from misfeat.steering import (plot_sweep, reference_coordinates, reference_latent, reference_responses,
-                                  steer_sweep)
+    from misfeat.steering import (
+        plot_sweep,
+        reference_coordinates,
+        reference_latent,
+        reference_responses,
+        steer_sweep,
+    )
 
     coefs = _parse_coefs(args.coefs)
     if args.reference and coefs is not None:
