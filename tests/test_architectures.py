@@ -217,7 +217,8 @@ def test_cli_loop(standins, family, tmp_path, monkeypatch, caplog):
     cli("realign", "--model", base, "--data", sets["bad"], "--steps", "3", "--lr", "3e-3", "--batch-size", "6",
         "--eval-prompts", sets["eval"], "--eval-every", "3", "--out", run / "em")
     em = run / "em" / "checkpoints" / "step-0003"
-    assert any(r.name == "misfeat.progress" and "realign" in r.getMessage() for r in caplog.records)
+    assert any(r.name == "misfeat.progress" and ("finetune" in r.getMessage() or "realign" in r.getMessage())
+               for r in caplog.records)
     cli("cache", "--model", base, "--prompts", sets["good"], "--hooks", hook, "--out", run / "cache")
     cli("train-sae", "--cache", run / "cache", "--d-sae", "64", "--k", "4", "--tokens", "2000", "--batch-size", "128",
         "--out", run / "sae")
