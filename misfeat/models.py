@@ -195,7 +195,7 @@ def save_model(model: HookedTransformer, out_dir: str | os.PathLike, meta: dict[
     ``format="hf"`` writes a Hugging Face directory instead (config.json, safetensors,
     tokenizer, generation_config.json) whose logits equal misfeat's; it needs a model
     loaded from a Hugging Face directory or a misfeat checkpoint of one (see
-    :func:`misfeat.hf.export_hf`).
+    :func:`misfeat.export.export_hf`).
 
     ``meta`` (JSON-serialisable) is stored beside the config; when omitted, the metadata
     the model was loaded with (``model.misfeat_info.meta``) is kept. Files are written to
@@ -204,7 +204,8 @@ def save_model(model: HookedTransformer, out_dir: str | os.PathLike, meta: dict[
     from safetensors.torch import save_file
 
     if format == "hf":
-        from misfeat.hf import HFLoadError, export_hf
+        from misfeat.export import export_hf
+        from misfeat.hf import HFLoadError
 
         try:
             return export_hf(model, out_dir)

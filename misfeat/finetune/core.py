@@ -136,8 +136,8 @@ def select_parameters(model: HookedTransformer, params: str | Sequence[str]) -> 
 
     Parameters TransformerLens adds that the model's Hugging Face architecture lacks (the
     zero biases of Llama, Qwen2, Gemma ...) are never selected, so a fine-tuned model still
-    exports to Hugging Face (see :func:`misfeat.hf.absent_in_hf`)."""
-    from misfeat.hf import absent_in_hf
+    exports to Hugging Face (see :func:`misfeat.export.absent_in_hf`)."""
+    from misfeat.export import absent_in_hf
 
     absent = absent_in_hf(model)
     named = [(n, p) for n, p in model.named_parameters() if n not in absent]
