@@ -206,6 +206,8 @@ def run_misfeat(model, pset, hook: str, dtype: str, batch_tokens: int | None, tm
 
 
 def bench_model(name, model, hook, prompts_path: Path, repeats: int, args, tmp: Path) -> dict:
+    import torch
+
     from misfeat.activations import open_store
     from misfeat.activations.plan import Tokenizing, encode_prompts, plan_rows, plan_shards
     from misfeat.activations.producer import default_batch_tokens, make_batches
@@ -236,27 +238,28 @@ def bench_model(name, model, hook, prompts_path: Path, repeats: int, args, tmp: 
         "d": lambda: run_misfeat(model, pset, hook, args.dtype, args.batch_tokens, tmp),
     }
     tokens = {"a": n_tokens, "b": n_tokens, "c": c_tokens, "d": n_tokens}
-    rates: dict[str, list[float]] = {m: [] for m in METHODS}
+    methods = [m for m in METHODS if m in args.methods.split(",")]
+    rates: dict[str, list[float]] = {m: [] for m in methods}
     runs["a"]()  # warm-up (misfeat ran once above): allocator, kernels, page cache
     for rep in range(repeats):
-        order = METHODS[rep % 4:] + METHODS[:rep % 4]
-        for m in order:
+        k = rep % len(methods)
+        for m in methods[k:] + methods[:k]:
             rates[m].append(tokens[m] / runs[m]())
-        print(f"  {name} round {rep + 1}: " + ", ".join(f"{m} {rates[m][-1]:,.0f}" for m in METHODS),
-              file=sys.stderr, flush=True)
+        print(f"  {name} ({torch.get_num_threads()} threads) round {rep + 1}: "
+              + ", ".join(f"{m} {rates[m][-1]:,.0f}" for m in methods), file=sys.stderr, flush=True)
     best = {m: max(v) for m, v in rates.items()}
     median = {m: statistics.median(v) for m, v in rates.items()}
     return {"model": name, "hook": hook, "prompts": len(pset), "tokens": tokens, "batch_tokens": batch_tokens,
-            "best": best, "median": median, "rates": rates}
+            "threads": torch.get_num_threads(), "best": best, "median": median, "rates": rates}
 
 
 def print_results(results: list[dict]) -> None:
     for r in results:
-        print(f"\n{r['model']}, {r['hook']}: {r['prompts']} prompts, {r['tokens']['a']:,} tokens "
+        print(f"\n{r['model']}, {r['hook']}, {r['threads']} thread(s): {r['prompts']} prompts, {r['tokens']['a']:,} tokens "
               f"(sae-lens: {r['tokens']['c']:,} in 128-token contexts), batch_tokens {r['batch_tokens']}")
         print("| method | best tokens/s | median tokens/s | (d) / method, best | (d) / method, median |")
         print("|---|---:|---:|---:|---:|")
-        for m in METHODS:
+        for m in r["best"]:
             rb = r["best"]["d"] / r["best"][m]
             rm = r["median"]["d"] / r["median"][m]
             print(f"| {LABELS[m]} | {r['best'][m]:,.0f} | {r['median'][m]:,.0f} | {rb:.2f} | {rm:.2f} |")
@@ -268,7 +271,7 @@ def rss_child(args) -> None:
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(int(args.threads.split(",")[0]))
     from misfeat.activations import cache_activations
     from misfeat.models import load_model
 
@@ -287,7 +290,7 @@ def rss_child(args) -> None:
 def rss_test(args, tmp: Path) -> list[dict]:
     out = []
     for n in (args.rss_prompts, 4 * args.rss_prompts):
-        cmd = [sys.executable, __file__, "--rss-child", str(n), "--tmp", str(tmp), "--threads", str(args.threads),
+        cmd = [sys.executable, __file__, "--rss-child", str(n), "--tmp", str(tmp), "--threads", args.threads.split(",")[0],
                "--device", args.device]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -309,27 +312,39 @@ def main() -> int:
                    help="rounds for the GPT-2-shaped model (its naive loop runs the 50k-word unembedding: slow)")
     p.add_argument("--models", default="organism,gpt2", help="organism, gpt2 or both (default)")
     p.add_argument("--repeats", type=int, default=3, help="rounds of the four methods for the organism (default 3)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads, the same for every method (default 1: on a shared 2-core "
-                   "machine two threads wait on each other at every op and the timings become noise)")
+    p.add_argument("--threads", default="1,2",
+                   help="torch intra-op thread counts, comma-separated; every method runs with each (default 1,2: "
+                   "one thread, and torch's default on this 2-core machine)")
+    p.add_argument("--methods", default="a,b,c,d", help="which of the four methods to run (default all; "
+                   "a,d: misfeat against its ceiling only)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="model and store dtype: float32 or bfloat16")
     p.add_argument("--batch-tokens", type=int, default=None, help="misfeat's (and the ceiling's) token budget")
     p.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True, help="run the RSS test")
     p.add_argument("--rss-prompts", type=int, default=2000, help="N of the RSS test (N vs 4N prompts)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    host = p.add_argument_group("host-only (issue 20): misfeat's own work against the disk's write ceiling")
+    host.add_argument("--host-only", action="store_true",
+                      help="replace the forward by a near-free stand-in and compare with a plain writer "
+                      "(see scripts/bench_cache_host.py)")
+    host.add_argument("--widths", default="128,768,4096", help="hook widths (default 128,768,4096)")
+    host.add_argument("--dtypes", default="float32,bfloat16", help="store dtypes (default float32,bfloat16)")
+    host.add_argument("--store-mb", type=float, default=128, help="store size per run in MiB (default 128)")
     p.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--tmp", help=argparse.SUPPRESS)
+    p.add_argument("--tmp", help="directory for prompts and stores (default: the system's temp directory)")
     args = p.parse_args()
     if args.rss_child:
         rss_child(args)
         return 0
+    if args.host_only:
+        from bench_cache_host import main as host_main
+
+        return host_main(args, make_chat_prompts)
     import torch
 
-    torch.set_num_threads(args.threads)
     load = os.getloadavg()
     started = time.time()
-    tmp = Path(tempfile.mkdtemp(prefix="bench_cache_"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench_cache_", dir=args.tmp))
     try:
         organism, models = load_models(args.models.split(","), args.device, args.dtype)
         results = []
@@ -337,9 +352,11 @@ def main() -> int:
             gpt2 = name.startswith("GPT-2")
             n = args.gpt2_prompts if gpt2 else args.prompts
             prompts = make_chat_prompts(tmp / f"chat-{n}.jsonl", n, organism)
-            results.append(bench_model(name, model, hook, prompts, args.gpt2_repeats if gpt2 else args.repeats,
-                                       args, tmp))
-        print(f"\nmachine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} thread(s), "
+            for threads in (int(t) for t in args.threads.split(",")):
+                torch.set_num_threads(threads)
+                results.append(bench_model(name, model, hook, prompts, args.gpt2_repeats if gpt2 else args.repeats,
+                                           args, tmp))
+        print(f"\nmachine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {args.threads}, "
               f"device {args.device}, dtype {args.dtype}; load average before {load[0]:.2f}, after "
               f"{os.getloadavg()[0]:.2f}")
         print_results(results)
