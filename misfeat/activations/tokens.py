@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,7 +81,7 @@ def load(key: str, n_prompts: int) -> Encodings | None:
             stored = bytes(npz["digest"]).decode()
         ok = (len(arrays["n_prompt"]) == n_prompts and len(arrays["offsets"]) == n_prompts + 1
               and int(arrays["offsets"][-1]) == len(arrays["tokens"]) and stored == _digest(arrays))
-    except (OSError, ValueError, KeyError, UnicodeDecodeError) as err:
+    except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as err:
         logger.warning("ignoring damaged token cache %s (%s)", path, err)
         ok = False
     if not ok:
