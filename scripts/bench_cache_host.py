@@ -21,7 +21,10 @@ For each width (128, 768, 4096: the organism, GPT-2 small, a 7B model) and store
 - ``misfeat cold``: ``cache_activations`` from the JSONL path, tokenised-prompt cache
   emptied first (tokenising included);
 - ``misfeat``: the same, the tokenised-prompt cache kept from an earlier run (the common
-  case: several hooks, checkpoints or runs over one prompt set).
+  case: several hooks, checkpoints or runs over one prompt set);
+- ``misfeat loaded``: the same from the prompt set already loaded in memory (a
+  :class:`PromptSet`, as a script that caches several hooks or models passes it), i.e.
+  from a pre-tokenised set: no JSON parsing or record hashing in the run.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("write", "write+fsync", "misfeat cold", "misfeat")
+METHODS = ("write", "write+fsync", "misfeat cold", "misfeat", "misfeat loaded")
 _CHUNK = 8 << 20
 
 
@@ -112,15 +115,18 @@ def make_prompts(path: Path, n: int, base: Path) -> Path:
     return path
 
 
-def run_misfeat(model, prompts: Path, hook: str, dtype: str, out: Path, *, cold: bool, token_cache: Path,
+def run_misfeat(model, prompts, hook: str, dtype: str, out: Path, *, cold: bool, token_cache: Path,
                 batch_tokens: int | None) -> float:
+    """Seconds for one ``cache_activations`` call; ``prompts``: a JSONL path or a loaded set."""
     from misfeat.activations import cache_activations
+    from misfeat.data import PromptSet
 
     shutil.rmtree(out, ignore_errors=True)
     if cold:
         shutil.rmtree(token_cache, ignore_errors=True)
     start = time.perf_counter()
-    cache_activations(model, str(prompts), [hook], out, "all", dtype=dtype, batch_tokens=batch_tokens)
+    cache_activations(model, prompts if isinstance(prompts, PromptSet) else str(prompts), [hook], out, "all",
+                      dtype=dtype, batch_tokens=batch_tokens)
     return time.perf_counter() - start
 
 
@@ -128,11 +134,13 @@ def bench_one(organism, width: int, dtype: str, base: Path, mean_tokens: float, 
     import torch
 
     from misfeat.activations import open_store
+    from misfeat.data import load_prompts
     from misfeat.models import resolve_dtype
 
     row_bytes = width * torch.empty(0, dtype=resolve_dtype(dtype)).element_size() + 16
     n = max(200, int(args.store_mb * 2**20 / (row_bytes * mean_tokens)))
     prompts = make_prompts(tmp / f"host-{n}.jsonl", n, base)
+    loaded = load_prompts(prompts)
     model = stand_in_model(organism, width, dtype)
     hook = "blocks.0.hook_resid_post"
     out = tmp / "store"
@@ -145,8 +153,12 @@ def bench_one(organism, width: int, dtype: str, base: Path, mean_tokens: float, 
         runs = {
             "write": lambda: write_ceiling(tmp / "ceiling", sizes, fsync=False),
             "write+fsync": lambda: write_ceiling(tmp / "ceiling", sizes, fsync=True),
-            "misfeat cold": lambda: run_misfeat(model, prompts, hook, dtype, out, cold=True, token_cache=token_cache, batch_tokens=args.batch_tokens),
-            "misfeat": lambda: run_misfeat(model, prompts, hook, dtype, out, cold=False, token_cache=token_cache, batch_tokens=args.batch_tokens),
+            "misfeat cold": lambda: run_misfeat(model, prompts, hook, dtype, out, cold=True, token_cache=token_cache,
+                                                batch_tokens=args.batch_tokens),
+            "misfeat": lambda: run_misfeat(model, prompts, hook, dtype, out, cold=False, token_cache=token_cache,
+                                           batch_tokens=args.batch_tokens),
+            "misfeat loaded": lambda: run_misfeat(model, loaded, hook, dtype, out, cold=False,
+                                                  token_cache=token_cache, batch_tokens=args.batch_tokens),
         }
         seconds: dict[str, list[float]] = {m: [] for m in METHODS}
         for rep in range(args.repeats):
@@ -164,15 +176,16 @@ def bench_one(organism, width: int, dtype: str, base: Path, mean_tokens: float, 
 
 
 def print_results(results: list[dict]) -> None:
-    print("\ntokens/s (best / median of the rounds); ratios: misfeat / write ceiling, best and median")
-    print("| d | dtype | MiB | shards | write | write+fsync | misfeat cold | misfeat | misfeat / write+fsync "
-          "| misfeat / write | cold / write+fsync |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\ntokens/s, best / median of the rounds; ratios to the write ceiling with fsync per shard "
+          "(what misfeat does by default), best / median")
+    print("| d | dtype | MiB | shards | write | write+fsync | misfeat cold | misfeat | misfeat loaded "
+          "| cold / ceiling | misfeat / ceiling | loaded / ceiling |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['width']} | {r['dtype']} | {r['bytes'] / 2**20:.0f} | {r['shards']} | {_cell(r, 'write')} | "
-              f"{_cell(r, 'write+fsync')} | {_cell(r, 'misfeat cold')} | {_cell(r, 'misfeat')} | "
-              f"{_ratio(r, 'misfeat', 'write+fsync')} | {_ratio(r, 'misfeat', 'write')} | "
-              f"{_ratio(r, 'misfeat cold', 'write+fsync')} |")
+        print(f"| {r['width']} | {r['dtype']} | {r['bytes'] / 2**20:.0f} | {r['shards']} | "
+              + " | ".join(_cell(r, m) for m in METHODS) + " | "
+              + " | ".join(_ratio(r, m, "write+fsync") for m in ("misfeat cold", "misfeat", "misfeat loaded"))
+              + " |")
 
 
 def _cell(r: dict, method: str) -> str:

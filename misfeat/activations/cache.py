@@ -283,10 +283,15 @@ def _run_shards(model: HookedTransformer, feeder: Feeder, widths: dict[str, int]
             writer.close()  # keep what was computed: queued shards are still written whole
         except BaseException as err:  # noqa: BLE001 - the first error is the one to report
             logger.warning("shard writer: %s", err)
+        finally:
+            log.flush()  # and recorded
         raise
     finally:
         bar.close()
-    writer.close()
+    try:
+        writer.close()
+    finally:
+        log.flush()
     return tokens
 
 

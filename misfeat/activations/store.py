@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,24 +197,41 @@ class ProgressLog:
     Called by the writer threads, one shard at a time (a lock), so writes never interleave;
     shards may finish out of order (the manifest lists whichever are complete). In one
     process, the write that records the last shard marks the manifest complete.
+
+    A write (with its two fsyncs, file and directory) costs about as much as writing a
+    32 MiB shard on this machine's disk, so while more shards wait for the writer
+    (``busy``) the record is rewritten at most every ``interval`` seconds; otherwise, for
+    the last shard and at :meth:`flush`, at once. A run killed in between recomputes at
+    most that much work, and the record never lists a shard that is not whole.
     """
 
     def __init__(self, directory: Path, manifest: dict[str, Any], records: dict[int, ShardRecord], *,
-                 rank: int, world_size: int, fsync: bool):
+                 rank: int, world_size: int, fsync: bool, interval: float = 1.0):
         self.directory, self.manifest, self.fsync = directory, manifest, fsync
         self.records = dict(records)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.interval = rank, world_size, interval
         self.mine: dict[int, ShardRecord] = {}
         self.wrote_complete = False
         self._lock = threading.Lock()
+        self._last = float("-inf")
+        self._pending = False
 
-    def __call__(self, record: ShardRecord) -> None:
+    def __call__(self, record: ShardRecord, *, busy: bool = False) -> None:
         with self._lock:
-            self._record(record)
+            self.records[record.index] = record
+            self.mine[record.index] = record
+            self._pending = True
+            complete = self.world_size == 1 and len(self.records) == self.manifest["n_shards"]
+            if complete or not busy or time.monotonic() - self._last >= self.interval:
+                self._write()
 
-    def _record(self, record: ShardRecord) -> None:
-        self.records[record.index] = record
-        self.mine[record.index] = record
+    def flush(self) -> None:
+        """Record every shard finished so far (called once the writer has stopped)."""
+        with self._lock:
+            if self._pending:
+                self._write()
+
+    def _write(self) -> None:
         if self.world_size == 1:
             complete = len(self.records) == self.manifest["n_shards"]
             write_json_atomic(self.directory / MANIFEST_FILE, with_shards(self.manifest, self.records, complete),
@@ -222,6 +240,8 @@ class ProgressLog:
         else:
             doc = {"rank": self.rank, "shards": [self.mine[i].to_json() for i in sorted(self.mine)]}
             write_json_atomic(self.directory / journal_name(self.rank), doc, fsync=self.fsync)
+        self._pending = False
+        self._last = time.monotonic()
 
 
 # --- the background writer -----------------------------------------------------------
@@ -293,7 +313,7 @@ class ShardWriter:
     behind a failure are dropped, never half-written.
     """
 
-    def __init__(self, directory: Path, on_written: Callable[[ShardRecord], None], *, depth: int = 2,
+    def __init__(self, directory: Path, on_written: Callable[..., None], *, depth: int = 2,
                  fsync: bool = True, threads: int = 1):
         self.directory, self.on_written, self.fsync = directory, on_written, fsync
         self.error: BaseException | None = None
@@ -340,7 +360,7 @@ class ShardWriter:
         size, checksum = write_shard(self.directory / name, job.tensors, fsync=self.fsync)
         record = ShardRecord(spec.index, name, spec.first_prompt, spec.end_prompt, job.rows, job.tokens, size,
                              checksum)
-        self.on_written(record)
+        self.on_written(record, busy=not self._queue.empty())  # busy: more shards wait to be written
 
 
 def disk_full_message(err: DiskFullError, directory: Path, done: int, total: int) -> str:
