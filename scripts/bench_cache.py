@@ -50,9 +50,11 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module="sae_lens")  # "fewer samples": it counts rows as tokens
 
 NAIVE_BATCH = 32
-METHODS = ("a", "b", "c", "d")
+METHODS = ("a", "b", "c", "d", "e", "w")
 LABELS = {"a": "(a) ceiling: bare forward to the layer", "b": "(b) naive run_with_cache loop",
-          "c": "(c) sae-lens CacheActivationsRunner", "d": "(d) misfeat cache_activations"}
+          "c": "(c) sae-lens CacheActivationsRunner", "d": "(d) misfeat cache_activations",
+          "e": "(e) misfeat, tokenised-prompt cache emptied first",
+          "w": "(w) write ceiling: the store's bytes, plain writer, fsync per shard"}
 
 
 # --- the prompt set ------------------------------------------------------------------
@@ -88,7 +90,7 @@ def make_chat_prompts(path: Path, n: int, model, seed: int = 0) -> Path:
 # --- models --------------------------------------------------------------------------
 
 
-def load_models(which: list[str], device: str, dtype: str):
+def load_models(which: list[str], device: str, dtype: str, gpt2_layer: int = 5):
     """``(organism, [(name, model, hook)])``: the organism and/or a random GPT-2-small-shaped
     model (the organism's tokenizer and n_ctx make the prompt set for both)."""
     import torch
@@ -108,7 +110,7 @@ def load_models(which: list[str], device: str, dtype: str):
         # random weights; the organism's word-level tokenizer (its ids are valid GPT-2 ids)
         gpt2 = HookedTransformer(cfg, tokenizer=organism.tokenizer, move_to_device=True).eval()
         gpt2.misfeat_info = ModelInfo("gpt2-small-shaped-random", "memory", meta={"chat_format": "organism"})
-        out.append(("GPT-2-small-shaped, random (12 layers, d 768)", gpt2, "blocks.5.hook_resid_post"))
+        out.append(("GPT-2-small-shaped, random (12 layers, d 768)", gpt2, f"blocks.{gpt2_layer}.hook_resid_post"))
     return organism, out
 
 
@@ -192,6 +194,12 @@ def run_saelens(model, sequences, per_batch: int, hook: str, d: int, dtype: str,
     return time.perf_counter() - start
 
 
+def write_ceiling(directory: Path, sizes: list[int], *, fsync: bool) -> float:
+    from bench_cache_host import write_ceiling as write
+
+    return write(directory, sizes, fsync=fsync)
+
+
 def run_misfeat(model, pset, hook: str, dtype: str, batch_tokens: int | None, tmp: Path) -> float:
     from misfeat.activations import cache_activations
 
@@ -231,13 +239,21 @@ def bench_model(name, model, hook, prompts_path: Path, repeats: int, args, tmp: 
     sequences, per_batch = saelens_tokens(model, pset, batch_tokens)
     c_tokens = len(sequences) * len(sequences[0])
     d = model.cfg.d_model
+    sizes = [r.bytes for r in open_store(tmp / "misfeat", verify=False).shards]
+
+    def run_cold() -> float:
+        shutil.rmtree(os.environ["MISFEAT_TOKEN_CACHE"], ignore_errors=True)
+        return run_misfeat(model, pset, hook, args.dtype, args.batch_tokens, tmp)
+
     runs = {
         "a": lambda: run_ceiling(model, batches, stop, args.device),
+        "e": run_cold,
+        "w": lambda: write_ceiling(tmp / "ceiling", sizes, fsync=True),
         "b": lambda: run_naive(model, pset, hook, args.device),
         "c": lambda: run_saelens(model, sequences, per_batch, hook, d, args.dtype, args.device, tmp),
         "d": lambda: run_misfeat(model, pset, hook, args.dtype, args.batch_tokens, tmp),
     }
-    tokens = {"a": n_tokens, "b": n_tokens, "c": c_tokens, "d": n_tokens}
+    tokens = {"a": n_tokens, "b": n_tokens, "c": c_tokens, "d": n_tokens, "e": n_tokens, "w": n_tokens}
     methods = [m for m in METHODS if m in args.methods.split(",")]
     rates: dict[str, list[float]] = {m: [] for m in methods}
     runs["a"]()  # warm-up (misfeat ran once above): allocator, kernels, page cache
@@ -263,6 +279,12 @@ def print_results(results: list[dict]) -> None:
             rb = r["best"]["d"] / r["best"][m]
             rm = r["median"]["d"] / r["median"][m]
             print(f"| {LABELS[m]} | {r['best'][m]:,.0f} | {r['median'][m]:,.0f} | {rb:.2f} | {rm:.2f} |")
+        if "a" in r["best"] and "w" in r["best"]:
+            for m in ("d", "e"):
+                if m in r["best"]:
+                    limit = {k: min(r[k]["a"], r[k]["w"]) for k in ("best", "median")}
+                    print(f"{LABELS[m]} / min(ceiling, write ceiling): best {r['best'][m] / limit['best']:.2f}, "
+                          f"median {r['median'][m] / limit['median']:.2f}")
 
 
 def rss_child(args) -> None:
@@ -315,8 +337,9 @@ def main() -> int:
     p.add_argument("--threads", default="1,2",
                    help="torch intra-op thread counts, comma-separated; every method runs with each (default 1,2: "
                    "one thread, and torch's default on this 2-core machine)")
-    p.add_argument("--methods", default="a,b,c,d", help="which of the four methods to run (default all; "
-                   "a,d: misfeat against its ceiling only)")
+    p.add_argument("--methods", default="a,b,c,d,e", help="which methods to run (default a,b,c,d,e; "
+                   "a,d: misfeat against its ceiling only; w: the write ceiling)")
+    p.add_argument("--gpt2-layer", type=int, default=5, help="hooked layer of the GPT-2-shaped model (default 5)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="model and store dtype: float32 or bfloat16")
     p.add_argument("--batch-tokens", type=int, default=None, help="misfeat's (and the ceiling's) token budget")
@@ -345,8 +368,9 @@ def main() -> int:
     load = os.getloadavg()
     started = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="bench_cache_", dir=args.tmp))
+    os.environ["MISFEAT_TOKEN_CACHE"] = str(tmp / "tokens")  # never the user's
     try:
-        organism, models = load_models(args.models.split(","), args.device, args.dtype)
+        organism, models = load_models(args.models.split(","), args.device, args.dtype, args.gpt2_layer)
         results = []
         for name, model, hook in models:
             gpt2 = name.startswith("GPT-2")
