@@ -1,9 +1,9 @@
 """Host-only cache benchmark (issue 20): everything misfeat adds around the model, against the disk.
 
 ``python scripts/bench_cache.py --host-only`` runs this. The forward is replaced by a
-near-free stand-in of the same hook width: a preallocated ``[tokens, d]`` tensor that the
-real capture code gathers the kept positions from (``index_select``, as the real hook
-does). What remains is misfeat's own work: reading the prompt file, tokenising (or reading
+near-free stand-in of the same hook width: a preallocated ``[tokens, d]`` tensor handed
+to misfeat's real capture hook, which copies the kept positions into the shard buffer as
+it does after a real forward. What remains is misfeat's own work: reading the prompt file, tokenising (or reading
 the tokenised-prompt cache), planning rows and shards, padding batches, scattering rows
 into the shard buffer, checksumming, writing, fsync and the manifest.
 
@@ -60,8 +60,10 @@ def stand_in_model(organism, width: int, dtype: str):
 
 
 class StandIn:
-    """Patches ``misfeat.activations.producer.Capture.run`` (the forward) with a gather from a
-    preallocated activation tensor, for the ``with`` block."""
+    """Patches ``misfeat.activations.producer.Capture.forward`` (the model's forward) for the
+    ``with`` block: each hook is handed a view of a preallocated activation tensor, and
+    misfeat's own capture code (copying the kept positions to the shard buffer) runs as it
+    does after a real forward."""
 
     def __init__(self, width: int, dtype, max_tokens: int):
         import torch
@@ -69,22 +71,26 @@ class StandIn:
         self.acts = torch.randn(max_tokens, width).to(dtype)
 
     def __enter__(self):
+        from types import SimpleNamespace
+
         from misfeat.activations import producer
 
         acts = self.acts
 
-        def run(capture, tokens, src, masks=None):
-            flat = acts[:tokens.numel()]
-            return {h: flat.index_select(0, src) for h in capture.hooks}
+        def forward(capture, tokens):
+            b, seq = tokens.shape
+            act = acts[:b * seq].view(b, seq, -1)
+            for name in capture.hooks:
+                capture._capture(act, SimpleNamespace(name=name))  # the last one raises: all captured
 
-        self._saved = producer.Capture.run
-        producer.Capture.run = run
+        self._saved = producer.Capture.forward
+        producer.Capture.forward = forward
         return self
 
     def __exit__(self, *exc):
         from misfeat.activations import producer
 
-        producer.Capture.run = self._saved
+        producer.Capture.forward = self._saved
 
 
 def write_ceiling(directory: Path, sizes: list[int], *, fsync: bool) -> float:

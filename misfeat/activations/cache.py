@@ -260,18 +260,18 @@ def _run_shards(model: HookedTransformer, feeder: Feeder, widths: dict[str, int]
     try:
         for work in feeder:
             meta = {k: torch.from_numpy(v) for k, v in work.meta.items()}
-            pinned = host.acquire(work.rows)
+            pinned = host.acquire(work.rows + 1)  # + the spare row that takes the padding
             views = {h: pinned[h][:work.rows] for h in widths}
             if copier is None:
-                fill_shard(capture, work.batches, views, on_batch=on_batch)
+                fill_shard(capture, work.batches, {h: pinned[h][:work.rows + 1] for h in widths}, on_batch=on_batch)
                 ready = None
             else:
-                buffers = {h: torch.empty((work.rows, d), dtype=dtype, device=device) for h, d in widths.items()}
+                buffers = {h: torch.empty((work.rows + 1, d), dtype=dtype, device=device) for h, d in widths.items()}
                 fill_shard(capture, work.batches, buffers, on_batch=on_batch)
                 copier.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(copier):
                     for h in widths:
-                        views[h].copy_(buffers[h], non_blocking=True)
+                        views[h].copy_(buffers[h][:work.rows], non_blocking=True)
                         buffers[h].record_stream(copier)  # not reused before the copy is done
                     ready = torch.cuda.Event()
                     ready.record(copier)

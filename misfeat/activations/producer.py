@@ -93,6 +93,7 @@ class Capture:
         self.stop = last_layer_of(self.hooks, model.cfg.n_layers)
         self.autocast = autocast
         self._src: torch.Tensor | None = None
+        self._into: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None  # (scatter, buffers)
         self._out: dict[str, torch.Tensor] = {}
         self._fwd = [(h, self._capture) for h in self.hooks]
         self._installed = False
@@ -110,9 +111,30 @@ class Capture:
 
     def _capture(self, act: torch.Tensor, hook) -> None:
         flat = act.reshape(act.shape[0] * act.shape[1], -1)
-        self._out[hook.name] = flat.index_select(0, self._src)
+        if self._into is not None:  # straight into the shard buffer: one copy, no gathered rows
+            scatter, buffers = self._into
+            buf = buffers[hook.name]
+            buf.index_copy_(0, scatter, flat.to(buf.dtype))
+            self._out[hook.name] = buf
+        else:
+            self._out[hook.name] = flat.index_select(0, self._src)
         if len(self._out) == len(self.hooks):
             raise _AllCaptured
+
+    def forward(self, tokens: torch.Tensor) -> None:
+        """The model's forward to the last hook (the hooks raise once all have fired)."""
+        kwargs = {"padding_side": "right"} if self.model.tokenizer is not None else {}
+        self.model(tokens, return_type=None, stop_at_layer=self.stop, **kwargs)
+
+    def run_into(self, tokens: torch.Tensor, scatter: torch.Tensor, buffers: dict[str, torch.Tensor],
+                 masks: dict[str, torch.Tensor] | None = None) -> None:
+        """Copy every position's activation straight to row ``scatter[b * seq + t]`` of
+        ``buffers[hook]`` (padding to a spare last row), on the model's device."""
+        self._into = (scatter, buffers)
+        try:
+            self.run(tokens, scatter, masks)
+        finally:
+            self._into = None
 
     def run(self, tokens: torch.Tensor, src: torch.Tensor,
             masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -124,10 +146,9 @@ class Capture:
                else contextlib.nullcontext())
         declared = position_masks(masks) if masks is not None else contextlib.nullcontext()
         hooked = contextlib.nullcontext() if self._installed else self.model.hooks(fwd_hooks=self._fwd)
-        kwargs = {"padding_side": "right"} if self.model.tokenizer is not None else {}
         try:
             with hooked, declared, amp:
-                self.model(tokens, return_type=None, stop_at_layer=self.stop, **kwargs)
+                self.forward(tokens)
         except _AllCaptured:
             pass
         finally:
@@ -148,11 +169,15 @@ class Batch:
     dest: torch.Tensor  # long [rows]: row of each kept position in the range's row plan
     masks: dict[str, torch.Tensor]
     n_tokens: int  # real (unpadded) tokens
+    # long [b * seq]: the row of every position, padding and unkept ones to the spare row
+    # (the range's row count); None when most positions are not kept (then gather, scatter)
+    scatter: torch.Tensor | None = None
 
     def pinned(self) -> Batch:
         """The same batch in page-locked memory (for non-blocking copies to a GPU)."""
         return Batch(self.tokens.pin_memory(), self.src.pin_memory(), self.dest.pin_memory(),
-                     {k: v.pin_memory() for k, v in self.masks.items()}, self.n_tokens)
+                     {k: v.pin_memory() for k, v in self.masks.items()}, self.n_tokens,
+                     None if self.scatter is None else self.scatter.pin_memory())
 
 
 def pad_right(enc: Encodings, prompts: np.ndarray, lengths: np.ndarray, pad_id: int) -> TokenBatch:
@@ -197,7 +222,11 @@ def make_batches(enc: Encodings, rows: RowPlan, *, pad_id: int, batch_tokens: in
                                                                counts)
         masks = {"all": batch.attention_mask, "prompt": batch.prompt_mask,
                  "response": batch.response_mask, "last": batch.last_mask}
-        yield Batch(batch.tokens, src, torch.from_numpy(dest), masks, int(lengths[group].sum()))
+        scatter = None
+        if 2 * len(src) >= batch.tokens.numel():  # mostly kept: copying padding to a spare row is cheaper
+            scatter = torch.full((batch.tokens.numel(),), rows.n_rows, dtype=torch.long)
+            scatter[src] = torch.from_numpy(dest)
+        yield Batch(batch.tokens, src, torch.from_numpy(dest), masks, int(lengths[group].sum()), scatter)
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -215,16 +244,22 @@ def run_batch(capture: Capture, batch: Batch, device: torch.device) -> tuple[dic
 
 def fill_shard(capture: Capture, batches: Iterable[Batch], buffers: dict[str, torch.Tensor], *,
                on_batch: Callable[[int], None] | None = None) -> None:
-    """Run ``batches`` into ``buffers`` (``{hook: [rows, d]}`` on the model's device, in the
-    store dtype; each row lands at its ``dest``)."""
+    """Run ``batches`` into ``buffers`` (``{hook: [rows + 1, d]}`` on the model's device, in
+    the store dtype; each row lands at its ``dest``; the last row is a spare that takes the
+    padding of batches that copy every position)."""
+    device = next(iter(buffers.values())).device
     import torch
 
-    device = next(iter(buffers.values())).device
     with torch.inference_mode(), capture.installed():
         for batch in batches:
-            out, dest = run_batch(capture, batch, device)
-            for hook, buf in buffers.items():
-                buf.index_copy_(0, dest, out[hook].to(buf.dtype))
+            masks = {k: _to(v, device) for k, v in batch.masks.items()}
+            if batch.scatter is not None:
+                capture.run_into(_to(batch.tokens, device), _to(batch.scatter, device), buffers, masks)
+            else:
+                out = capture.run(_to(batch.tokens, device), _to(batch.src, device), masks)
+                dest = _to(batch.dest, device)
+                for hook, buf in buffers.items():
+                    buf.index_copy_(0, dest, out[hook].to(buf.dtype))
             if on_batch is not None:
                 on_batch(batch.n_tokens)
 
