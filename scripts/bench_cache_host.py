@@ -83,14 +83,18 @@ class StandIn:
             for name in capture.hooks:
                 capture._capture(act, SimpleNamespace(name=name))  # the last one raises: all captured
 
-        self._saved = producer.Capture.forward
-        producer.Capture.forward = forward
+        def run(capture, tokens, src, masks=None):  # misfeat before issue 20 had no Capture.forward
+            return {h: acts[:tokens.numel()].index_select(0, src) for h in capture.hooks}
+
+        self._name = "forward" if hasattr(producer.Capture, "forward") else "run"
+        self._saved = getattr(producer.Capture, self._name)
+        setattr(producer.Capture, self._name, forward if self._name == "forward" else run)
         return self
 
     def __exit__(self, *exc):
         from misfeat.activations import producer
 
-        producer.Capture.forward = self._saved
+        setattr(producer.Capture, self._name, self._saved)
 
 
 def write_ceiling(directory: Path, sizes: list[int], *, fsync: bool) -> float:
