@@ -1,4 +1,4 @@
-"""Benchmark the activation cache (issue 4): misfeat against its ceiling and two baselines.
+"""Benchmark the activation cache (issues 4, 20): misfeat against its ceilings and two baselines.
 
 On one variable-length chat prompt set (multi-turn organism chats, lengths log-uniform in
 8..128 tokens) and for each model (the organism; a GPT-2-small-shaped model with random
@@ -11,15 +11,25 @@ weights), hooking a middle layer's ``hook_resid_post``, it times in the same run
     ``torch.cat`` (tokenisation included, as in misfeat);
 (c) sae-lens ``CacheActivationsRunner`` on the same tokens concatenated and cut to its
     fixed context (128), writing its Arrow dataset;
-(d) misfeat ``cache_activations`` end to end from the loaded prompt set (as (b)): tokenise,
-    forward, write the checksummed, fsynced store.
+(d) misfeat ``cache_activations`` end to end from the loaded prompt set (as (b)): tokenise
+    (or, after the first run, load the tokenised-prompt cache), forward, write the
+    checksummed, fsynced store;
+(e) the same with the tokenised-prompt cache emptied first (tokenising included);
+(w) the write ceiling (``--methods ...,w``): the same bytes as (d)'s store, same shard
+    sizes, same directory, written by a plain loop with an fsync per shard. With (a) and
+    (w), (d) / min(a, w) is printed: the limit of caching is the slower of the two.
 
 Methods run round-robin ``--repeats`` times (``--gpt2-repeats`` for the GPT-2-shaped model;
-order rotated each round); the table gives the
-best and the median tokens/s, and the ratios of (d) to the others. ``--rss`` also runs
-misfeat in child processes on N and 4N prompts and compares their peak RSS.
+order rotated each round), for each torch thread count of ``--threads`` (default 1 and 2:
+one, and torch's default on this 2-core machine); the table gives the best and the median
+tokens/s, and the ratios of (d) to the others. ``--rss`` also runs misfeat in child
+processes on N and 4N prompts and compares their peak RSS. ``--host-only`` runs
+``bench_cache_host.py`` instead: misfeat's own work, the forward replaced by a stand-in,
+against the disk's write ceiling.
 
-    python scripts/bench_cache.py                        # CPU, defaults: about 3 minutes on 2 cores
+    python scripts/bench_cache.py                        # CPU, defaults: about 6 minutes on 2 cores
+    python scripts/bench_cache.py --host-only            # issue 20: host work against the write ceiling
+    python scripts/bench_cache.py --models organism --methods a,d,e --no-rss   # 1 and 2 threads
     python scripts/bench_cache.py --device cuda --dtype bfloat16 --prompts 50000 --gpt2-prompts 20000 \
         --no-rss --threads 8
 

@@ -242,7 +242,8 @@ def _run_shards(model: HookedTransformer, feeder: Feeder, widths: dict[str, int]
     # two writers: one shard's fsync (disk time) overlaps the next one's hash and write; a
     # GPU outruns even that, so three there
     threads = 2 if device.type == "cpu" else 3
-    writer = ShardWriter(out, log, depth=cfg.queue_shards, fsync=cfg.fsync, threads=threads)
+    writer = ShardWriter(out, log, depth=cfg.queue_shards, fsync=cfg.fsync, threads=threads,
+                         cuda_device=device if device.type == "cuda" else None)
     # shard buffers are reused (fresh pages cost a fault each: ~30% of the host time at
     # d 768); on CUDA they are page-locked, for the copies from the GPU
     host = HostBuffers(widths, dtype, cfg.queue_shards + threads + 1, pin=device.type == "cuda")

@@ -141,6 +141,10 @@ class Feeder:
     def _run(self) -> None:
         next_chunk, i = 0, 0
         try:
+            if self.pin:  # pinned memory belongs to the current device's context: this rank's GPU, not GPU 0
+                import torch
+
+                torch.cuda.set_device(next(self.model.parameters()).device)
             cached = token_cache.load(self.token_key, len(self.prompts)) if self.token_key else None
             if cached is not None:
                 self.chunk = max(1, len(self.prompts))  # one chunk: the whole set

@@ -314,8 +314,11 @@ class ShardWriter:
     """
 
     def __init__(self, directory: Path, on_written: Callable[..., None], *, depth: int = 2,
-                 fsync: bool = True, threads: int = 1):
+                 fsync: bool = True, threads: int = 1, cuda_device: Any = None):
+        """``cuda_device``: the GPU whose copies the threads wait for (made current in them,
+        so a rank's writers never open a CUDA context on GPU 0)."""
         self.directory, self.on_written, self.fsync = directory, on_written, fsync
+        self.cuda_device = cuda_device
         self.error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._threads = [threading.Thread(target=self._loop, name=f"misfeat-shard-writer-{i}", daemon=True)
@@ -341,6 +344,13 @@ class ShardWriter:
         self.check()
 
     def _loop(self) -> None:
+        if self.cuda_device is not None:
+            try:
+                import torch
+
+                torch.cuda.set_device(self.cuda_device)
+            except BaseException as err:  # noqa: BLE001 - reported at the next submit; jobs are drained
+                self.error = err
         while (job := self._queue.get()) is not None:
             try:
                 if self.error is None:
