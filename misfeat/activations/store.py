@@ -269,27 +269,12 @@ class HostBuffers:
         buffers = self._free.get()
         if not buffers or next(iter(buffers.values())).shape[0] < rows:
             capacity = max(rows + rows // 8, 1)  # shards of equal prompt counts differ a little in rows
-            buffers = {h: torch.empty((capacity, d), dtype=self.dtype, pin_memory=True) if self.pin
-                       else _huge_page_tensor(capacity, d, self.dtype) for h, d in self.widths.items()}
+            buffers = {h: torch.empty((capacity, d), dtype=self.dtype, pin_memory=self.pin)
+                       for h, d in self.widths.items()}
         return buffers
 
     def release(self, buffers: dict[str, torch.Tensor]) -> None:
         self._free.put(buffers)
-
-
-def _huge_page_tensor(rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised ``[rows, d]`` CPU tensor in anonymous memory advised to use huge pages:
-    the first write to a fresh 4 KiB page faults, and at d 768 those faults made filling a
-    new shard buffer 2.7x slower than refilling one (1.8x with 2 MiB pages)."""
-    import mmap
-
-    import torch
-
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    mem = mmap.mmap(-1, max(rows * d * itemsize, 1))
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        mem.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(mem, dtype=dtype, count=rows * d).view(rows, d)  # the tensor keeps ``mem``
 
 
 @dataclass
