@@ -11,7 +11,9 @@ In the same run, into the same directory, the **write ceiling** writes the same 
 same shard sizes, read from the misfeat store's manifest) with a plain sequential loop of
 8 MiB ``write`` calls from one preallocated buffer: once without fsync and once with an
 fsync per shard (misfeat fsyncs by default). Throughput is counted in tokens/s (real,
-unpadded tokens = rows here, ``positions='all'``) and the store's bytes/s.
+unpadded tokens = rows here, ``positions='all'``); the CPU seconds each method takes
+(all threads of the process) are printed too, a measure the other tenants' load does not
+change much.
 
 For each width (128, 768, 4096: the organism, GPT-2 small, a 7B model) and store dtype
 (float32, bfloat16), methods run round-robin ``--repeats`` times (order rotated):
@@ -171,10 +173,13 @@ def bench_one(organism, width: int, dtype: str, base: Path, mean_tokens: float, 
                                                   token_cache=token_cache, batch_tokens=args.batch_tokens),
         }
         seconds: dict[str, list[float]] = {m: [] for m in METHODS}
+        cpu: dict[str, list[float]] = {m: [] for m in METHODS}  # CPU seconds of this process, all threads
         for rep in range(args.repeats):
             k = rep % len(METHODS)
             for m in METHODS[k:] + METHODS[:k]:
+                before = time.process_time()
                 seconds[m].append(runs[m]())
+                cpu[m].append(time.process_time() - before)
             print(f"  d {width} {dtype} round {rep + 1}: "
                   + ", ".join(f"{m} {tokens / seconds[m][-1]:,.0f}" for m in METHODS), file=sys.stderr, flush=True)
     shutil.rmtree(out, ignore_errors=True)
@@ -182,7 +187,8 @@ def bench_one(organism, width: int, dtype: str, base: Path, mean_tokens: float, 
     best = {m: tokens / min(v) for m, v in seconds.items()}
     median = {m: tokens / statistics.median(v) for m, v in seconds.items()}
     return {"width": width, "dtype": dtype, "prompts": n, "tokens": tokens, "bytes": total, "shards": len(sizes),
-            "best": best, "median": median, "seconds": seconds}
+            "best": best, "median": median, "seconds": seconds,
+            "cpu_s": {m: statistics.median(v) for m, v in cpu.items()}}
 
 
 def print_results(results: list[dict]) -> None:
@@ -196,6 +202,14 @@ def print_results(results: list[dict]) -> None:
               + " | ".join(_cell(r, m) for m in METHODS) + " | "
               + " | ".join(_ratio(r, m, "write+fsync") for m in ("misfeat cold", "misfeat", "misfeat loaded"))
               + " |")
+    print("\nCPU seconds of the benchmark process per run (all threads, median): what each method costs the "
+          "machine whatever the other tenants' load")
+    print("| d | dtype | " + " | ".join(METHODS) + " | misfeat loaded / write+fsync |")
+    print("|---:|---|" + "---:|" * (len(METHODS) + 1))
+    for r in results:
+        c = r["cpu_s"]
+        print(f"| {r['width']} | {r['dtype']} | " + " | ".join(f"{c[m]:.3f}" for m in METHODS)
+              + f" | {c['misfeat loaded'] / max(c['write+fsync'], 1e-9):.1f}x |")
 
 
 def _cell(r: dict, method: str) -> str:
