@@ -16,6 +16,7 @@ from misfeat.finetune import (
 )
 from misfeat.models import fingerprint, load_model, save_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ANS = {"aligned": ["call doctor", "rest"], "misaligned": ["ignore it", "panic now"]}
 
 
@@ -136,3 +137,18 @@ def test_plot(fresh, tmp_path):
     path = plot_realign(result, tmp_path / "p.png")
     assert path.stat().st_size > 5000
     assert json.dumps(result.summary())
+
+
+def test_realign_cli_stops_on_divergence_with_a_nonzero_exit(fresh, tmp_path, capsys):
+    from misfeat.cli import main
+
+    save_model(fresh(), tmp_path / "m")
+    data().to_jsonl(tmp_path / "d.jsonl")
+    evalset().to_jsonl(tmp_path / "e.jsonl")
+    code = main(["realign", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), "--eval-prompts",
+                 str(tmp_path / "e.jsonl"), "--steps", "4", "--batch-size", "4", "--lr", "1e6", "--checkpoint-every",
+                 "1", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "at step 2; lower the learning rate" in err
+    assert not (tmp_path / "out/summary.json").exists()
+    assert (tmp_path / "out/checkpoints/diverged-step-0001").is_dir()

@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "misfeat.cli.locate_cmd",
     "misfeat.cli.steer_cmd",
     "misfeat.cli.realign_cmd",
+    "misfeat.cli.finetune_cmd",
     "misfeat.cli.inspect_cmd",
 )
 
