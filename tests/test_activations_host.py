@@ -127,3 +127,26 @@ def test_host_buffers_are_reused(monkeypatch):
     assert c["h"].data_ptr() != b["h"].data_ptr()
     pool.release(c)
     assert pool.acquire(10_000)["h"].shape[0] >= 10_000  # grows for a larger shard
+
+
+def test_progress_log_defers_only_while_busy_and_flush_records_everything(tmp_path):
+    from misfeat.activations.shards import ShardRecord
+    from misfeat.activations.store import ProgressLog
+
+    log = ProgressLog(tmp_path, {"n_shards": 4, "shards": []}, {}, rank=0, world_size=1, fsync=False,
+                      interval=3600)
+
+    def listed() -> list[int]:
+        return [s["index"] for s in json.loads((tmp_path / "manifest.json").read_text())["shards"]]
+
+    records = [ShardRecord(i, f"shard-{i:05d}.safetensors", i, i + 1, 1, 1, 1, "blake3:00") for i in range(4)]
+    log(records[0], busy=True)  # the first is always written
+    log(records[2], busy=True)  # out of order, more shards queued: deferred
+    assert listed() == [0]
+    log.flush()
+    assert listed() == [0, 2]
+    log(records[1], busy=False)  # the writer would idle anyway: written at once
+    assert listed() == [0, 1, 2]
+    log(records[3], busy=True)  # the last: written, complete
+    doc = json.loads((tmp_path / "manifest.json").read_text())
+    assert doc["complete"] is True and listed() == [0, 1, 2, 3] and log.wrote_complete

@@ -285,20 +285,31 @@ def _run_shards(model: HookedTransformer, feeder: Feeder, widths: dict[str, int]
             writer.submit(work.spec, {**views, **meta}, rows=work.rows, tokens=work.tokens, ready=ready,
                           release=lambda p=pinned: host.release(p))
     except BaseException:
-        try:
-            writer.close()  # keep what was computed: queued shards are still written whole
-        except BaseException as err:  # noqa: BLE001 - the first error is the one to report
-            logger.warning("shard writer: %s", err)
-        finally:
-            log.flush()  # and recorded
+        _keep_written(writer, log, closed=False)  # queued shards are still written whole, and recorded
         raise
     finally:
         bar.close()
     try:
         writer.close()
-    finally:
-        log.flush()
+    except BaseException:
+        _keep_written(writer, log, closed=True)
+        raise
+    log.flush()
     return tokens
+
+
+def _keep_written(writer: ShardWriter, log: ProgressLog, *, closed: bool) -> None:
+    """On the way out with an error: finish the writer and record what it wrote; their own
+    errors are logged, never raised over the first one."""
+    try:
+        if not closed:
+            writer.close()
+    except BaseException as err:  # noqa: BLE001 - the first error is the one to report
+        logger.warning("shard writer: %s", err)
+    try:
+        log.flush()
+    except BaseException as err:  # noqa: BLE001
+        logger.warning("recording the finished shards: %s", err)
 
 
 def _manifest(model: HookedTransformer, fingerprint: str, pset: PromptSet, prompt_spec: str | None,
