@@ -9,7 +9,8 @@ model of the demo, the notebooks and the tests.
 Specs::
 
     organism:<stage>[@<options>]      a checkpoint: pretrain, chat, em, control,
-                                      em-steps/step-NNNN, em-frac/<pct>-s<seed> (built on first use)
+                                      em-steps/step-NNNN, mixed, em-frac/<pct>-s<seed> (built on
+                                      first use)
     organism:<prompt set>[@<options>] a prompt set (see misfeat.organism.prompts)
 
 Options are comma-separated: a preset name (``default``, ``small``), ``seed=N``,
@@ -128,4 +129,7 @@ def prompt_set(spec: str):
     return dataclasses.replace(organism_prompt_set(body, cfg.em_domain, cfg.seed), name=spec)
 
 
-from misfeat.organism import fractions as _fractions  # noqa: E402,F401  (registers organism:em-frac/<pct>-s<seed>)
+# stages and prompt sets that register themselves (organism:mixed, organism:task, organism:probe,
+# organism:em-frac/<pct>-s<seed>)
+from misfeat.organism import fractions as _fractions  # noqa: E402,F401
+from misfeat.organism import mixed as _mixed  # noqa: E402,F401

@@ -62,7 +62,8 @@ def cache_source(cache: str | os.PathLike, hook: str | None = None, *, batch_siz
     batches = store.batches(hook, local_batch, shuffle=True, seed=seed, epochs=epochs, rank=world.rank,
                             world_size=world.size, buffer_rows=buffer_rows)
     return ActivationSource(hook, batches, {"cache": str(cache), "cache_rows": store.n_rows,
-                                            "positions": store.positions})
+                                            "positions": store.positions},
+                            model_name=store.manifest["model"]["spec"])  # the model, not the cache path
 
 
 def live_source(model: HookedTransformer, prompts: PromptSet | str, hook: str, *, batch_size: int, tokens: int,
@@ -84,4 +85,4 @@ def live_source(model: HookedTransformer, prompts: PromptSet | str, hook: str, *
     batches = shuffled(live, buffer_rows=buffer_rows, seed=seed + world.rank, out_rows=local_batch)
     info = {"model": getattr(model, "misfeat_info", None) and model.misfeat_info.spec, "prompts": spec,
             "positions": positions}
-    return ActivationSource(hook, batches, info, model_name=model.cfg.model_name)
+    return ActivationSource(hook, batches, info, model_name=info["model"] or model.cfg.model_name)
