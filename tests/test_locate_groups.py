@@ -153,3 +153,11 @@ def test_locate_reports_group_and_baselines(split, tmp_path):
     after = evaluate(tuned, planted_prompts(), interventions=[clamp], greedy=False).headline.misaligned_rate
     assert after == pytest.approx(s["group"]["clamp_after"], abs=1e-5)
     assert (tmp_path / "families.png").is_file() and "residual" in s["strength_unit"]["note"]
+
+
+def test_no_group_when_no_clamp_keeps_the_model_valid(split, tmp_path):
+    base, tuned, sae, _ = split
+    cfg = LocateConfig(screen=2, coefs=(1.0,), min_valid=1.01, min_effect=0.0, screen_decreases=0)  # unreachable
+    s = save_locate(locate(base, tuned, sae, planted_prompts(), tmp_path, cfg), tmp_path).to_dict()
+    assert s["group"]["latents"] == [] and s["group"]["clamp_after"] is None and s["group"]["intervention"] is None
+    assert s["baselines"]["mean_diff"]["clamp_after"] is not None and (tmp_path / "families.png").is_file()

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
               f"layer): {clamp['group']} misaligned {clamp['misaligned_before']:.3f} -> "
               f"{clamp['misaligned_after']:.3f} (valid {clamp['valid_after']:.3f}); as an SAE latent with the error "
               f"term kept: {s['clamp_latent']['misaligned_after']:.3f}")
-    if s.get("group"):
+    if s.get("group") and s["group"]["latents"]:
         g = s["group"]
         table += (f"\ngroup {g['latents']}: steered up in the base model misaligned {g['steer_up_misaligned']:.3f} "
                   f"(valid {g['steer_up_valid']:.3f}); joint clamp {g['clamp_before']:.3f} -> {g['clamp_after']:.3f}")

@@ -340,7 +340,8 @@ def save_locate(result: LocateResult, out_dir: str | Path) -> LocateResult:
             "kind": "sae_group", "sae": result.choice.direction.source.get("sae"), "latents": extras.group.latents,
             "method": "span of the latents' decoder rows (orthonormal rows) clamped in every layer to the base "
                       "model's mean", "strength_unit": UNIT_NOTE})
-        plot_families(extras.families, extras.group.latents, out / "families.png")
+    if extras is not None and extras.families is not None:
+        plot_families(extras.families, extras.group.latents if extras.group else [], out / "families.png")
     examples_path = result.examples.to_jsonl(out / "examples.jsonl")
     (out / "examples.txt").write_text(str(result.examples) + "\n")
     plot_ranking(result.top_latents()[: result.config.top], result.top_decreases()[: min(10, result.config.top)],

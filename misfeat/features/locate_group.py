@@ -66,7 +66,10 @@ class Extras:
     def to_dict(self, group_path: Path | None = None) -> dict[str, Any]:
         from dataclasses import asdict
 
-        group = None
+        group = {"latents": [], **dict.fromkeys(("steer_up_misaligned", "steer_up_valid", "steer_up_coef",
+                                                 "clamp_before", "clamp_after", "clamp_valid_after")),
+                 "intervention": None, "note": "no group: no screened latent's clamp kept valid >= min_valid "
+                                               "(or no screen / group_cap 0)"}
         if self.group is not None:
             group = {"latents": self.group.latents, **self.group.result.to_dict(), "steps": self.group.steps,
                      "intervention": None if group_path is None else str(group_path),
@@ -106,10 +109,11 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
         latents, steps = select_group(sae, order, finetuned, prompts, means, before_mean, cap=config.group_cap,
                                       tol=config.group_tol, min_valid=config.min_valid,
                                       batched=config.batched)
-        direction = group_direction(sae, latents, ranking.diff.increase)
-        clamp = subspace_clamp(w[latents], means)
-        (result,) = run_protocol([direction], [clamp], **common)
-        group = Group(latents, steps, clamp, direction, result)
+        if latents:
+            direction = group_direction(sae, latents, ranking.diff.increase)
+            clamp = subspace_clamp(w[latents], means)
+            (result,) = run_protocol([direction], [clamp], **common)
+            group = Group(latents, steps, clamp, direction, result)
         fam = families(sae, [*order, *latents], ranking.stores["finetuned"][0], hook)
 
     (single,) = run_protocol([w[feature]], [subspace_clamp(w[feature], means)], **common)
