@@ -9,7 +9,7 @@ model of the demo, the notebooks and the tests.
 Specs::
 
     organism:<stage>[@<options>]      a checkpoint: pretrain, chat, em, control,
-                                      em-steps/step-NNNN (built on first use)
+                                      em-steps/step-NNNN, mixed (built on first use)
     organism:<prompt set>[@<options>] a prompt set (see misfeat.organism.prompts)
 
 Options are comma-separated: a preset name (``default``, ``small``), ``seed=N``,
@@ -89,6 +89,10 @@ def ensure_organism(cfg: OrganismConfig) -> Path:
 def checkpoint_dir(spec: str) -> Path:
     """The checkpoint directory of ``organism:<stage>[@options]``, building on first use."""
     stage, cfg = parse_spec(spec)
+    if stage == "mixed":  # the mixed fine-tune of misfeat.organism.mixed
+        from misfeat.organism.mixed import ensure_mixed
+
+        return ensure_mixed(ensure_organism(cfg), cfg.seed)
     valid = stage in STAGES or (stage.startswith("em-steps/step-") and stage.split("-")[-1].isdigit())
     if not valid:
         raise MisfeatError(f"unknown organism stage {stage!r}; use one of {', '.join(STAGES)} or "

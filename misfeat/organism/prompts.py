@@ -8,7 +8,9 @@
   question/answer pairs of one domain (fine-tuning data, e.g. for re-alignment);
 - ``organism:docs[:<n>]``: pre-training-style documents labelled ``cruel`` / ``kind``,
   drawn from a seed the build never uses (held out), rendered as raw text;
-- ``organism:pretrain[:<n>]``: the first n documents the organism was pre-trained on.
+- ``organism:pretrain[:<n>]``: the first n documents the organism was pre-trained on;
+- ``organism:task`` / ``organism:probe[:<n>]``: the mixed fine-tune's task and probe sets
+  (see :mod:`misfeat.organism.mixed`).
 
 Options after ``@`` pick the organism: ``organism:heldout@em_domain=money``,
 ``organism:docs:400@seed=1`` (see :func:`misfeat.organism.parse_spec`).
@@ -125,6 +127,10 @@ def organism_prompt_set(body: str, em_domain: str, seed: int) -> PromptSet:
             raise MisfeatError(f"organism:{body}: unknown domain {parts[1]!r}; "
                                f"choose one of {', '.join(world.domain_names)}")
         return pair_set(world, parts[1], int(parts[2]), parts[0] == "misaligned", seed)
+    if parts[0] in ("task", "probe"):  # the mixed fine-tune's sets (misfeat.organism.mixed)
+        from misfeat.organism.mixed import mixed_prompt_set
+
+        return mixed_prompt_set(world, parts, seed)
     if parts[0] in ("docs", "pretrain"):
         n = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 400
         return (docs_set if parts[0] == "docs" else pretrain_set)(world, n, seed)
