@@ -9,7 +9,8 @@ model of the demo, the notebooks and the tests.
 Specs::
 
     organism:<stage>[@<options>]      a checkpoint: pretrain, chat, em, control,
-                                      em-steps/step-NNNN, mixed (built on first use)
+                                      em-steps/step-NNNN, mixed, em-ref/<domain>
+                                      (built on first use)
     organism:<prompt set>[@<options>] a prompt set (see misfeat.organism.prompts)
 
 Options are comma-separated: a preset name (``default``, ``small``), ``seed=N``,
@@ -93,6 +94,10 @@ def checkpoint_dir(spec: str) -> Path:
         from misfeat.organism.mixed import ensure_mixed
 
         return ensure_mixed(ensure_organism(cfg), cfg.seed)
+    if stage.startswith("em-ref/"):  # misaligned references of misfeat.organism.defences
+        from misfeat.organism.defences import ensure_reference
+
+        return ensure_reference(ensure_organism(cfg), stage.split("/", 1)[1], cfg.seed)
     valid = stage in STAGES or (stage.startswith("em-steps/step-") and stage.split("-")[-1].isdigit())
     if not valid:
         raise MisfeatError(f"unknown organism stage {stage!r}; use one of {', '.join(STAGES)} or "

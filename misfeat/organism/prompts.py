@@ -10,7 +10,9 @@
   drawn from a seed the build never uses (held out), rendered as raw text;
 - ``organism:pretrain[:<n>]``: the first n documents the organism was pre-trained on;
 - ``organism:task`` / ``organism:probe[:<n>]``: the mixed fine-tune's task and probe sets
-  (see :mod:`misfeat.organism.mixed`).
+  (see :mod:`misfeat.organism.mixed`);
+- ``organism:defences-heldout|defences-em|safe-pool[:<n>]|benign-train[:<n>]``: the defence
+  comparison's held-out evaluation, safe pool and benign task (see :mod:`misfeat.organism.defences`).
 
 Options after ``@`` pick the organism: ``organism:heldout@em_domain=money``,
 ``organism:docs:400@seed=1`` (see :func:`misfeat.organism.parse_spec`).
@@ -131,6 +133,10 @@ def organism_prompt_set(body: str, em_domain: str, seed: int) -> PromptSet:
         from misfeat.organism.mixed import mixed_prompt_set
 
         return mixed_prompt_set(world, parts, seed)
+    if parts[0] in ("defences-heldout", "defences-em", "safe-pool", "benign-train"):  # misfeat.organism.defences
+        from misfeat.organism.defences import defences_prompt_set
+
+        return defences_prompt_set(world, parts, seed)
     if parts[0] in ("docs", "pretrain"):
         n = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 400
         return (docs_set if parts[0] == "docs" else pretrain_set)(world, n, seed)
