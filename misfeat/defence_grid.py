@@ -127,7 +127,15 @@ class SeedContext:
 
 def arms(cfg: GridConfig) -> list[Arm]:
     """The grid's arms, in table order."""
-    from misfeat.finetune import CAFT, KL, LDIFS, Inoculation, Interleave, PreventativeSteering, not_refusal
+    from misfeat.finetune import (
+        CAFT,
+        KL,
+        LDIFS,
+        Inoculation,
+        Interleave,
+        PreventativeSteering,
+        not_refusal,
+    )
 
     def blocks(ctx):
         return list(range(ctx.chat.cfg.n_layers))
@@ -277,7 +285,8 @@ class GridResult:
             text += (f"\nscreening seed {seed}: Pearson r {s['pearson_r']:.3f} over {len(s['datasets'])} datasets, "
                      f"per-sample AUROC {s['sample_auroc']:.3f}; held-out misaligned after top-k "
                      f"{sel['top']:.3f} / random-k {sel['random']:.3f} / bottom-k {sel['bottom']:.3f}")
-        return text + f"\nwall time {self.timings['total_s']:.0f} s"
+        return text + (f"\nwall time {self.timings['total_s']:.0f} s (process CPU {self.timings['cpu_s']:.0f} s, "
+                       f"{self.timings['threads']} thread(s))")
 
 
 def combine_screening(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -303,7 +312,7 @@ def run_grid(cfg: GridConfig | None = None, *, out_dir: str | Path | None = None
 
     cfg = cfg or GridConfig()
     torch.manual_seed(0)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     rows, screening, info = [], {}, {}
     timings: dict[str, Any] = {"prepare_s": {}, "screening_s": {}}
     grid = arms(cfg)
@@ -325,7 +334,8 @@ def run_grid(cfg: GridConfig | None = None, *, out_dir: str | Path | None = None
             screening[seed] = run_screening(ctx, cfg)
             timings["screening_s"][str(seed)] = round(time.perf_counter() - t, 2)
     runs = [r["em_run_s"] + r["benign_run_s"] for r in rows]
-    timings.update(total_s=round(time.perf_counter() - start, 1), runs=2 * len(rows),
+    timings.update(total_s=round(time.perf_counter() - start, 1), cpu_s=round(time.process_time() - cpu_start, 1),
+                   runs=2 * len(rows),
                    run_s_median=round(statistics.median(runs) / 2, 2), threads=torch.get_num_threads())
     try:
         import os

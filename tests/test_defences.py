@@ -8,7 +8,15 @@ import torch
 
 from misfeat.data import PromptRecord, PromptSet, load_prompts
 from misfeat.errors import MisfeatError
-from misfeat.finetune import CAFT, LDIFS, FinetuneConfig, Interleave, finetune, not_refusal, perplexity_gap
+from misfeat.finetune import (
+    CAFT,
+    LDIFS,
+    FinetuneConfig,
+    Interleave,
+    finetune,
+    not_refusal,
+    perplexity_gap,
+)
 from misfeat.models import load_model, save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
