@@ -60,7 +60,9 @@ class GridConfig:
     ldifs: tuple[float, ...] = (0.1, 1.0, 10.0)
     ldifs_detached: tuple[float, ...] = (1.0,)
     steer: tuple[float, ...] = (0.5, 1.0, 2.0)
-    """alphas of preventative steering, at all positions and at the last prompt token"""
+    """alphas of preventative steering"""
+    steer_positions: tuple[str, ...] = ("all", "last")
+    """position sets of steering: all (Chen's code; arm ``steer``) and the last prompt token (``steer_last``)"""
     caft: bool = True
     inoculation: bool = True
     interleave: tuple[float, ...] = (0.05, 0.25)
@@ -82,6 +84,8 @@ class GridConfig:
                 raise MisfeatError(f"{name} lambdas must be >= 0, got {getattr(self, name)}")
         if any(not 0 <= f <= 0.5 for f in self.interleave):
             raise MisfeatError(f"interleave fractions must be in [0, 0.5], got {self.interleave}")
+        if any(p not in ("all", "prompt", "response", "last") for p in self.steer_positions):
+            raise MisfeatError(f"steer_positions must be all, prompt, response or last; got {self.steer_positions}")
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
             raise MisfeatError("steps, batch_size and lr must be positive")
         if self.screening and not 0 < self.select_k <= self.screen_n // 2:
@@ -145,7 +149,8 @@ def arms(cfg: GridConfig) -> list[Arm]:
     out += [Arm("ldifs", w, lambda ctx, w=w: [LDIFS(ctx.chat, blocks(ctx), w)]) for w in cfg.ldifs]
     out += [Arm("ldifs_detached", w, lambda ctx, w=w: [LDIFS(ctx.chat, blocks(ctx), w, detached=True)])
             for w in cfg.ldifs_detached]
-    for name, pos in (("steer", "all"), ("steer_last", "last")):
+    for pos in cfg.steer_positions:
+        name = "steer" if pos == "all" else f"steer_{pos}"
         out += [Arm(name, a, lambda ctx, a=a, pos=pos: [PreventativeSteering(ctx.vector, (cfg.hook,), a, pos)], pos)
                 for a in cfg.steer]
     if cfg.caft:
@@ -368,12 +373,17 @@ def plot_grid(result: GridResult, path: str | Path) -> None:
     with figure(path, size=(7.5, 4.5)) as ax:
         names = list(dict.fromkeys(r["defence"] for r in result.rows))
         cmap = __import__("matplotlib").colormaps["tab10"]
+        markers = "osD^v"
+        seeds = sorted({r["seed"] for r in result.rows})
         for i, name in enumerate(names):
-            pts = [r for r in result.rows if r["defence"] == name]
-            ax.scatter([r["benign_accuracy"] for r in pts], [100 * (r["reduction"] or 0) for r in pts],
-                       s=[20 + 180 * max(r["valid"], 0) for r in pts], color=cmap(i % 10), alpha=0.7, label=name,
-                       edgecolors="k", linewidths=0.4)
+            for j, seed in enumerate(seeds):
+                pts = [r for r in result.rows if r["defence"] == name and r["seed"] == seed]
+                ax.scatter([r["benign_accuracy"] for r in pts], [100 * (r["reduction"] or 0) for r in pts],
+                           s=[10 + 400 * max(r["valid"] - 0.5, 0) for r in pts], color=cmap(i % 10), alpha=0.7,
+                           marker=markers[j % len(markers)], label=name if j == 0 else None, edgecolors="k",
+                           linewidths=0.4)
         ax.set_xlabel("benign-task accuracy (DomainSwap, held-out template)")
         ax.set_ylabel("reduction of held-out misalignment (%)")
-        ax.set_title("In-training defences on the organism (marker size = valid)", fontsize=9)
+        ax.set_title("In-training defences on the organism (marker size = valid; shape = seed: "
+                     + ", ".join(f"{markers[j % len(markers)]} {s}" for j, s in enumerate(seeds)) + ")", fontsize=8)
         ax.legend(fontsize=6, loc="best", ncol=2)

@@ -111,7 +111,7 @@ def test_grid_config_and_cli_refuse_bad_input(capsys, tmp_path):
 
     for bad, match in [(dict(kl=(-0.1,)), "kl lambdas must be >= 0"), (dict(interleave=(0.7,)), r"\[0, 0.5\]"),
                        (dict(interleave=(-0.1,)), r"\[0, 0.5\]"), (dict(seeds=()), "at least one seed"),
-                       (dict(select_k=400), "select_k")]:
+                       (dict(select_k=400), "select_k"), (dict(steer_positions=("answer",)), "steer_positions")]:
         with pytest.raises(MisfeatError, match=match):
             GridConfig(**bad)
     assert main(["defences", "--seeds", "zero", "--out", str(tmp_path)]) == 2
@@ -121,18 +121,16 @@ def test_grid_config_and_cli_refuse_bad_input(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_reduced_grid_on_the_organism_writes_the_output_contract(tmp_path):
-    """Two arms (none, steering) and a small screening on the seed-0 organism: the summary's keys,
-    ranges, and that steering is removed after training (the rows differ from none only by training)."""
+    """Three arms and a small screening on the seed-0 organism: the summary's keys and ranges."""
     from misfeat.defence_grid import GridConfig, run_grid
 
-    cfg = GridConfig.quick(kl=(), ldifs=(), steer=(1.0,), interleave=(0.05,), caft=False, inoculation=False,
-                           steps=10, screen_n=64, select_k=16)
+    cfg = GridConfig.quick(kl=(), ldifs=(), steer=(1.0,), steer_positions=("all",), interleave=(0.05,), caft=False,
+                           inoculation=False, steps=8, screen_n=32, select_k=8)
     result = run_grid(cfg, out_dir=tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (tmp_path / "defences.png").stat().st_size > 0 and (tmp_path / "table.txt").is_file()
     rows = {(r["defence"], r["strength"]): r for r in summary["rows"]}
-    assert set(rows) == {("none", None), ("steer", 1.0), ("steer_last", 1.0), ("interleave_random", 0.05),
-                         ("interleave_gap", 0.05)}
+    assert set(rows) == {("none", None), ("steer", 1.0), ("interleave_random", 0.05), ("interleave_gap", 0.05)}
     for r in summary["rows"]:
         assert r["seed"] == 0
         for key in ("heldout_misaligned", "em_domain_misaligned", "benign_accuracy", "valid"):
