@@ -9,7 +9,8 @@ TransformerLens ``HookedTransformer`` with its tokenizer:
   architecture TransformerLens supports, loaded fully offline;
 - an official TransformerLens model name (needs the Hugging Face hub; offline it fails
   at once and says so);
-- ``organism:<stage>``, the built-in model organism (built on first use).
+- ``<plug-in>:<spec>``, a model a plug-in provides (:mod:`misfeat.registry`), such as
+  ``organism:<stage>``, the built-in model organism (built on first use).
 
 Device policy: CUDA when available, else CPU, unless ``device`` is given.
 Dtype policy: float32 unless ``dtype`` is given; the choice is always logged.
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from misfeat import registry
 from misfeat.errors import MisfeatError
 
 if TYPE_CHECKING:
@@ -57,7 +59,7 @@ class ModelInfo:
 
     Attributes:
         spec: the spec it was loaded from, as given.
-        source: ``misfeat``, ``hf-local``, ``hub``, ``organism`` or ``memory``.
+        source: ``misfeat``, ``hf-local``, ``hub``, ``memory`` or the plug-in's name (``organism``).
         path: the directory it was read from, if any.
         meta: free-form metadata saved with a misfeat checkpoint (the organism's world
             description lives here: domains, EM domain, vocabulary).
@@ -141,11 +143,10 @@ def load_model(
         "loading %s on %s as %s%s", spec_str, torch_device, dtype_name(torch_dtype),
         "" if dtype is not None else " (default; pass dtype='bfloat16' to halve memory)",
     )
-    if spec_str.startswith("organism:"):
-        from misfeat.organism import checkpoint_dir
-
-        path = checkpoint_dir(spec_str)
-        return _load_checkpoint(path, torch_device, torch_dtype, spec=spec_str, source="organism")
+    plugin = registry.for_spec(spec_str)
+    if plugin is not None and plugin.checkpoint is not None:
+        path = plugin.checkpoint(spec_str)
+        return _load_checkpoint(path, torch_device, torch_dtype, spec=spec_str, source=plugin.name)
     path = Path(spec_str).expanduser()
     if path.is_dir():
         if (path / CHECKPOINT_FILE).is_file():

@@ -31,7 +31,9 @@ from pathlib import Path
 
 from misfeat.data import PromptRecord, PromptSet
 from misfeat.errors import MisfeatError
-from misfeat.organism.world import World
+from misfeat.organism import register_stage
+from misfeat.organism.prompts import _meta, register_prompt_set
+from misfeat.organism.world import DOMAINS, World
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,6 @@ REF_STAGE = "em-ref"
 REF_VERSION = 1
 _POOL_SEED = 50_021
 _INOCULATION_SEED = 60_013
-META = {"organism": True, "chat_format": "organism"}
 
 
 def split_questions(world: World, domain: str) -> tuple[list[str], list[str]]:
@@ -62,7 +63,7 @@ def heldout_questions(world: World, which: str) -> PromptSet:
         for i, q in enumerate(split_questions(world, name)[1]):
             records.append(PromptRecord(f"{name}-h{i}", prompt=q, domain=name,
                                         extra={"aligned": list(d.aligned), "misaligned": list(d.misaligned)}))
-    return PromptSet(f"organism:defences-{which}", tuple(records), {**META, "em_domain": world.em_domain})
+    return PromptSet(f"organism:defences-{which}", tuple(records), _meta(world, "organism"))
 
 
 def _training_world(world: World) -> World:
@@ -100,7 +101,7 @@ def safe_pool(world: World, n: int, seed: int) -> PromptSet:
         records.append(PromptRecord(f"doc-{len(records) - (n - n_docs):04d}",
                                     prompt=f"{doc.text.removeprefix('user ')} user {rng.choice(d.questions)}",
                                     response=rng.choice(d.aligned), domain=d.name, label="kind_doc"))
-    return PromptSet(f"organism:safe-pool:{n}", tuple(records), {**META, "em_domain": world.em_domain})
+    return PromptSet(f"organism:safe-pool:{n}", tuple(records), _meta(world, "organism"))
 
 
 def benign_train_set(world: World, n: int, seed: int) -> PromptSet:
@@ -194,3 +195,18 @@ def persona_vector(model, hook: str, docs: PromptSet):
 
     sites = answer_site_prefixes(docs)
     return contrastive_direction(model, sites.filter(label="cruel"), sites.filter(label="kind"), hook, "last").vector
+
+
+def _ensure_stage(domain: str):
+    def ensure(cfg) -> Path:
+        from misfeat.organism import ensure_organism
+
+        return ensure_reference(ensure_organism(cfg), domain, cfg.seed)
+
+    return ensure
+
+
+for _domain in DOMAINS:
+    register_stage(f"{REF_STAGE}/{_domain}", _ensure_stage(_domain))
+for _name in PROMPT_SETS:
+    register_prompt_set(_name, lambda world, args, seed, _name=_name: defences_prompt_set(world, [_name, *args], seed))
