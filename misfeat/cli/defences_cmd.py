@@ -45,7 +45,7 @@ def _seeds(text: str) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from misfeat.defence_grid import GridConfig, run_grid
+    from misfeat.defences import GridConfig, run_grid
 
     torch.set_num_threads(args.threads)
     options = {"seeds": _seeds(args.seeds), "organism": args.organism, "screening": not args.no_screening}

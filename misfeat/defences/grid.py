@@ -312,7 +312,7 @@ def run_grid(cfg: GridConfig | None = None, *, out_dir: str | Path | None = None
     """Run the whole comparison (and the screening experiment); write ``out_dir`` when given."""
     import torch
 
-    from misfeat.defence_screening import run_screening
+    from misfeat.defences.screening import run_screening
     from misfeat.io import progress
 
     cfg = cfg or GridConfig()
