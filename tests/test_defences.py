@@ -58,6 +58,18 @@ def test_evaluation_questions_never_reach_training_sets():
     assert not {r.response for r in pool} & cruel
 
 
+def test_organism_specs_of_the_comparison_refuse_bad_arguments():
+    from misfeat.organism import checkpoint_dir
+
+    for spec, match in [("organism:safe-pool:2", "n >= 4"), ("organism:defences-heldout:3", "takes no ':'"),
+                        ("organism:benign-train:x", "expected organism:benign-train"),
+                        ("organism:benign-train:0", "n >= 1")]:
+        with pytest.raises(MisfeatError, match=match):
+            load_prompts(spec)
+    with pytest.raises(MisfeatError, match="unknown organism stage"):
+        checkpoint_dir("organism:em-ref/mars")
+
+
 def test_answer_site_prefixes_and_persona_vector_by_hand(tiny_model):
     from misfeat.organism.defences import answer_site_prefixes, persona_vector
 

@@ -371,8 +371,10 @@ def plot_grid(result: GridResult, path: str | Path) -> None:
     from misfeat.plots import figure
 
     with figure(path, size=(7.5, 4.5)) as ax:
+        import matplotlib
+
         names = list(dict.fromkeys(r["defence"] for r in result.rows))
-        cmap = __import__("matplotlib").colormaps["tab10"]
+        cmap = matplotlib.colormaps["tab10"]
         markers = "osD^v"
         seeds = sorted({r["seed"] for r in result.rows})
         for i, name in enumerate(names):
