@@ -119,7 +119,7 @@ def test_bad_input_is_refused_before_any_work(fresh, word_tokenizer):
 
 def test_grid_config_and_cli_refuse_bad_input(capsys, tmp_path):
     from misfeat.cli import main
-    from misfeat.defences import GridConfig
+    from misfeat.defences import GridConfig, run_grid
 
     for bad, match in [(dict(kl=(-0.1,)), "kl lambdas must be >= 0"), (dict(interleave=(0.7,)), r"\[0, 0.5\]"),
                        (dict(interleave=(-0.1,)), r"\[0, 0.5\]"), (dict(seeds=()), "at least one seed"),
@@ -129,6 +129,10 @@ def test_grid_config_and_cli_refuse_bad_input(capsys, tmp_path):
     assert main(["defences", "--seeds", "zero", "--out", str(tmp_path)]) == 2
     assert "--seeds must be comma-separated integers" in capsys.readouterr().err
     assert not (tmp_path / "summary.json").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(MisfeatError, match="cannot write the output directory"):
+        run_grid(GridConfig.quick(), out_dir=blocker / "out")
 
 
 @pytest.mark.slow

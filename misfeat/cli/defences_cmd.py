@@ -20,9 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Builds what it needs on first use (the seed's organism, EM references on money, law and code).")
     p.add_argument("--organism", default="", metavar="OPTIONS",
                    help="organism options besides the seed, e.g. small (default: the default preset)")
-    p.add_argument("--seeds", default="0,1", help="comma-separated organism seeds (default 0,1)")
+    p.add_argument("--seeds", default=None, help="comma-separated organism seeds (default 0,1; --quick: 0)")
     p.add_argument("--quick", action="store_true",
-                   help="a reduced grid (one strength per defence, 15 steps, small screening; seeds still apply)")
+                   help="a reduced grid (one strength per defence, 15 steps, small screening)")
     p.add_argument("--no-screening", action="store_true", help="skip the screening experiment")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per fine-tune (default 30; quick 15)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> None:
     from misfeat.defences import GridConfig, run_grid
 
     torch.set_num_threads(args.threads)
-    options = {"seeds": _seeds(args.seeds), "organism": args.organism, "screening": not args.no_screening}
+    options = {"organism": args.organism, "screening": not args.no_screening}
+    if args.seeds is not None:
+        options["seeds"] = _seeds(args.seeds)
     if args.steps is not None:
         options["steps"] = args.steps
     cfg = GridConfig.quick(**options) if args.quick else GridConfig(**options)

@@ -316,6 +316,11 @@ def run_grid(cfg: GridConfig | None = None, *, out_dir: str | Path | None = None
     from misfeat.io import progress
 
     cfg = cfg or GridConfig()
+    if out_dir is not None:  # an unwritable --out fails now, not after the grid
+        try:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise MisfeatError(f"cannot write the output directory {out_dir}: {err}; give another --out") from None
     torch.manual_seed(0)
     start, cpu_start = time.perf_counter(), time.process_time()
     rows, screening, info = [], {}, {}
