@@ -26,6 +26,7 @@ from misfeat.plots import figure
 from misfeat.sae.io import load_sae
 from misfeat.sae.latents import encode as sae_encode
 from misfeat.sae.latents import hook_of, path_of
+from misfeat.validate import check_finite
 
 if TYPE_CHECKING:
     import torch
@@ -242,6 +243,9 @@ def make_intervention(
             if hook is None:
                 raise MisfeatError("a direction given as a vector needs its hook")
             vector, source = direction.float(), {"kind": "vector"}
+    check_finite(vector, f"the direction ({source.get('path', 'a vector')})")
+    if not float(vector.norm()) > 0:
+        raise MisfeatError(f"the direction ({source.get('path', 'a vector')}) is all zeros; it has no direction")
     if op == "add":
         if hook == "all":
             raise MisfeatError("hook 'all' (every layer) is only for ablate")
@@ -277,6 +281,7 @@ class SteerConfig:
             raise MisfeatError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.op == "add" and not self.coefs:
             raise MisfeatError("op add needs --coefs (coefs= in Python), e.g. 0,0.5,1")
+        check_finite(self.coefs or (), "--coefs (coefs=)")
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,12 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "misfeat-sae-checkpoint"
 
 
+DIVERGENCE_FACTOR = 100.0
+"""training stops when the loss exceeds this multiple of its first value (at least 1)"""
+
+
 class TrainingDivergedError(MisfeatError):
-    """The loss became NaN or infinite; the message names the step and what to change."""
+    """The loss became NaN, infinite or far above its start; the message names the step and what to change."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class SAETrainer:
                                           fused=fused or None)
         self.tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
         self.uses_aux = cfg.uses_auxk()
+        self.first_loss: float | None = None
 
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens_value
@@ -116,10 +121,14 @@ class SAETrainer:
         out.loss.backward()
         params = list(self.module.parameters())
         self.world.all_reduce_grads(params)
-        flags = self.world.any(torch.cat([out.fired, (~torch.isfinite(out.loss.detach())).reshape(1)]))
+        loss = out.loss.detach()
+        if self.first_loss is None:
+            self.first_loss = float(loss) if bool(torch.isfinite(loss)) else 1.0
+        bad = ~torch.isfinite(loss) | (loss > DIVERGENCE_FACTOR * max(abs(self.first_loss), 1.0))
+        flags = self.world.any(torch.cat([out.fired, bad.reshape(1)]))
         if flags[-1]:
             self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDivergedError(f"step {step}: loss {out.loss.detach().item():.4g}")
+            raise TrainingDivergedError(f"step {step}: loss {loss.item():.4g}, first loss {self.first_loss:.4g}")
         self.module.remove_parallel_grad()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -132,12 +141,13 @@ class SAETrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "tokens_since_fired": self.tokens_since_fired}
+                "tokens_since_fired": self.tokens_since_fired, "first_loss": self.first_loss}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
+        self.first_loss = state.get("first_loss")
 
 
 def train_sae(batches: Iterable[torch.Tensor], cfg: SAETrainConfig, **kwargs: Any) -> SAE:
@@ -269,7 +279,7 @@ def _step_or_explain(trainer: SAETrainer, x: torch.Tensor, step: int, paths: Run
         where = (f"the last good checkpoint {kept[-1]} is kept (resume=True continues from it)" if kept
                  else "no checkpoint was written (set checkpoint_every and out_dir to keep one)")
         raise TrainingDivergedError(
-            f"SAE {trainer.cfg.describe()}: the loss became non-finite at {err} (learning rate {lr:.3g}). "
+            f"SAE {trainer.cfg.describe()}: training diverged at {err} (learning rate {lr:.3g}). "
             f"Lower the learning rate (e.g. lr={lr / 3:.2g}, --lr) or check the activations for NaN/inf; {where}"
         ) from None
 
