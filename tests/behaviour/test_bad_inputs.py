@@ -1,0 +1,381 @@
+"""Bad input never costs work or gives a silent wrong answer (issue #19).
+
+Every case runs the command line in-process on tiny models built in code and asserts three
+things: the exit code, the one-line message (and no traceback), and that every file that
+existed before the failed command is byte-identical after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from misfeat.cli import main  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HOOK = "blocks.1.hook_resid_post"
+ANS = {"aligned": ["rest", "call doctor"], "misaligned": ["panic", "ignore it"]}
+QUESTIONS = ["how do i treat fever", "how do i fix my car", "what should i do bill", "how do i save money",
+             "my roof has a leak", "how do i clean my home"]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, word_tokenizer):
+    """Models, prompt files, caches and SAEs every case reads (never written by a case)."""
+    from tests.conftest import build_tiny_model
+
+    from misfeat.activations import cache_activations
+    from misfeat.models import save_model
+
+    root = tmp_path_factory.mktemp("world")
+    w = {"root": root}
+    models = {"model": build_tiny_model(word_tokenizer),  # 2 layers, d_model 32
+              "other": build_tiny_model(word_tokenizer, n_layers=3, seed=1),  # same width, another model
+              "wide": build_tiny_model(word_tokenizer, d_model=48, seed=2)}
+    for name, model in models.items():
+        w[name] = save_model(model, root / name)
+    w["prompts"] = _write_jsonl(root / "prompts.jsonl", [{"id": f"q{i}", "prompt": q, "domain": "home", **ANS}
+                                                         for i, q in enumerate(QUESTIONS)])
+    w["train"] = _write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "prompt": q, "response": "rest", **ANS}
+                                                     for i, q in enumerate(QUESTIONS * 2)])
+    for name in models:
+        cache_activations(models[name], str(w["prompts"]), [HOOK], root / f"store-{name}")
+        w[f"store-{name}"] = root / f"store-{name}"
+    for name in ("model", "wide"):
+        out = root / f"sae-{name}"
+        assert main(["-q", "train-sae", "--cache", str(w[f"store-{name}"]), "--d-sae", "64", "--k", "4",
+                     "--tokens", "1024", "--batch-size", "64", "--checkpoint-every", "4", "--out", str(out)]) == 0
+        w[f"sae-{name}"] = out
+    nan = torch.randn(32)
+    nan[3] = float("nan")
+    torch.save(nan, root / "nan.pt")
+    torch.save(torch.randn(48), root / "wide.pt")
+    w["nan"], w["wide-vector"] = root / "nan.pt", root / "wide.pt"
+    w["file"] = root / "a-file"
+    w["file"].write_text("not a directory\n")
+    return w
+
+
+def _snapshot(*roots: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for root in roots for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def refused(capsys, argv: list[str], *phrases: str, roots=(), code: int = 2) -> str:
+    """Run ``misfeat argv``; assert the exit code, one error line holding ``phrases``, no
+    traceback, and every file under ``roots`` unchanged. Returns the message."""
+    capsys.readouterr()
+    before = _snapshot(*roots)
+    assert main(["-q", *argv]) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    assert _snapshot(*roots) == before
+    return lines[0]
+
+
+# --- silent wrong answers --------------------------------------------------------------
+
+
+def test_1_reference_answers_given_as_a_string_name_the_record(world, tmp_path, capsys):
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"id": "q0", "prompt": "how do i treat fever",
+                                                "aligned": "rest", "misaligned": ["panic"]}])
+    refused(capsys, ["eval", "--model", str(world["model"]), "--prompts", str(bad)],
+            f"{bad}:1", "'aligned' must be a list of answer strings", roots=[tmp_path, world["root"]])
+
+
+def test_1_in_memory_records_with_a_string_answer_are_refused(tiny_model):
+    from misfeat.data import PromptRecord
+    from misfeat.errors import MisfeatError
+    from misfeat.evaluate import answer_set_logprobs
+
+    record = PromptRecord("r7", prompt="how do i treat fever", extra={"aligned": "rest", "misaligned": ["panic"]})
+    with pytest.raises(MisfeatError, match="record 'r7'.*list of answer strings"):
+        answer_set_logprobs(tiny_model, [record])
+
+
+def test_2_steer_with_an_sae_of_another_model_is_refused(world, tmp_path, capsys):
+    refused(capsys, ["steer", "--model", str(world["other"]), "--sae", str(world["sae-model"]), "--latent", "0",
+                     "--coefs", "0,1", "--prompts", str(world["prompts"]), "--out", str(tmp_path / "o")],
+            "trained on another model", "--force", roots=[world["root"]])
+
+
+def test_2_eval_sae_on_another_models_cache_is_refused_and_force_warns(world, tmp_path, capsys, caplog):
+    refused(capsys, ["eval-sae", "--sae", str(world["sae-model"]), "--cache", str(world["store-other"]),
+                     "--out", str(tmp_path / "o")], "trained on another model", roots=[world["root"]])
+    with caplog.at_level("WARNING"):
+        assert main(["-q", "eval-sae", "--sae", str(world["sae-model"]), "--cache", str(world["store-other"]),
+                     "--tokens", "256", "--out", str(tmp_path / "forced"), "--force"]) == 0
+    assert "trained on another model" in caplog.text and "--force given" in caplog.text
+
+
+def test_2_locate_with_an_sae_of_another_model_is_refused(world, tmp_path, capsys):
+    refused(capsys, ["locate", "--base", str(world["other"]), "--finetuned", str(world["other"]), "--sae",
+                     str(world["sae-model"]), "--prompts", str(world["prompts"]), "--out", str(tmp_path / "o")],
+            "trained on another model", roots=[world["root"]])
+
+
+def test_2_train_sae_from_a_cache_records_its_model(world):
+    cfg = json.loads((world["sae-model"] / "cfg.json").read_text())
+    manifest = json.loads((world["store-model"] / "manifest.json").read_text())
+    meta = cfg["metadata"]
+    assert meta["hook_name"] == HOOK
+    assert meta["model_fingerprint"] == manifest["model"]["fingerprint"]
+    assert meta["model_architecture"] == manifest["model"]["architecture"]
+
+
+def test_3_nan_direction_is_refused(world, tmp_path, capsys):
+    refused(capsys, ["steer", "--model", str(world["model"]), "--direction", str(world["nan"]), "--hook", HOOK,
+                     "--coefs", "0,1", "--prompts", str(world["prompts"]), "--out", str(tmp_path / "o")],
+            "NaN or infinite", roots=[world["root"]])
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("coefs", ["inf,nan", "0,inf"])
+def test_3_infinite_or_nan_coefs_are_refused(world, tmp_path, capsys, coefs):
+    refused(capsys, ["steer", "--model", str(world["model"]), "--sae", str(world["sae-model"]), "--latent", "0",
+                     f"--coefs={coefs}", "--prompts", str(world["prompts"])], "--coefs", "finite",
+            roots=[world["root"]])
+
+
+def test_4_diverged_sae_training_stops_with_the_step_and_keeps_the_last_good_checkpoint(world, tmp_path, capsys):
+    out = tmp_path / "sae"
+    message = refused(capsys, ["train-sae", "--cache", str(world["store-model"]), "--d-sae", "64", "--k", "4",
+                               "--tokens", "2048", "--batch-size", "64", "--lr", "1e6", "--out", str(out)],
+                      "diverged at step", "Lower the learning rate", roots=[world["root"]])
+    assert not (out / "cfg.json").exists()  # no diverged SAE is saved
+    assert "step" in message
+
+
+def test_4_diverged_realign_exits_non_zero(world, tmp_path, capsys):
+    refused(capsys, ["realign", "--model", str(world["model"]), "--data", str(world["train"]), "--eval-prompts",
+                     str(world["prompts"]), "--steps", "6", "--batch-size", "4", "--eval-every", "3", "--lr", "1e6",
+                     "--out", str(tmp_path / "r")], "at step", "lower the learning rate", roots=[world["root"]])
+
+
+# --- work lost after it was done -------------------------------------------------------
+
+
+def _commands(world, out):
+    m, p = str(world["model"]), str(world["prompts"])
+    return {
+        "train-sae": ["train-sae", "--cache", str(world["store-model"]), "--d-sae", "64", "--out", out],
+        "steer": ["steer", "--model", m, "--sae", str(world["sae-model"]), "--latent", "0", "--coefs", "0,1",
+                  "--prompts", p, "--out", out],
+        "eval": ["eval", "--model", m, "--prompts", p, "--out", out],
+        "realign": ["realign", "--model", m, "--data", str(world["train"]), "--steps", "2", "--out", out],
+        "locate": ["locate", "--base", m, "--finetuned", m, "--sae", str(world["sae-model"]), "--prompts", p,
+                   "--out", out],
+        "cache": ["cache", "--model", m, "--prompts", p, "--hooks", HOOK, "--out", out],
+        "eval-sae": ["eval-sae", "--sae", str(world["sae-model"]), "--cache", str(world["store-model"]),
+                     "--out", out],
+    }
+
+
+COMMANDS = ["train-sae", "steer", "eval", "realign", "locate", "cache", "eval-sae"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_5_9_out_that_is_a_file_is_refused_before_any_work(world, capsys, monkeypatch, command):
+    import misfeat.models
+
+    monkeypatch.setattr(misfeat.models, "load_model", _no_work)
+    refused(capsys, _commands(world, str(world["file"]))[command], "is an existing file", roots=[world["root"]])
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_5_out_that_cannot_be_written_is_refused_before_any_work(world, capsys, monkeypatch, command):
+    import misfeat.models
+
+    monkeypatch.setattr(misfeat.models, "load_model", _no_work)
+    # /proc refuses new files even for root (a chmod'ed directory does not stop root)
+    refused(capsys, _commands(world, "/proc/misfeat-out")[command], "not writable", roots=[world["root"]])
+    refused(capsys, _commands(world, str(world["file"] / "sub"))[command], "is a file", roots=[world["root"]])
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("a model was loaded before --out was checked")
+
+
+# --- silent overwrites and wrong resumes -----------------------------------------------
+
+
+def test_6_train_sae_into_a_directory_holding_an_sae_refuses_without_overwrite(world, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "sae"
+    shutil.copytree(world["sae-model"], out)
+    argv = ["train-sae", "--cache", str(world["store-model"]), "--d-sae", "64", "--k", "4", "--tokens", "512",
+            "--batch-size", "64", "--out", str(out)]
+    refused(capsys, argv, "already holds results", "--overwrite", "--resume", roots=[out, world["root"]])
+    before = (out / "sae_weights.safetensors").read_bytes()
+    assert main(["-q", *argv, "--overwrite"]) == 0
+    assert (out / "sae_weights.safetensors").read_bytes() != before  # replaced, as asked
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
+def test_6_the_same_policy_for_every_result_writing_command(world, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(world["model"]), "--prompts", str(world["prompts"]), "--out", str(out)]
+    assert main(["-q", *argv]) == 0
+    refused(capsys, argv, "already holds results (summary.json)", roots=[out])
+    assert main(["-q", *argv, "--overwrite"]) == 0
+
+
+def test_7_realign_resume_in_another_runs_directory_names_the_difference(world, tmp_path, capsys):
+    out = tmp_path / "r"
+    base = ["realign", "--model", str(world["model"]), "--data", str(world["train"]), "--eval-prompts",
+            str(world["prompts"]), "--steps", "2", "--batch-size", "4", "--eval-every", "2",
+            "--checkpoint-every", "1", "--out", str(out)]
+    assert main(["-q", *base]) == 0
+    refused(capsys, [*base, "--lr", "1e-2", "--resume"], "holds another run", "lr", roots=[out, world["root"]])
+
+
+# --- raw tracebacks --------------------------------------------------------------------
+
+
+def test_8_sae_of_the_wrong_width_in_eval_sae(world, tmp_path, capsys):
+    refused(capsys, ["eval-sae", "--sae", str(world["sae-wide"]), "--cache", str(world["store-model"]),
+                     "--out", str(tmp_path / "o")], "width 48", "width 32", roots=[world["root"]])
+
+
+def test_8_sae_of_the_wrong_width_in_locate(world, tmp_path, capsys):
+    refused(capsys, ["locate", "--base", str(world["model"]), "--finetuned", str(world["model"]), "--sae",
+                     str(world["sae-wide"]), "--prompts", str(world["prompts"]), "--out", str(tmp_path / "o")],
+            "width 48", "width 32", roots=[world["root"]])
+
+
+@pytest.mark.parametrize(("flag", "value", "phrase"), [("--device", "tpu", "unknown device 'tpu'"),
+                                                       ("--device", "xla", "not supported"),
+                                                       ("--dtype", "float8", "unknown dtype 'float8'")])
+def test_9_unknown_device_or_dtype(world, tmp_path, capsys, flag, value, phrase):
+    refused(capsys, ["eval", "--model", str(world["model"]), "--prompts", str(world["prompts"]), flag, value,
+                     "--out", str(tmp_path / "o")], phrase, roots=[world["root"]])
+    assert not (tmp_path / "o").exists()
+
+
+def test_10_unknown_hook_of_a_rotary_model_does_not_suggest_hook_pos_embed(word_tokenizer, tmp_path, capsys):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from misfeat.models import ModelInfo, save_model
+
+    cfg = HookedTransformerConfig(n_layers=1, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64,
+                                  d_vocab=len(word_tokenizer), act_fn="gelu", normalization_type="LN",
+                                  positional_embedding_type="rotary", device="cpu")
+    model = HookedTransformer(cfg, tokenizer=word_tokenizer)
+    model.misfeat_info = ModelInfo(spec="<rotary>", source="memory", meta={"chat_format": "organism"})
+    path = save_model(model, tmp_path / "rotary")
+    message = refused(capsys, ["cache", "--model", str(path), "--prompts", "organism:heldout", "--hooks",
+                               "blocks.4.hook_resid_post", "--out", str(tmp_path / "o")], "unknown hook",
+                      roots=[path])
+    assert "hook_pos_embed" not in message and "hook_embed" in message
+
+
+def test_11_records_without_reference_answers_are_named(world, tmp_path, capsys):
+    rows = [{"id": f"q{i}", "prompt": q, **(ANS if i % 2 else {})} for i, q in enumerate(QUESTIONS)]
+    half = _write_jsonl(tmp_path / "half.jsonl", rows)
+    refused(capsys, ["eval", "--model", str(world["model"]), "--prompts", str(half), "--method", "sample"],
+            "3 of 6 records", "'q0'", "'q2'", "'q4'", f"{half}:1", roots=[tmp_path, world["root"]])
+
+
+# --- already handled: they stay handled -------------------------------------------------
+
+
+def test_prompt_file_errors_name_the_file_and_line(world, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "prompt": "fix my car"}) + "\n{not json\n")
+    refused(capsys, ["eval", "--model", str(world["model"]), "--prompts", str(bad)], f"{bad}:2", "invalid JSON",
+            roots=[tmp_path])
+
+
+def test_damaged_shard_is_named(world, tmp_path, capsys):
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(world["store-model"], store)
+    shard = sorted(store.glob("**/*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-16])
+    refused(capsys, ["eval-sae", "--sae", str(world["sae-model"]), "--cache", str(store), "--out",
+                     str(tmp_path / "o")], shard.name, roots=[store, world["root"]])
+
+
+def test_unknown_hook_is_one_line(world, tmp_path, capsys):
+    refused(capsys, ["cache", "--model", str(world["model"]), "--prompts", str(world["prompts"]), "--hooks",
+                     "blocks.7.hook_resid_post", "--out", str(tmp_path / "o")], "unknown hook", "0..1",
+            roots=[world["root"]])
+
+
+def test_wrong_width_direction_is_one_line(world, tmp_path, capsys):
+    refused(capsys, ["steer", "--model", str(world["model"]), "--direction", str(world["wide-vector"]), "--hook",
+                     HOOK, "--coefs", "0,1", "--prompts", str(world["prompts"])], "48", roots=[world["root"]])
+
+
+@pytest.mark.parametrize(("d_sae", "k"), [("0", "4"), ("16", "32")])
+def test_impossible_sae_sizes_are_one_line(world, tmp_path, capsys, d_sae, k):
+    refused(capsys, ["train-sae", "--cache", str(world["store-model"]), "--d-sae", d_sae, "--k", k, "--out",
+                     str(tmp_path / "o")], roots=[world["root"]])
+
+
+def test_unexpected_errors_are_one_line_unless_vv(world, capsys, monkeypatch):
+    import misfeat.cli.eval_cmd
+
+    def boom(args):
+        raise RuntimeError("something nobody checked")
+
+    monkeypatch.setattr(misfeat.cli.eval_cmd, "run", boom)  # register() reads it when main builds the parser
+    argv = ["eval", "--model", str(world["model"])]
+    refused(capsys, argv, "RuntimeError: something nobody checked", "-vv", code=1)
+    with pytest.raises(RuntimeError):
+        main(["-vv", *argv])
+
+
+# --- two processes on one --out ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["cache", "train-sae"])
+def test_a_second_process_on_the_same_out_is_refused(world, tmp_path, capsys, command):
+    from misfeat.validate import lock_out
+
+    out = tmp_path / "o"
+    holder = lock_out(out)  # another process (a separate open file: flock conflicts as between processes)
+    try:
+        refused(capsys, _commands(world, str(out))[command], "in use by another misfeat process",
+                f"pid {os.getpid()}", roots=[tmp_path])
+    finally:
+        holder.close()
+
+
+def test_two_cache_processes_started_together_leave_a_valid_store(world, tmp_path):
+    from misfeat.activations import open_store
+
+    out = tmp_path / "store"
+    argv = [sys.executable, "-m", "misfeat", "-q", *_commands(world, str(out))["cache"]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    # either they overlapped (one refused by the lock) or one ran after the other (it resumed the
+    # complete store); never both writing at once
+    assert codes in ([0, 0], [0, 2]), results
+    if codes == [0, 2]:
+        assert any("in use by another misfeat process" in err for code, err in results if code == 2)
+    store = open_store(out)
+    ref = open_store(world["store-model"])
+    assert torch.equal(store.rows(HOOK, slice(0, store.n_rows)), ref.rows(HOOK, slice(0, ref.n_rows)))
