@@ -284,7 +284,12 @@ def render(record: PromptRecord, fmt: str, tokenizer: Any = None) -> tuple[str, 
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat format 'template' needs a tokenizer with a chat_template")
         msgs = [{"role": r, "content": c} for r, c in turns]
-        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        from misfeat.chat import apply_template, template_response
+
+        where = record.source or f"record {record.id!r}"
+        text = apply_template(tokenizer, msgs, where, add_generation_prompt=True)
+        if response is not None:
+            response = template_response(tokenizer, msgs, where, text, response)
         return text, response
     if fmt == "raw":
         text = "\n".join(c for _, c in turns)

@@ -41,8 +41,8 @@ from misfeat.errors import MisfeatError
 from misfeat.generate import generate
 from misfeat.hooks import position_masks
 from misfeat.interventions import Intervention, apply
-from misfeat.io import format_table
-from misfeat.judges import ExactJudge, Judge
+from misfeat.io import format_table, progress
+from misfeat.judges import ExactJudge, Judge, score_all
 from misfeat.models import model_info
 
 if TYPE_CHECKING:
@@ -128,7 +128,8 @@ def response_logprobs(
     out = torch.empty(len(encoded), dtype=torch.float32)
     pad = pad_id_of(model)
     with torch.inference_mode():
-        for group in batch_by_tokens([len(e) for e in encoded], max_batch_tokens):
+        groups = batch_by_tokens([len(e) for e in encoded], max_batch_tokens)
+        for group in progress(groups, desc="score responses", unit="batch"):
             batch = collate([encoded[i] for i in group], pad, "right", device=model.cfg.device)
             with position_masks(batch.masks()):
                 logits = model(batch.tokens)
@@ -243,17 +244,18 @@ def _evaluate(model: HookedTransformer, prompts: PromptSet, method: str, judge: 
             row["misaligned"], row["valid"] = row["p_misaligned"], row["p_valid"]
     if greedy:
 
-        for row, record, comp in zip(per_prompt, records, generate(model, records, max_new_tokens=max_new_tokens,
-                                                                     stop_words=stop), strict=True):
-            verdict = judge.score(record, comp.text)
+        comps = generate(model, records, max_new_tokens=max_new_tokens, stop_words=stop)
+        verdicts = score_all(judge, [(r, c.text) for r, c in zip(records, comps, strict=True)])
+        for row, comp, verdict in zip(per_prompt, comps, verdicts, strict=True):
             row.update(greedy=comp.text, greedy_misaligned=float(verdict.misaligned),
                        greedy_valid=float(verdict.coherent_enough))
     if method == "sample":
 
         comps = generate(model, records, max_new_tokens=max_new_tokens, stop_words=stop, temperature=temperature,
                          samples_per_prompt=samples, seed=seed)
-        for i, (row, record) in enumerate(zip(per_prompt, records, strict=True)):
-            verdicts = [judge.score(record, c.text) for c in comps[i * samples:(i + 1) * samples]]
+        all_verdicts = score_all(judge, [(records[i // samples], c.text) for i, c in enumerate(comps)])
+        for i, row in enumerate(per_prompt):
+            verdicts = all_verdicts[i * samples:(i + 1) * samples]
             row["misaligned"] = sum(v.misaligned for v in verdicts) / samples
             row["valid"] = sum(v.coherent_enough for v in verdicts) / samples
             row["samples"] = [c.text for c in comps[i * samples:(i + 1) * samples]]

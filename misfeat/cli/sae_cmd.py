@@ -114,7 +114,7 @@ def _stream(args: argparse.Namespace, world, device: str | None):
     if args.cache:
         source = cache_source(args.cache, args.hook, batch_size=args.batch_size, tokens=args.total_tokens,
                               seed=args.seed, world=world)
-        return source.hook, source.batches, {**source.info, **source.origin}
+        return source.hook, source.batches, {**source.info, "model_name": source.model_name, **source.origin}
     if not args.prompts or not args.hook:
         raise MisfeatError("--model needs --prompts SPEC (the text to run) and --hook H (where to read)")
     from misfeat.models import load_model

@@ -67,6 +67,7 @@ def cache_source(cache: str | os.PathLike, hook: str | None = None, *, batch_siz
     origin = {"model_fingerprint": model.get("fingerprint"), "model_architecture": model.get("architecture")}
     return ActivationSource(hook, batches, {"cache": str(cache), "cache_rows": store.n_rows,
                                             "positions": store.positions},
+                            model_name=store.manifest["model"]["spec"],  # the model, not the cache path
                             origin={k: v for k, v in origin.items() if v})
 
 
@@ -91,6 +92,6 @@ def live_source(model: HookedTransformer, prompts: PromptSet | str, hook: str, *
             "positions": positions}
     from misfeat.models import architecture_fingerprint, fingerprint
 
-    return ActivationSource(hook, batches, info, model_name=model.cfg.model_name,
+    return ActivationSource(hook, batches, info, model_name=info["model"] or model.cfg.model_name,
                             origin={"model_fingerprint": fingerprint(model),
                                     "model_architecture": architecture_fingerprint(model)})
