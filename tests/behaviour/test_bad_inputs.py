@@ -36,10 +36,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, word_tokenizer):
     """Models, prompt files, caches and SAEs every case reads (never written by a case)."""
-    from tests.conftest import build_tiny_model
-
     from misfeat.activations import cache_activations
     from misfeat.models import save_model
+    from tests.conftest import build_tiny_model
 
     root = tmp_path_factory.mktemp("world")
     w = {"root": root}
