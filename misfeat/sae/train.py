@@ -191,7 +191,7 @@ def train_saes(batches: Iterable[torch.Tensor], cfgs: Sequence[SAETrainConfig], 
     found = read_latest_checkpoint(paths, device) if resume and paths is not None else None
     if found is not None:
         path, state = found
-        _check_resume(path, state, cfgs, world)
+        _check_resume(path, state, cfgs, world, _origin(metadata))
         stats = DataStats(**state["stats"])
         start = int(state["step"])
         logger.info("resuming from %s: skipping the %d batches already trained on", path, start)
@@ -214,7 +214,7 @@ def train_saes(batches: Iterable[torch.Tensor], cfgs: Sequence[SAETrainConfig], 
         for trainer, trainer_state in zip(trainers, state["trainers"], strict=True):
             trainer.load_state_dict(trainer_state)
     step, elapsed, last = _loop(stream, trainers, stats, start, device, world, paths, show_progress,
-                                state["elapsed"] if state else 0.0, on_log)
+                                state["elapsed"] if state else 0.0, on_log, _origin(metadata))
     saes = []
     for index, trainer in enumerate(trainers):
         info = {"config": trainer.cfg.to_dict(), "scale": stats.scale, "steps": step,
@@ -231,7 +231,7 @@ def train_saes(batches: Iterable[torch.Tensor], cfgs: Sequence[SAETrainConfig], 
 
 def _loop(stream, trainers: list[SAETrainer], stats: DataStats, start: int, device: torch.device, world: World,
           paths: RunPaths | None, show_progress: bool | None, elapsed: float,
-          on_log: Callable[[int, list[dict[str, float]]], None] | None = None
+          on_log: Callable[[int, list[dict[str, float]]], None] | None = None, origin: dict[str, Any] | None = None
           ) -> tuple[int, float, list[dict[str, float]]]:
     """Run steps ``start..n_steps``; return the steps completed, the training seconds and
     the live statistics of the last logged batch."""
@@ -262,7 +262,7 @@ def _loop(stream, trainers: list[SAETrainer], stats: DataStats, start: int, devi
             bar.update(1)
             done = step + 1
             if paths is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < n_steps:
-                _checkpoint(paths, done, trainers, stats, world, elapsed + time.perf_counter() - t0)
+                _checkpoint(paths, done, trainers, stats, world, elapsed + time.perf_counter() - t0, origin)
         else:
             step = n_steps
     finally:
@@ -275,9 +275,14 @@ def _step_or_explain(trainer: SAETrainer, x: torch.Tensor, step: int, paths: Run
         return trainer.step(x, step)
     except TrainingDivergedError as err:
         lr = trainer.cfg.lr_at(step)
-        kept = paths.list_checkpoints() if paths is not None else []
-        where = (f"the last good checkpoint {kept[-1]} is kept (resume=True continues from it)" if kept
-                 else "no checkpoint was written (set checkpoint_every and out_dir to keep one)")
+        kept = []
+        if paths is not None:  # a checkpoint at or after this step holds the weights that diverged
+            kept = [p for p in paths.list_checkpoints() if int(p.name[5:-3]) < step]
+            if trainer.world.is_main:
+                for bad in paths.list_checkpoints()[len(kept):]:
+                    bad.rename(bad.with_name(f"diverged-{bad.name}"))
+        where = (f"the last good checkpoint {kept[-1]} is kept" if kept
+                 else "no good checkpoint was written (set checkpoint_every and out_dir to keep one)")
         raise TrainingDivergedError(
             f"SAE {trainer.cfg.describe()}: training diverged at {err} (learning rate {lr:.3g}). "
             f"Lower the learning rate (e.g. lr={lr / 3:.2g}, --lr) or check the activations for NaN/inf; {where}"
@@ -293,18 +298,24 @@ def _live_stats(x: torch.Tensor, outs: list[ForwardOutput], trainers: list[SAETr
             for o, t in zip(outs, trainers, strict=True)]
 
 
+def _origin(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """The model the training rows come from, as far as ``metadata`` records it."""
+    return {k: v for k, v in (metadata or {}).items() if k in ("model_fingerprint", "model_architecture")}
+
+
 def _checkpoint(paths: RunPaths, step: int, trainers: list[SAETrainer], stats: DataStats, world: World,
-                elapsed: float) -> None:
+                elapsed: float, origin: dict[str, Any] | None = None) -> None:
     if world.is_main:
         write_checkpoint(paths, step, {
             "format": CHECKPOINT_FORMAT, "version": 1, "step": step, "world_size": world.size,
             "configs": [t.cfg.to_dict() for t in trainers], "stats": stats.to_dict(),
-            "trainers": [t.state_dict() for t in trainers], "elapsed": elapsed,
+            "trainers": [t.state_dict() for t in trainers], "elapsed": elapsed, "origin": origin or {},
         })
     world.barrier()
 
 
-def _check_resume(path: Path, state: dict[str, Any], cfgs: list[SAETrainConfig], world: World) -> None:
+def _check_resume(path: Path, state: dict[str, Any], cfgs: list[SAETrainConfig], world: World,
+                  origin: dict[str, Any] | None = None) -> None:
     if state.get("format") != CHECKPOINT_FORMAT:
         raise MisfeatError(f"{path} is not a misfeat SAE checkpoint")
     saved = state["configs"]
@@ -318,3 +329,7 @@ def _check_resume(path: Path, state: dict[str, Any], cfgs: list[SAETrainConfig],
     if state["world_size"] != world.size:
         raise MisfeatError(f"cannot resume from {path}: it was written by {state['world_size']} processes, this run "
                            f"has {world.size}; each process's rows would differ")
+    saved_model, now_model = state.get("origin", {}).get("model_fingerprint"), (origin or {}).get("model_fingerprint")
+    if saved_model and now_model and saved_model != now_model:
+        raise MisfeatError(f"cannot resume from {path}: it trained on activations of model {saved_model}, this data "
+                           f"comes from model {now_model}; resume with the same --cache/--model or use a new --out")

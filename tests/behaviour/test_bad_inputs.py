@@ -154,13 +154,40 @@ def test_3_infinite_or_nan_coefs_are_refused(world, tmp_path, capsys, coefs):
             roots=[world["root"]])
 
 
-def test_4_diverged_sae_training_stops_with_the_step_and_keeps_the_last_good_checkpoint(world, tmp_path, capsys):
+def test_4_diverged_sae_training_stops_with_the_step(world, tmp_path, capsys):
+    out = tmp_path / "sae"
+    refused(capsys, ["train-sae", "--cache", str(world["store-model"]), "--d-sae", "64", "--k", "4", "--tokens",
+                     "2048", "--batch-size", "64", "--lr", "1e6", "--out", str(out)],
+            "diverged at step", "Lower the learning rate", roots=[world["root"]])
+    assert not (out / "cfg.json").exists()  # no diverged SAE is saved
+
+
+@pytest.mark.parametrize("lr", ["1e6", "3"])
+def test_4_diverged_sae_training_keeps_the_last_good_checkpoint(world, tmp_path, capsys, lr):
+    import re
+
     out = tmp_path / "sae"
     message = refused(capsys, ["train-sae", "--cache", str(world["store-model"]), "--d-sae", "64", "--k", "4",
-                               "--tokens", "2048", "--batch-size", "64", "--lr", "1e6", "--out", str(out)],
-                      "diverged at step", "Lower the learning rate", roots=[world["root"]])
-    assert not (out / "cfg.json").exists()  # no diverged SAE is saved
-    assert "step" in message
+                               "--tokens", "8192", "--batch-size", "64", "--lr", lr, "--checkpoint-every", "1",
+                               "--out", str(out)], "diverged at step", roots=[world["root"]])
+    step = int(re.search(r"diverged at step (\d+)", message).group(1))
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step-*.pt"))
+    assert all(int(name[5:-3]) < step for name in kept)  # none holds the weights that diverged
+    assert (out / "checkpoints" / f"diverged-step-{step:07d}.pt").exists()
+    if lr == "3":  # diverges after a few good steps
+        assert kept, message
+    if kept:
+        assert f"last good checkpoint {out / 'checkpoints' / kept[-1]} is kept" in message
+    assert not (out / "cfg.json").exists()
+
+
+def test_4_sae_resume_refuses_activations_of_another_model(world, tmp_path, capsys):
+    out = tmp_path / "sae"
+    argv = ["train-sae", "--d-sae", "64", "--k", "4", "--tokens", "2048", "--batch-size", "64",
+            "--checkpoint-every", "4", "--out", str(out)]
+    assert main(["-q", *argv, "--cache", str(world["store-model"])]) == 0
+    refused(capsys, [*argv, "--cache", str(world["store-other"]), "--resume"], "activations of model",
+            roots=[out, world["root"]])
 
 
 def test_4_diverged_realign_exits_non_zero(world, tmp_path, capsys):
