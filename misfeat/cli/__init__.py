@@ -55,7 +55,7 @@ def add_output_args(parser: argparse.ArgumentParser, out_required: bool = False,
                         help=overwrite_help or "replace the results already in --out")
     parser.add_argument("--json", action="store_true",
                         help="print the summary as JSON on stdout instead of a table")
-    parser.set_defaults(rerun_resumes=rerun_resumes)
+    parser.set_defaults(out_policy="rerun-resumes" if rerun_resumes else "refuse")
 
 
 def add_model_args(parser: argparse.ArgumentParser, flag: str = "--model", required: bool = True,
@@ -157,10 +157,10 @@ def _check_before_work(args: argparse.Namespace):
         if args.device and args.device != "cuda":  # cuda without a GPU: each command says what to do
             resolve_device(args.device)
         resolve_dtype(args.dtype)
-    out = getattr(args, "out", None)
-    if not out:
+    out, policy = getattr(args, "out", None), getattr(args, "out_policy", None)
+    if not out or policy is None:  # demo and organism keep their own --out (stages that resume, a file)
         return None
     check_out_dir(out)
-    if not (args.rerun_resumes or args.overwrite or getattr(args, "resume", False)):
+    if not (policy == "rerun-resumes" or args.overwrite or getattr(args, "resume", False)):
         check_no_results(out)
     return lock_out(out) if os.environ.get("RANK", "0") == "0" else None

@@ -185,8 +185,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from misfeat.models import load_model
     from misfeat.sae.io import load_sae
     from misfeat.sae.metrics import evaluate_sae
-    from misfeat.validate import check_sae_model, check_sae_store
+    from misfeat.validate import check_out_dir, check_sae_model, check_sae_store
 
+    check_out_dir(args.out or args.sae, "--out" if args.out else "the SAE directory (metrics.json goes there)")
     sae = load_sae(args.sae, device=args.device)
     store = open_store(args.cache)
     check_sae_store(sae, store, force=args.force)
