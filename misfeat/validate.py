@@ -70,13 +70,9 @@ def lock_out(path: str | os.PathLike, what: str = "--out") -> Any:
     temporary directory (named by a hash of the resolved path), so ``path`` gets no file.
     """
     import fcntl
-    import hashlib
 
     path = Path(path)
-    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
-    locks = Path(tempfile.gettempdir()) / "misfeat-locks"
-    locks.mkdir(exist_ok=True)
-    handle = open(locks / f"{key}.lock", "a+")
+    handle = open(lock_path(path), "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -90,6 +86,16 @@ def lock_out(path: str | os.PathLike, what: str = "--out") -> Any:
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of output directory ``path`` (in the temporary directory; see :func:`lock_out`)."""
+    import hashlib
+
+    key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:24]
+    locks = Path(tempfile.gettempdir()) / "misfeat-locks"
+    locks.mkdir(exist_ok=True)
+    return locks / f"{key}.lock"
 
 
 def check_finite(values: Iterable[float] | Any, what: str) -> None:

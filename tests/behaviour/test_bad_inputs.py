@@ -388,20 +388,34 @@ def test_a_second_process_on_the_same_out_is_refused(world, tmp_path, capsys, co
         holder.close()
 
 
-def test_two_cache_processes_started_together_leave_a_valid_store(world, tmp_path):
-    from misfeat.activations import open_store
+def test_a_second_process_started_while_the_first_trains_is_refused(world, tmp_path):
+    """Two real processes: B starts once A holds --out (its pid is in the lock file), is refused at
+    once, and A finishes with a valid SAE."""
+    import time
 
-    out = tmp_path / "store"
-    argv = [sys.executable, "-m", "misfeat", "-q", *_commands(world, str(out))["cache"]]
+    from sae_lens import SAE
+
+    from misfeat.validate import lock_path
+
+    out = tmp_path / "sae"
+    argv = [sys.executable, "-m", "misfeat", "-q", "train-sae", "--cache", str(world["store-model"]), "--d-sae",
+            "64", "--k", "4", "--batch-size", "64", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
-    codes = sorted(code for code, _ in results)
-    # either they overlapped (one refused by the lock) or one ran after the other (it resumed the
-    # complete store); never both writing at once
-    assert codes in ([0, 0], [0, 2]), results
-    if codes == [0, 2]:
-        assert any("in use by another misfeat process" in err for code, err in results if code == 2)
-    store = open_store(out)
-    ref = open_store(world["store-model"])
-    assert torch.equal(store.rows(HOOK, slice(0, store.n_rows)), ref.rows(HOOK, slice(0, ref.n_rows)))
+    a = subprocess.Popen([*argv, "--tokens", "16384"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        lock = lock_path(out)
+        deadline = time.monotonic() + 60
+        while not (lock.exists() and lock.read_text().strip() == str(a.pid)):
+            assert a.poll() is None and time.monotonic() < deadline, a.stderr.read() if a.poll() is not None else ""
+            time.sleep(0.05)
+        b = subprocess.run([*argv, "--tokens", "1024"], env=env, capture_output=True, text=True, timeout=60)
+        assert a.poll() is None, "A finished before B was refused; the check proved nothing"
+        assert b.returncode == 2 and "Traceback" not in b.stderr
+        assert f"is in use by another misfeat process (pid {a.pid})" in b.stderr
+        assert a.wait(timeout=120) == 0, a.stderr.read()
+    finally:
+        if a.poll() is None:
+            a.kill()
+    sae = SAE.load_from_disk(str(out))
+    assert sae.cfg.metadata.misfeat_training["tokens"] == 16384
