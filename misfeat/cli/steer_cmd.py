@@ -41,8 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     from misfeat.steering import SteerConfig
 
     add_config_args(p, SteerConfig, choices={"op": OPS, "positions": POSITIONS, "method": METHODS})
-    p.add_argument("--force", action="store_true", help="use an SAE trained on another model's architecture "
-                   "(a warning instead of the error)")
     add_device_args(p)
     add_output_args(p)
     p.set_defaults(func=run)
@@ -62,11 +60,6 @@ def run(args: argparse.Namespace) -> int:
     check_steer(cfg, **feature, reference=args.reference)
     judge = make_judge(args.judge)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    if args.sae:
-        from misfeat.sae.io import load_sae
-        from misfeat.validate import check_sae_model
-
-        check_sae_model(load_sae(args.sae), model, force=args.force, where=args.model)
     reference = load_model(args.reference, device=args.device, dtype=args.dtype) if args.reference else None
     result = steer(model, cfg, **feature, hook=args.hook, prompts=args.prompts, reference=reference, judge=judge)
     summary = {"model": args.model, "reference": args.reference, **result.to_dict()}

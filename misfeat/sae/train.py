@@ -183,6 +183,10 @@ def train_saes(batches: Iterable[torch.Tensor], cfgs: Sequence[SAETrainConfig], 
         raise MisfeatError(f"batch_size={first.batch_size} is not divisible by the {world.size} processes")
     if resume and out_dir is None:
         raise MisfeatError("resume=True needs out_dir, the directory holding the checkpoints")
+    if out_dir is not None:
+        from misfeat.validate import check_out_dir
+
+        check_out_dir(out_dir, "out_dir")
     from misfeat.models import resolve_device
 
     device = resolve_device(first.device)

@@ -131,6 +131,16 @@ def test_2_locate_with_an_sae_of_another_model_is_refused(world, tmp_path, capsy
             "trained on another model", roots=[world["root"]])
 
 
+def test_2_the_python_api_checks_it_too(world):
+    from misfeat.errors import MisfeatError
+    from misfeat.models import load_model
+    from misfeat.steering import SteerConfig, steer
+
+    other = load_model(world["other"], device="cpu")
+    with pytest.raises(MisfeatError, match="trained on another model"):
+        steer(other, SteerConfig(coefs=(0.0, 1.0)), sae=str(world["sae-model"]), latent=0, prompts=str(world["prompts"]))
+
+
 def test_2_train_sae_from_a_cache_records_its_model(world):
     cfg = json.loads((world["sae-model"] / "cfg.json").read_text())
     manifest = json.loads((world["store-model"] / "manifest.json").read_text())
