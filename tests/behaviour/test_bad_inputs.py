@@ -267,6 +267,17 @@ def test_6_train_sae_into_a_directory_holding_an_sae_refuses_without_overwrite(w
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
 
 
+def test_6_train_sae_resume_into_its_own_directory_continues_it(world, tmp_path):
+    import shutil
+
+    out = tmp_path / "sae"
+    shutil.copytree(world["sae-model"], out)
+    assert main(["-q", "train-sae", "--cache", str(world["store-model"]), "--d-sae", "64", "--k", "4", "--tokens",
+                 "1024", "--batch-size", "64", "--checkpoint-every", "4", "--out", str(out), "--resume"]) == 0
+    # resumed from its last checkpoint with the same data and settings: the same weights
+    assert (out / "sae_weights.safetensors").read_bytes() == (world["sae-model"] / "sae_weights.safetensors").read_bytes()
+
+
 def test_6_the_same_policy_for_every_result_writing_command(world, tmp_path, capsys):
     out = tmp_path / "eval"
     argv = ["eval", "--model", str(world["model"]), "--prompts", str(world["prompts"]), "--out", str(out)]
