@@ -123,13 +123,14 @@ def sae_origin(sae: Any) -> dict[str, Any]:
 
 
 def check_sae_fits(sae: Any, *, width: int, where: str, hooks: Iterable[str] | None = None,
-                   fingerprint: str | None = None, architecture: str | None = None, force: bool = False) -> None:
+                   fingerprint: str | None = None, architecture: str | None = None, force: bool = False,
+                   other_weights: int = logging.INFO) -> None:
     """Refuse an SAE used where it does not belong: the wrong width or a hook ``where`` lacks
     (always an error), or another model than the one it was trained on.
 
     A different architecture (configuration hash) is an error, a warning with ``force``;
     the same architecture with other weights (a fine-tune of the SAE's model, the usual
-    case of model diffing) is a warning."""
+    case of model diffing) is logged at level ``other_weights``."""
     d_in, hook = int(sae.cfg.d_in), sae.cfg.metadata.hook_name
     if d_in != width:
         raise MisfeatError(f"the SAE reads vectors of width {d_in} but {where} has width {width}; use an SAE "
@@ -145,8 +146,9 @@ def check_sae_fits(sae: Any, *, width: int, where: str, hooks: Iterable[str] | N
             raise MisfeatError(message + "; use an SAE of this model, or --force to use it anyway")
         logger.warning("%s (--force given: going on)", message)
     elif origin.get("model_fingerprint") and fingerprint and origin["model_fingerprint"] != fingerprint:
-        logger.warning("the SAE was trained on model %s, %s is model %s (other weights, same architecture: "
-                       "fine for a fine-tune of the SAE's model)", origin["model_fingerprint"], where, fingerprint)
+        logger.log(other_weights, "the SAE was trained on model %s, %s is model %s (other weights, same "
+                   "architecture: fine for a fine-tune of the SAE's model)", origin["model_fingerprint"], where,
+                   fingerprint)
 
 
 def check_sae_model(sae: Any, model: Any, force: bool = False, where: str = "the model") -> None:
@@ -165,4 +167,4 @@ def check_sae_store(sae: Any, store: Any, force: bool = False) -> None:
                            f"({', '.join(store.hooks)})")
     model = store.manifest.get("model", {})
     check_sae_fits(sae, width=store.d_of(hook), where=f"the cache {store.path}", fingerprint=model.get("fingerprint"),
-                   architecture=model.get("architecture"), force=force)
+                   architecture=model.get("architecture"), force=force, other_weights=logging.WARNING)

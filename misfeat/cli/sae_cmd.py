@@ -196,6 +196,10 @@ def run_eval(args: argparse.Namespace) -> int:
         check_sae_model(sae, model, force=args.force, where=args.model)
     metrics = evaluate_sae(sae, store, model, n_tokens=args.tokens, ce_tokens=args.ce_tokens,
                            out_dir=args.out or args.sae, prompts=args.prompts)
-    summary = {"sae": args.sae, "cache": args.cache, "model": args.model, **metrics.to_dict()}
+    from misfeat.validate import sae_origin
+
+    summary = {"sae": args.sae, "cache": args.cache, "model": args.model, **metrics.to_dict(),
+               "sae_model": sae_origin(sae).get("model_fingerprint"),
+               "cache_model": store.manifest.get("model", {}).get("fingerprint")}
     finish(args, summary, metrics.table())
     return 0

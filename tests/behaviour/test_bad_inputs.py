@@ -44,6 +44,7 @@ def world(tmp_path_factory, word_tokenizer):
     w = {"root": root}
     models = {"model": build_tiny_model(word_tokenizer),  # 2 layers, d_model 32
               "other": build_tiny_model(word_tokenizer, n_layers=3, seed=1),  # same width, another model
+              "twin": build_tiny_model(word_tokenizer, seed=5),  # same architecture, other weights
               "wide": build_tiny_model(word_tokenizer, d_model=48, seed=2)}
     for name, model in models.items():
         w[name] = save_model(model, root / name)
@@ -123,6 +124,16 @@ def test_2_eval_sae_on_another_models_cache_is_refused_and_force_warns(world, tm
         assert main(["-q", "eval-sae", "--sae", str(world["sae-model"]), "--cache", str(world["store-other"]),
                      "--tokens", "256", "--out", str(tmp_path / "forced"), "--force"]) == 0
     assert "trained on another model" in caplog.text and "--force given" in caplog.text
+
+
+def test_2_eval_sae_on_a_cache_of_other_weights_warns_and_says_so(world, tmp_path, capsys, caplog):
+    with caplog.at_level("WARNING"):
+        assert main(["-q", "eval-sae", "--sae", str(world["sae-model"]), "--cache", str(world["store-twin"]),
+                     "--tokens", "256", "--out", str(tmp_path / "o"), "--json"]) == 0
+    assert "other weights, same architecture" in caplog.text
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    twin = json.loads((world["store-twin"] / "manifest.json").read_text())["model"]["fingerprint"]
+    assert summary["cache_model"] == twin and summary["sae_model"] not in (None, twin)
 
 
 def test_2_locate_with_an_sae_of_another_model_is_refused(world, tmp_path, capsys):
