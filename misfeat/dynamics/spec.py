@@ -70,8 +70,8 @@ class MatchSpec:
 class StageSpec:
     """One fine-tuning stage of a dynamics run (it starts from the previous stage's end)."""
 
-    data: str
-    """training records with responses: a JSONL file or a prompt-set spec"""
+    data: Any
+    """training records with responses: a JSONL file or a prompt-set spec (or, from Python, a PromptSet)"""
     steps: int
     """optimiser steps (with ``match``: the most steps to search)"""
     lr: float = 3e-4
@@ -91,11 +91,11 @@ class StageSpec:
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
-            raise MisfeatError(f"stage {self.name or self.data!r}: steps and batch_size must be positive")
+            raise MisfeatError(f"stage {self.name or str(self.data)!r}: steps and batch_size must be positive")
         if not self.lr > 0:
-            raise MisfeatError(f"stage {self.name or self.data!r}: lr must be positive")
+            raise MisfeatError(f"stage {self.name or str(self.data)!r}: lr must be positive")
         if self.evaluate_every is not None and self.evaluate_every < 1:
-            raise MisfeatError(f"stage {self.name or self.data!r}: evaluate_every must be >= 1 (or null)")
+            raise MisfeatError(f"stage {self.name or str(self.data)!r}: evaluate_every must be >= 1 (or null)")
 
     @classmethod
     def from_dict(cls, obj: Any, where: str = "stage") -> StageSpec:
@@ -146,4 +146,15 @@ class RunSpec:
         return cls.from_dict(obj, str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["stages"] = [{f.name: _named(getattr(s, f.name)) for f in dataclasses.fields(s)} for s in self.stages]
+        return out
+
+
+def _named(value: Any) -> Any:
+    """A stage field as JSON: a loaded prompt set by its name and hash, a match spec as a dict."""
+    if isinstance(value, MatchSpec):
+        return dataclasses.asdict(value)
+    if hasattr(value, "records") and hasattr(value, "hash"):
+        return {"name": value.name, "hash": value.hash, "n": len(value)}
+    return value
