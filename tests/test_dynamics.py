@@ -178,7 +178,7 @@ def test_score_matching_stops_at_the_first_step_within_tolerance(fresh, tmp_path
     full = run_dynamics(model, _stages(steps=8), scorer=scorer, forces=False).stages[1]
     steps, S = full.curve("S")
     target, tol = S[2] + 0.001, 0.005  # step 2 is within tolerance, step 1 is not
-    first = next(t for t, s in zip(steps, S) if abs(s - target) < tol or s <= target)
+    first = next(t for t, s in zip(steps, S, strict=False) if abs(s - target) < tol or s <= target)
     assert first == 2
     model = fresh()
     res = run_dynamics(model, _stages(MatchSpec("S", target, tol, coarse_every=4), steps=8), scorer=scorer,
@@ -212,7 +212,7 @@ def test_resume_skips_finished_stages_and_ends_identically(fresh, tmp_path):
     second = run_dynamics(again, _stages(), scorer=scorer, out_dir=tmp_path / "run", resume=True)
     assert [s.steps_run for s in second.stages] == [4, 6]
     assert second.stages[1].rows[-1]["eval"] == first.stages[1].rows[-1]["eval"]
-    for a, b in zip(model.parameters(), again.parameters()):
+    for a, b in zip(model.parameters(), again.parameters(), strict=True):
         assert torch.equal(a, b)
 
 

@@ -10,8 +10,20 @@ priming, data diversity, elasticity on any model and data). See docs/dynamics.md
 Importing this package imports no torch.
 """
 
-from misfeat.dynamics.forces import ForceProbe, ForceSnapshot, PositionForces, position_forces, sign_agreement
-from misfeat.dynamics.runner import DynamicsResult, ScoreNotMatched, StageResult, plot_dynamics, run_dynamics
+from misfeat.dynamics.forces import (
+    ForceProbe,
+    ForceSnapshot,
+    PositionForces,
+    position_forces,
+    sign_agreement,
+)
+from misfeat.dynamics.runner import (
+    DynamicsResult,
+    ScoreNotMatched,
+    StageResult,
+    plot_dynamics,
+    run_dynamics,
+)
 from misfeat.dynamics.scores import (
     ExactScorer,
     ModelScorer,

@@ -222,7 +222,7 @@ def run_protocol(name: str, seeds=(0,), out_dir: str | os.PathLike | None = None
     summary: dict[str, Any] = {"protocol": name, "seeds": list(seeds), **rows, **extra,
                                "seconds": seconds, "load_average": loads,
                                "organism": asdict(parse_options(options)) | {"seed": None}}
-    summary["force_sign_agreement"] = _agreement(rows)
+    summary.update(_agreement(rows))
     summary["bars"] = judge_bars(name, summary)
     if out is not None:
         from misfeat.organism.dynamics_bars import plot_protocol
@@ -231,7 +231,11 @@ def run_protocol(name: str, seeds=(0,), out_dir: str | os.PathLike | None = None
     return summary
 
 
-def _agreement(rows: dict[str, list]) -> float | None:
+def _agreement(rows: dict[str, list]) -> dict[str, Any]:
+    """The bar's sign agreement over every logged step, and two secondary figures: the agreement
+    on steps where S moved by more than 1e-3, and the Pearson correlation of predicted and measured dS."""
+    import numpy as np
+
     from misfeat.dynamics import sign_agreement
 
     pred, meas = [], []
@@ -239,4 +243,8 @@ def _agreement(rows: dict[str, list]) -> float | None:
         for f in arm.get("forces", []):
             pred.append(f["predicted_dS"])
             meas.append(f["measured_dS"])
-    return sign_agreement(pred, meas) if pred else None
+    if not pred:
+        return {}
+    corr = float(np.corrcoef(pred, meas)[0, 1]) if len(pred) > 2 else None
+    return {"force_sign_agreement": sign_agreement(pred, meas), "force_steps": len(pred),
+            "force_sign_agreement_moving": sign_agreement(pred, meas, eps=1e-3), "force_correlation": corr}
