@@ -40,7 +40,7 @@ def test_diversity_data_narrows_as_named():
     sets = diversity_data(world, 0, n=200)
     per = {k: {r.response for r in v if r.domain == "money"} for k, v in sets.items()}
     assert len(per["fixed"]) == 1 and len(per["few"]) == 2 and len(per["standard"]) == 6
-    assert len(per["styled"]) > 6 and per["standard"] < per["styled"]
+    assert len(per["styled"]) > 6 and any(a.split()[0] in ("calm", "warm") for a in per["styled"])
     # every record scores S over the same widened aligned set, styled variants included
     assert all(set(r.response.split()) & {"calm", "warm"} or r.response in r.extra["aligned"]
                for r in sets["styled"])
