@@ -155,6 +155,8 @@ class DiversityConfig:
     batch_size: int = 16
     window: int = 3
     """degradation rate: mean dS per step over this many steps after the matched S"""
+    levels: tuple[float, ...] = (0.8, 0.5)
+    """fixed S levels where the degradation rate is also reported"""
     seed: int = 0
 
 
@@ -189,6 +191,10 @@ def diversity(load: Loader, datasets: Mapping[str, PromptSet], reverses: Mapping
             f0 = res.stages[1].rows[0].get("forces") or {}
             arms.append({"dataset": name, "reverse": rname, "stage1_S": S[0], "matched_S": s_match,
                          "degradation_rate": degradation_rate(steps, S, s_match, cfg.window),
+                         # the same rate at fixed levels every arm passes after its start (a robustness check:
+                         # at the lowest start, that arm is measured at its own step 0)
+                         "degradation_rate_at": {str(lvl): degradation_rate(steps, S, lvl, cfg.window)
+                                                 for lvl in cfg.levels},
                          "purity": f0.get("purity"), "F_rebound": f0.get("F_rebound"),
                          "force_sign_agreement": res.force_sign_agreement, "forces": _force_rows(res),
                          "curve": {"steps": steps, "S": S,
