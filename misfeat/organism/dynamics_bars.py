@@ -44,7 +44,9 @@ def judge_bars(name: str, summary: dict[str, Any]) -> dict[str, Any]:
                 ok = None not in order and order[0] > order[1] > order[2]
                 bars.setdefault(f"diversity_{rev}", {})[seed] = {
                     "met": ok, "degradation_rate": rate,
-                    "purity": {a["dataset"]: a["purity"] for a in arms if a["reverse"] == rev}}
+                    "purity": {a["dataset"]: a["purity"] for a in arms if a["reverse"] == rev},
+                    "rate_at_fixed_S": {a["dataset"]: a.get("degradation_rate_at") for a in arms
+                                        if a["reverse"] == rev}}
     elif name == "elasticity":
         for seed, pairs in _by_seed(summary["pairs"]).items():
             bars.setdefault("inverse_below_forward", {})[seed] = {
