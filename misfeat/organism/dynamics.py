@@ -206,13 +206,14 @@ def run_protocol(name: str, seeds=(0,), out_dir: str | os.PathLike | None = None
     out = Path(out_dir) if out_dir is not None else None
     rows: dict[str, list] = {}
     extra: dict[str, Any] = {}
-    seconds, loads = {}, {}
+    seconds, cpu, loads = {}, {}, {}
     for seed in seeds:
         cfg = parse_options(",".join(filter(None, [options, f"seed={seed}"])))
         ensure_organism(cfg)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = RUNNERS[name](cfg, out / f"seed{seed}" if out is not None else None)
         seconds[seed] = round(time.perf_counter() - t0, 1)
+        cpu[seed] = round(time.process_time() - c0, 1)
         loads[seed] = round(os.getloadavg()[0], 2)
         for key, value in res.items():
             if isinstance(value, list):
@@ -220,7 +221,7 @@ def run_protocol(name: str, seeds=(0,), out_dir: str | os.PathLike | None = None
             else:
                 extra.setdefault(key, {})[seed] = value
     summary: dict[str, Any] = {"protocol": name, "seeds": list(seeds), **rows, **extra,
-                               "seconds": seconds, "load_average": loads,
+                               "seconds": seconds, "cpu_seconds": cpu, "load_average": loads,
                                "organism": asdict(parse_options(options)) | {"seed": None}}
     summary.update(_agreement(rows))
     summary["bars"] = judge_bars(name, summary)
