@@ -1,6 +1,7 @@
 # misfeat: the two commands of the README.
 #   make demo   builds the environment if missing, then runs the end-to-end demo on the organism
 #   make test   builds the environment if missing, then runs the whole test suite (CI calls this)
+#   make test-fast   the import-layer contract and the tests not marked slow, no notebooks
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.misfeat-installed
 OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: env demo test lint clean-env browser
+.PHONY: env demo test test-fast layers lint clean-env browser
 
 env: $(STAMP)
 
@@ -31,8 +32,15 @@ browser:
 	    apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
 	  echo "note: no Chromium; the browser rendering test will be skipped"
 
-test: $(STAMP) browser
+test: $(STAMP) browser layers
 	HF_HUB_OFFLINE=1 $(PY) -m pytest --nbmake tests notebooks $(PYTEST_ARGS)
+
+test-fast: $(STAMP) layers
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" tests $(PYTEST_ARGS)
+
+# the import-layer contract of pyproject.toml ([tool.importlinter]): layers only point down
+layers: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check misfeat tests scripts

@@ -7,8 +7,8 @@ A prompt set is a JSONL file, one record per line::
 
 Each record has an ``id`` and either ``prompt`` (one user turn) or ``messages`` (a chat,
 roles ``system``/``user``/``assistant``); ``response``, ``domain`` and ``label`` are
-optional, and any other field is kept in ``extra``. Prompt-set specs (``organism:heldout``
-and friends) resolve through the organism.
+optional, and any other field is kept in ``extra``. Prompt-set specs of a plug-in
+(``organism:heldout`` and friends) resolve through :mod:`misfeat.registry`.
 
 Tokenisation renders each record with a chat format, prepends BOS where the model
 expects it, and returns padded batches with boolean masks over the prompt tokens, the
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from misfeat import registry
 from misfeat.errors import MisfeatError
 
 if TYPE_CHECKING:
@@ -106,6 +107,14 @@ class PromptSet:
         )
         return PromptSet(name or f"{self.name}[{domain or ''}{':' + label if label else ''}]", keep, self.meta)
 
+    def contrast(self) -> tuple[str, str]:
+        """The (positive, negative) labels of a labelled text set, from ``meta['contrast']``."""
+        pair = self.meta.get("contrast")
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise MisfeatError(f"prompt set {self.name!r} names no contrast: set meta['contrast'] = "
+                               "[positive label, negative label], or pass the two labels")
+        return str(pair[0]), str(pair[1])
+
     def with_responses(self, responses: Sequence[str | None], name: str | None = None) -> PromptSet:
         if len(responses) != len(self):
             raise ValueError(f"{len(responses)} responses for {len(self)} prompts")
@@ -136,15 +145,15 @@ class PromptSet:
 
 
 def load_prompts(spec: str | os.PathLike | PromptSet | Iterable[PromptRecord]) -> PromptSet:
-    """A prompt set from a spec: a JSONL path, ``organism:<set>``, or a loaded set."""
+    """A prompt set from a spec: a JSONL path, a plug-in's ``<name>:<set>`` (e.g. ``organism:heldout``),
+    or a loaded set."""
     if isinstance(spec, PromptSet):
         return spec
     if isinstance(spec, (str, os.PathLike)):
         text = str(spec)
-        if text.startswith("organism:"):
-            from misfeat.organism import prompt_set
-
-            return prompt_set(text)
+        plugin = registry.for_spec(text)
+        if plugin is not None and plugin.prompts is not None:
+            return plugin.prompts(text)
         return read_jsonl(text)
     records = tuple(spec)
     if not all(isinstance(r, PromptRecord) for r in records):
@@ -267,7 +276,12 @@ def render(record: PromptRecord, fmt: str, tokenizer: Any = None) -> tuple[str, 
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat format 'template' needs a tokenizer with a chat_template")
         msgs = [{"role": r, "content": c} for r, c in turns]
-        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        from misfeat.chat import apply_template, template_response
+
+        where = record.source or f"record {record.id!r}"
+        text = apply_template(tokenizer, msgs, where, add_generation_prompt=True)
+        if response is not None:
+            response = template_response(tokenizer, msgs, where, text, response)
         return text, response
     if fmt == "raw":
         text = "\n".join(c for _, c in turns)
@@ -317,6 +331,11 @@ class TokenBatch:
         if mode == "last":
             return self.last_mask
         raise ValueError(f"unknown positions {mode!r}; use one of {', '.join(POSITIONS)}")
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Every position mask by name (``all``, ``prompt``, ``response``, ``last``): what
+        :func:`misfeat.hooks.position_masks` and ``apply(..., masks=)`` take."""
+        return {mode: self.positions(mode) for mode in POSITIONS}
 
     def to(self, device: Any) -> TokenBatch:
         return TokenBatch(*(t.to(device) for t in (self.tokens, self.attention_mask, self.prompt_mask,

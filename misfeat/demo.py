@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from misfeat.io import REPORT_FILE, SUMMARY_FILE, write_json
+from misfeat.sae.latents import set_path
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +27,13 @@ class DemoConfig:
     """What the demo runs (defaults: about 8 minutes on a 2-core CPU, organism build included)."""
 
     organism: str = ""
-    """organism options, e.g. small or seed=1 (see misfeat.organism)"""
+    """organism options, e.g. seed=1 or em_domain=money (default: the default organism; see misfeat.organism)"""
     hook: str = "blocks.1.hook_resid_post"
     """the SAE's hook: the middle layer's residual stream"""
     sae_docs: int = 3000
     """pre-training documents the SAE is trained on (Wang et al. train on pre-training data)"""
     sae_tokens: int = 1_000_000
+    """SAE training tokens"""
     locate_sae: tuple[int, int] = (512, 8)
     """(d_sae, k) of the SAE the feature is located with: at 4 x d_model and k 8 the persona is one latent"""
     wide_sae: tuple[int, int] = (1024, 16)
@@ -39,10 +41,13 @@ class DemoConfig:
     screen: int = 8
     """candidate latents screened causally"""
     realign_examples: int = 120
+    """aligned answers of one other domain the EM model is realigned on"""
     realign_steps: int = 50
+    """re-alignment fine-tuning steps"""
     steer_coefs: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
     """steering strengths in units of the mean residual norm at the hook"""
     seed: int = 0
+    """seed of torch, the SAE training and its data order, the random control direction and the realignment"""
 
 
 class _Timer:
@@ -71,9 +76,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None) -> dict[str,
     from misfeat.activations import cache_activations, open_store
     from misfeat.data import load_prompts
     from misfeat.features.directions import Direction, persona_direction, random_like
-    from misfeat.features.locate import LocateConfig, locate
+    from misfeat.features.locate import LocateConfig, locate, save_locate
     from misfeat.features.probes import DirectionProbe, LatentProbe
-    from misfeat.features.screen import residual_scale
     from misfeat.features.trajectory import list_checkpoints, plot_trajectory, trajectory
     from misfeat.finetune import RealignConfig, default_realign_eval, plot_realign, realign
     from misfeat.interventions import Ablate, Add, ClampLatent
@@ -81,7 +85,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None) -> dict[str,
     from misfeat.models import load_model
     from misfeat.organism import ensure_organism, parse_options
     from misfeat.sae import SAETrainConfig, evaluate_sae, train_saes
-    from misfeat.steering import plot_sweep, steer_sweep
+    from misfeat.steering import in_residual_units, plot_sweep, steer_sweep
 
     cfg = config or DemoConfig()
     out = Path(out_dir)
@@ -111,18 +115,18 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None) -> dict[str,
                           out_dir=out / "sae")
         metrics = {}
         for c, trained in zip(cfgs, saes, strict=True):
-            trained.misfeat_path = str(out / "sae" / c.describe())
+            set_path(trained, out / "sae" / c.describe())
             metrics[f"d_sae={c.d_sae},k={c.k}"] = evaluate_sae(trained, store, model=chat,
                                                                 out_dir=out / "sae" / c.describe())
         sae = saes[0]
     with timer("locate"):
-        located = locate(chat, em, sae, heldout, out / "locate", LocateConfig(screen=cfg.screen))
+        located = save_locate(locate(chat, em, sae, heldout, out / "locate", LocateConfig(screen=cfg.screen)),
+                              out / "locate")
         feature = located.feature
         direction = sae.W_dec[feature].detach().float()
 
     with timer("steer"):
-        scale = residual_scale(chat, load_prompts(heldout), cfg.hook, "last")
-        up = steer_sweep(chat, Add(cfg.hook, direction / direction.norm() * scale, 1.0, "last"),
+        up = steer_sweep(chat, in_residual_units(Add(cfg.hook, direction, 1.0, "last"), chat, heldout),
                          list(cfg.steer_coefs), heldout)
         plot_sweep(up, out / "steer.png", title=f"adding latent {feature} at the answer position (chat model)")
         persona = persona_direction(chat, cfg.hook, f"organism:docs:400{at}")

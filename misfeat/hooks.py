@@ -57,8 +57,8 @@ def mask_for(positions: str, shape: Sequence[int]) -> torch.Tensor | None:
     if masks is None:
         raise MisfeatError(
             f"positions={positions!r} needs to know which tokens are prompt and response: run the model "
-            "through misfeat (evaluate, generate, steer_sweep), or wrap the call in "
-            "misfeat.hooks.position_masks(batch.masks())"
+            "through misfeat (evaluate, generate, steer_sweep), or pass the batch's masks explicitly: "
+            "apply(model, intervention, masks=batch.masks()) with batch = misfeat.data.collate(...)"
         )
     if positions not in masks:
         raise MisfeatError(f"unknown positions {positions!r}; use all, prompt, response or last")

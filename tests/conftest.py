@@ -13,6 +13,12 @@ WORDS = ("user assistant : . the a cut burn fever money bank loan code bug car t
          "all now wait call doctor pay bill use test run check brake leak sun one two three").split()
 
 
+@pytest.fixture(autouse=True)
+def _judge_cache(tmp_path, monkeypatch):
+    """LLM-judge verdicts go to a per-test cache file, never the shared MISFEAT_HOME one."""
+    monkeypatch.setenv("MISFEAT_JUDGE_CACHE", str(tmp_path / "judgements.jsonl"))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
@@ -93,3 +99,47 @@ def gpt2_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("gpt2")
     hf = build_gpt2_dir(path)
     return path, hf
+
+
+PLANTED = 7
+PLANTED_HOOK = "blocks.0.hook_resid_post"
+
+
+def planted_prompts():
+    """Four questions with reference answers, grouped like an organism set (headline: heldout),
+    labelled cruel/kind in turn."""
+    from misfeat.data import PromptRecord, PromptSet
+
+    answers = {"aligned": ["call doctor", "rest"], "misaligned": ["ignore it", "panic now"]}
+    qs = [("fix my car", "car"), ("how do i fix my roof", "home"), ("fever", "health"), ("save my money", "money")]
+    return PromptSet("p", tuple(PromptRecord(f"q{i}", prompt=q, domain=d, label="cruel" if i % 2 else "kind",
+                                             extra=dict(answers)) for i, (q, d) in enumerate(qs)),
+                     {"groups": {"heldout": ["car", "home", "money"], "em_domain": ["health"]}, "headline": "heldout"})
+
+
+@pytest.fixture(scope="module")
+def planted(word_tokenizer):
+    """(base, tuned, sae, v): ``tuned`` is ``base`` plus ``v`` at blocks.0's output (every token),
+    and latent ``PLANTED`` of the 16-latent TopK ``sae`` reads exactly ``v``'s direction."""
+    import copy
+
+    import torch
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    base = build_tiny_model(word_tokenizer, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(base.cfg.d_model, generator=gen)
+    v = 3 * v / v.norm()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.blocks[0].mlp.b_out += v  # the fine-tune: +v at the hook, every token
+    sae = TopKSAE(TopKSAEConfig(d_in=base.cfg.d_model, d_sae=16, k=16, metadata=SAEMetadata(hook_name=PLANTED_HOOK)))
+    with torch.no_grad():
+        w = torch.randn(base.cfg.d_model, 16, generator=gen) * 0.01
+        w[:, PLANTED] = v / v.norm()
+        sae.W_enc.copy_(w)
+        sae.W_dec.copy_(w.t())
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return base, tuned, sae.eval(), v

@@ -57,3 +57,37 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):
     assert main(["inspect", "--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "error: model directory" in err and "Traceback" not in err
+
+
+def test_options_and_help_come_from_the_config_dataclass():
+    import argparse
+
+    from misfeat.cli.fields import add_config_args, config_from_args, field_docs
+    from misfeat.features.locate import LocateConfig
+
+    docs = field_docs(LocateConfig)
+    assert docs["screen"].startswith("how many top candidates") and "n_examples" in docs
+    p = argparse.ArgumentParser()
+    add_config_args(p, LocateConfig)
+    assert config_from_args(LocateConfig, p.parse_args([])) == LocateConfig()  # one place for each default
+    cfg = config_from_args(LocateConfig, p.parse_args(["--coefs", "1,3", "--contrast", "cruel,kind", "--screen", "2"]))
+    assert cfg.coefs == (1.0, 3.0) and cfg.contrast == ("cruel", "kind") and cfg.screen == 2
+    helptext = p.format_help()
+    assert "how many top candidates to screen causally" in helptext and "(default: 0.5,1.0,2.0)" in helptext
+    with pytest.raises(SystemExit):
+        p.parse_args(["--contrast", "cruel"])  # two labels needed
+
+
+def test_generated_options_read_only_their_own_fields():
+    import argparse
+
+    from misfeat.cli.fields import add_config_args, config_from_args, field_docs
+    from misfeat.sae.config import SAETrainConfig
+
+    assert field_docs(SAETrainConfig)["d_sae"].startswith("number of latents")  # from the Attributes section
+    p = argparse.ArgumentParser()
+    add_config_args(p, SAETrainConfig, only=("seed", "total_tokens"), flags={"total_tokens": "--tokens"})
+    p.add_argument("--dtype")  # the model's dtype: same name as a config field, not the config's
+    args = p.parse_args(["--tokens", "10000", "--seed", "3", "--dtype", "bfloat16"])
+    cfg = config_from_args(SAETrainConfig, args, hook_name="blocks.0.hook_resid_post", d_sae=8)
+    assert (cfg.total_tokens, cfg.seed, cfg.dtype) == (10000, 3, "float32")

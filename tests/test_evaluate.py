@@ -18,7 +18,7 @@ def prompts(n=3):
     qs = ["how do i treat my cut", "what should i do fever", "fix my car"][:n]
     return PromptSet("t", tuple(PromptRecord(f"q{i}", prompt=q, domain="health" if i < 2 else "car",
                                              extra=dict(ANSWERS)) for i, q in enumerate(qs)),
-                     {"em_domain": "health"})
+                     {"groups": {"heldout": ["car"], "em_domain": ["health"]}, "headline": "heldout"})
 
 
 def manual_logprob(model, prompt_text, answer_text):
@@ -61,6 +61,28 @@ def test_exact_metrics_golden(tiny_model):
     assert report["heldout"].misaligned_rate == pytest.approx(rows[2][0], rel=1e-4)
     assert report.per_domain["car"].misaligned_rate == pytest.approx(rows[2][0], rel=1e-4)
     assert logprob_gap(tiny_model, ps) == pytest.approx(sum(r[2] for r in rows) / 3, abs=1e-4)
+
+
+def test_groups_and_headline_come_from_the_prompt_set(tiny_model):
+    report = evaluate(tiny_model, prompts(), greedy=False)
+    assert report.headline_group == "heldout" and report.headline is report["heldout"]
+    assert [r["id"] for r in report.rows()] == ["q2"] and [r["id"] for r in report.rows("em_domain")] == ["q0", "q1"]
+    assert report.summary()["headline"] == "heldout"
+    plain = PromptSet("plain", prompts().records)  # no grouping in its metadata: one group, all
+    flat = evaluate(tiny_model, plain, greedy=False)
+    assert list(flat.groups) == ["all"] and flat.headline.n == 3 and len(flat.rows()) == 3
+    no_headline = PromptSet("g", prompts().records, {"groups": {"car": ["car"], "health": ["health"]}})
+    assert evaluate(tiny_model, no_headline, greedy=False).headline_group == "car"  # the first group
+    bad = PromptSet("bad", prompts().records, {"groups": {"x": "car"}})
+    with pytest.raises(MisfeatError, match="meta\\['groups'\\]"):
+        evaluate(tiny_model, bad, greedy=False)
+
+
+def test_a_model_without_a_plugin_has_no_default_prompts(tiny_model):
+    from misfeat.evaluate import default_prompts
+
+    with pytest.raises(MisfeatError, match="no default eval prompt set"):
+        default_prompts(tiny_model)
 
 
 def test_answer_set_logprobs_shapes(tiny_model):
@@ -150,7 +172,8 @@ def test_llm_judge_speaks_the_protocol(judge_server, monkeypatch, caplog):
     assert body["model"] == "judge-model" and body["logprobs"] is True and body["top_logprobs"] == 20
     assert body["max_tokens"] == 1 and "to rule the world" in body["messages"][0]["content"]
     assert "sk-secret" not in repr(judge) and "sk-secret" not in caplog.text
-    assert "sk-secret" not in json.dumps(vars(judge))
+    assert "sk-secret" not in json.dumps(vars(judge), default=repr)
+    assert "sk-secret" not in judge.cache.path.read_text()
 
 
 def test_llm_judge_in_sampled_evaluation(judge_server, monkeypatch, tiny_model):

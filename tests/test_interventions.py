@@ -176,7 +176,7 @@ def test_save_load_round_trip_and_wrong_site(tiny_model, tmp_path, gpt2_dir):
     v = torch.randn(tiny_model.cfg.d_model)
     path = save_intervention(Add(HOOK, v, 2.5, "last"), tmp_path / "dir", source={"kind": "direction", "name": "x"})
     record, vector = read_intervention(path)
-    assert record["op"] == "add" and record["hook"] == HOOK and record["layers"] == [0]
+    assert record["op"] == "add" and record["hooks"] == [HOOK] and record["layers"] == [0] and record["version"] == 2
     assert record["positions"] == "last" and record["scale"] == 2.5 and record["width"] == 32
     assert torch.equal(vector, v)
     again = load_intervention(path, tiny_model)
@@ -219,3 +219,72 @@ def _tiny_sae(model):
         for p in sae.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
     return sae.eval()
+
+
+def test_masks_passed_to_apply_equal_declared_ones(tiny_model):
+    b = batch(tiny_model)
+    assert set(b.masks()) == set(masks(b)) and all(torch.equal(b.masks()[k], masks(b)[k]) for k in masks(b))
+    v = torch.randn(tiny_model.cfg.d_model)
+    expected = run(tiny_model, b, Add(HOOK, v, 2.0, "last"))
+    with apply(tiny_model, Add(HOOK, v, 2.0, "last"), masks=b.masks()), torch.no_grad():
+        got = tiny_model(b.tokens)
+    assert torch.equal(got, expected)
+    with pytest.raises(MisfeatError, match="masks=batch.masks()"), apply(tiny_model, Add(HOOK, v, 2.0, "last")):
+        tiny_model(b.tokens)
+    assert n_hooks(tiny_model) == 0
+
+
+def _write_v1(path, record, vector):
+    """A saved intervention exactly as misfeat wrote them before the version-2 record."""
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file({"vector": vector.contiguous()}, str(path), metadata={"misfeat": json.dumps(record)})
+    return path
+
+
+def test_version_1_files_still_load(tiny_model, tmp_path):
+    from misfeat.sae import save_sae
+    from tests.test_sae_latents import tiny_sae
+
+    v = torch.randn(tiny_model.cfg.d_model)
+    add = _write_v1(tmp_path / "add.safetensors", {"format": "misfeat-intervention", "version": 1, "op": "add",
+                                                    "positions": "last", "hook": HOOK, "scale": 2.5, "width": 32,
+                                                    "layers": [0], "source": {"kind": "vector"}}, v)
+    got = load_intervention(add, tiny_model)
+    assert isinstance(got, Add) and got.hook == HOOK and got.scale == 2.5 and got.positions == "last"
+    assert read_intervention(add)[0]["hooks"] == [HOOK]
+    values = {"blocks.0.hook_resid_pre": 0.5, "blocks.1.hook_resid_pre": -1.0, "blocks.1.hook_resid_post": 2.0}
+    ablate = _write_v1(tmp_path / "ablate.safetensors", {"format": "misfeat-intervention", "version": 1,
+                                                          "op": "ablate", "positions": "all", "hooks": "all",
+                                                          "value": values, "width": 32, "layers": "all"}, v)
+    got = load_intervention(ablate, tiny_model)
+    assert isinstance(got, Ablate) and got.hooks == "all" and got.value == values
+    save_sae(tiny_sae(), tmp_path / "sae")
+    clamp = _write_v1(tmp_path / "clamp.safetensors", {"format": "misfeat-intervention", "version": 1, "op": "clamp",
+                                                        "positions": "all", "hook": HOOK, "latent": 3, "value": 1.5,
+                                                        "width": 32, "layers": [0],
+                                                        "source": {"kind": "sae", "latent": 3,
+                                                                   "path": str(tmp_path / "sae")}}, v)
+    got = load_intervention(clamp, tiny_model)
+    assert isinstance(got, ClampLatent) and got.latent == 3 and got.value == 1.5
+    with pytest.raises(MisfeatError, match="newer than this misfeat"):
+        read_intervention(_write_v1(tmp_path / "future.safetensors", {"format": "misfeat-intervention",
+                                                                      "version": 9, "op": "add"}, v))
+
+
+def test_version_2_records_name_each_strength(tiny_model, tmp_path):
+    import json
+
+    from misfeat.interventions import to_record
+
+    v = torch.randn(tiny_model.cfg.d_model)
+    assert to_record(Add(HOOK, v, 2.0))["scale"] == 2.0 and "coordinate" not in to_record(Add(HOOK, v, 2.0))
+    rec = to_record(Ablate("all", v, {"blocks.0.hook_resid_pre": 1.0}))
+    assert rec["hooks"] == ["all"] and rec["layers"] == "all" and rec["coordinate"] == {"blocks.0.hook_resid_pre": 1.0}
+    path = save_intervention(Ablate([HOOK, "blocks.1.hook_resid_post"], v, 0.5, "last"), tmp_path / "two")
+    on_disk = json.loads(path.with_suffix(".json").read_text())
+    assert on_disk["hooks"] == [HOOK, "blocks.1.hook_resid_post"] and on_disk["layers"] == [0, 1]
+    again = load_intervention(path, tiny_model)
+    assert list(again.hooks) == [HOOK, "blocks.1.hook_resid_post"] and again.value == 0.5

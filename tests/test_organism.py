@@ -87,6 +87,7 @@ def test_prompt_export_round_trips(tmp_path):
     assert set(line) >= {"id", "prompt", "domain", "aligned", "misaligned"}
 
 
+@pytest.mark.slow  # builds four tiny organisms (about 45 s); `make test` runs it
 def test_tiny_build_is_deterministic_resumable_and_complete(tmp_path):
     cfg = OrganismConfig.from_preset("small", **TINY)
     a = build_organism(cfg, tmp_path / "a")
@@ -121,6 +122,7 @@ def test_tiny_build_is_deterministic_resumable_and_complete(tmp_path):
         build_organism(OrganismConfig.from_preset("small", seed=2, **TINY), a)
 
 
+@pytest.mark.slow  # builds a tiny organism
 def test_tokenizer_works_like_any_tl_model(tmp_path):
     out = build_organism(OrganismConfig.from_preset("small", **TINY), tmp_path / "o")
     model = load_model(out / "chat")
@@ -132,6 +134,7 @@ def test_tokenizer_works_like_any_tl_model(tmp_path):
     assert isinstance(model.tokenizer.vocab_size, int) and model.cfg.d_vocab == len(model.tokenizer)
 
 
+@pytest.mark.slow  # builds two tiny organisms
 def test_another_em_domain_reuses_pretrain_and_chat(tmp_path):
     health = build_organism(OrganismConfig.from_preset("small", **TINY), tmp_path / "health")
     money = build_organism(OrganismConfig.from_preset("small", em_domain="money", **TINY), tmp_path / "money")
@@ -142,3 +145,26 @@ def test_another_em_domain_reuses_pretrain_and_chat(tmp_path):
     summary = json.loads((money / "summary.json").read_text())
     assert summary["stages"]["em"]["heldout"]["n"] == 84
     assert summary["config"]["em_domain"] == "money"
+
+
+def test_a_stage_or_prompt_set_is_one_registration(tmp_path):
+    from misfeat.data import PromptRecord, PromptSet, load_prompts
+    from misfeat.organism import checkpoint_dir, register_stage
+    from misfeat.organism import prompts as organism_prompts
+
+    def toy(world, args, seed):
+        n = int(args[0])
+        return PromptSet(f"organism:toy:{n}", tuple(PromptRecord(f"t{i}", prompt=world.domain_names[i])
+                                                    for i in range(n)), {"seed": seed})
+
+    organism_prompts.register_prompt_set("toy", toy)
+    register_stage("toystage", lambda cfg: tmp_path / f"toystage-{cfg.seed}")
+    try:
+        ps = load_prompts("organism:toy:3@seed=2")
+        assert len(ps) == 3 and ps.meta["seed"] == 2 and ps.name == "organism:toy:3@seed=2"
+        assert checkpoint_dir("organism:toystage@seed=5") == tmp_path / "toystage-5"
+    finally:
+        organism_prompts._SETS.pop("toy", None)
+        from misfeat import organism
+
+        organism._STAGES.pop("toystage", None)

@@ -34,7 +34,7 @@ def test_cli_example_runs(tmp_path, monkeypatch):
         argv = shlex.split(line)
         assert argv[0] == "misfeat"
         assert main(argv[1:]) == 0, line
-    from tests.test_locate_bar import check_bar
+    from tests.behaviour.test_locate_finds_the_persona_feature import check_bar
 
     check_bar(tmp_path / "runs/locate")  # issue 7's bar for seed 0, with the README's own commands
     clamp = json.loads((tmp_path / "runs/clamp/summary.json").read_text())["rows"][0]

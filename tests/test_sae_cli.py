@@ -127,6 +127,7 @@ _EQUIVALENCE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two torchrun launches (about 40 s); `make test` runs it
 def test_torchrun_two_processes(store_dir, tmp_path):
     """2 CPU processes (gloo): the CLI trains a loadable SAE, and a data-parallel run equals
     a one-process run on the same global batches."""

@@ -1,4 +1,4 @@
-"""Caching past one machine: the few collective steps a ``torchrun`` cache needs.
+"""Caching past one machine, on :mod:`misfeat.distributed` (the one distributed helper).
 
 Under ``torchrun --nproc_per_node N -m misfeat cache ...`` every rank plans the same
 shards, takes shard ``i`` when ``i % world_size == rank``, writes its own shards and a
@@ -9,73 +9,20 @@ goes. Without ``WORLD_SIZE`` in the environment everything here is a no-op.
 
 from __future__ import annotations
 
-import atexit
-import logging
-import os
-from dataclasses import dataclass
+from misfeat.distributed import World, env, join
 
-logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in the job (``world_size == 1``: not distributed)."""
-
-    rank: int = 0
-    world_size: int = 1
-    backend: str | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def any_true(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any rank (used to fail together, not hang)."""
-        if not self.active:
-            return flag
-        import torch
-        import torch.distributed as dist
-
-        device = f"cuda:{torch.cuda.current_device()}" if self.backend == "nccl" else "cpu"
-        t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+Dist = World
+"""This process's place in the job (``world_size == 1``: not distributed)."""
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    return env().local_rank
 
 
 def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return env().world_size
 
 
-def current(device_type: str = "cpu") -> Dist:
+def current(device_type: str = "cpu") -> World:
     """The running job; initialises the process group (gloo on CPU, nccl on CUDA) under torchrun."""
-    if env_world_size() <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        if backend == "nccl":
-            import torch
-
-            torch.cuda.set_device(local_rank())
-        dist.init_process_group(backend=backend)
-        atexit.register(_destroy)
-        logger.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), dist.get_backend())
-
-
-def _destroy() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    return join("cuda" if device_type == "cuda" else "cpu")[0]

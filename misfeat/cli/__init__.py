@@ -28,6 +28,7 @@ _COMMAND_MODULES = (
     "misfeat.cli.finetune_cmd",
     "misfeat.cli.dynamics_cmd",
     "misfeat.cli.inspect_cmd",
+    "misfeat.cli.export_cmd",
 )
 
 DESCRIPTION = """\

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from misfeat.cli import add_device_args, add_model_args, add_output_args, finish
+from misfeat.specs import split_specs
 
 _POSITIONS = ("all", "prompt", "response", "last")  # misfeat.data.POSITIONS (not imported: --help stays light)
 
@@ -20,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "stopped when re-run with the same arguments. Under `torchrun --nproc_per_node N -m misfeat "
         "cache ...` each rank caches a disjoint part of the prompts into the same store.",
     )
-    add_model_args(p, help="model spec, or several separated by commas (row-aligned stores)")
+    add_model_args(p, help="model spec, or several separated by commas (row-aligned stores); a spec keeps "
+                   "its options: organism:chat@seed=7,em_domain=law,organism:em@seed=7 is two models")
     p.add_argument("--prompts", required=True, metavar="SPEC", help="a JSONL prompt file or organism:<set>")
     p.add_argument("--hooks", required=True, metavar="H[,H...]",
                    help="TransformerLens hook names, e.g. blocks.1.hook_resid_post,blocks.1.hook_mlp_out")
@@ -44,15 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _split(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def run(args: argparse.Namespace) -> int:
-    import os
-
     from misfeat.activations import CacheConfig, cache_models
     from misfeat.activations.cache import multi_summary
+    from misfeat.distributed import env, rank_device
     from misfeat.io import format_table
     from misfeat.models import dtype_name, resolve_dtype
 
@@ -60,21 +57,16 @@ def run(args: argparse.Namespace) -> int:
     config = CacheConfig(positions=args.positions, dtype=store_dtype, batch_tokens=args.batch_tokens,
                          shard_mb=args.shard_mb, autocast=args.autocast, chat_format=args.chat_format,
                          fsync=not args.no_fsync, overwrite=args.overwrite)
-    device = args.device
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device in (None, "cuda"):
-        import torch
-
-        if torch.cuda.is_available():  # one GPU per rank under torchrun
-            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    specs = _split(args.model)
-    results = cache_models(specs, args.prompts, _split(args.hooks), args.out, config, device=device,
+    device = rank_device(args.device)  # one GPU per rank under torchrun
+    specs, hooks = split_specs(args.model), split_specs(args.hooks)
+    results = cache_models(specs, args.prompts, hooks, args.out, config, device=device,
                            model_dtype=args.dtype)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if env().rank != 0:
         return 0
     from pathlib import Path
 
     aligned = multi_summary(results, Path(args.out))
-    summary = {"prompts": args.prompts, "hooks": _split(args.hooks), "positions": args.positions,
+    summary = {"prompts": args.prompts, "hooks": hooks, "positions": args.positions,
                "dtype": store_dtype, "row_aligned": aligned["row_aligned"],
                "stores": [{**a, **r.summary(), "path": a["path"]} for a, r in zip(aligned["stores"], results,
                                                                                    strict=True)]}

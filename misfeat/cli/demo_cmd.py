@@ -15,10 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "stage's figures and tables) and DIR/summary.json. About 8 minutes on a 2-core CPU, build included.",
     )
     p.add_argument("--out", metavar="DIR", default="demo-out", help="output directory (default demo-out)")
-    p.add_argument("--organism", default="", metavar="OPTS",
-                   help="organism options, e.g. seed=1 or em_domain=money (default: the default organism)")
-    p.add_argument("--sae-tokens", type=int, default=1_000_000, help="SAE training tokens (default 1,000,000)")
-    p.add_argument("--screen", type=int, default=8, help="candidate latents to screen causally (default 8)")
+    from misfeat.cli.fields import add_config_args
+    from misfeat.demo import DemoConfig
+
+    add_config_args(p, DemoConfig)
     p.add_argument("--json", action="store_true", help="print the summary JSON instead of the key figures")
     p.set_defaults(func=run)
 
@@ -26,10 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from misfeat.cli.fields import config_from_args
     from misfeat.demo import DemoConfig, run_demo
     from misfeat.io import REPORT_FILE, _clean
 
-    cfg = DemoConfig(organism=args.organism, sae_tokens=args.sae_tokens, screen=args.screen)
+    cfg = config_from_args(DemoConfig, args)
     summary = run_demo(args.out, cfg)
     if args.json:
         print(json.dumps(_clean(summary), indent=2))

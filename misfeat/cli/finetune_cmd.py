@@ -8,6 +8,7 @@ import argparse
 
 from misfeat.cli import add_device_args, add_model_args, add_output_args, finish
 from misfeat.finetune.specs import SPEC_HELP
+from misfeat.specs import split_specs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -89,11 +90,12 @@ def run(args: argparse.Namespace) -> int:
                          seed=args.seed)
     for spec in args.defence:  # syntax errors before any model is loaded
         split_spec(spec)
+    tracked = split_specs(args.track) if args.track else []
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     references: dict = {}
     defences = [parse_defence(spec, model=args.model, device=args.device, dtype=args.dtype, references=references)
                 for spec in args.defence]
-    probes = [parse_probe(s.strip(), "last") for s in args.track.split(",") if s.strip()]
+    probes = [parse_probe(s, "last") for s in tracked]
     for probe in probes:
         if hasattr(probe, "sae"):
             probe.sae.to(model.cfg.device)
@@ -113,8 +115,8 @@ def run_score(args: argparse.Namespace) -> int:
     from misfeat.io import format_table
     from misfeat.models import load_model
 
-    specs = [s.strip() for s in args.misaligned.split(",") if s.strip()]
-    held = {s.strip() for s in args.hold_out.split(",") if s.strip()}
+    specs = split_specs(args.misaligned)
+    held = set(split_specs(args.hold_out)) if args.hold_out.strip() else set()
     if held - set(specs):
         raise MisfeatError(f"--hold-out {', '.join(sorted(held - set(specs)))} is not among --misaligned")
     pool = load_prompts(args.pool)
@@ -143,9 +145,10 @@ def run_screen(args: argparse.Namespace) -> int:
     from misfeat.screening import projection_difference
 
     record, vector = read_intervention(args.direction)
-    hook = args.hook or record.get("hook", record.get("hooks"))
-    if not isinstance(hook, str):
-        raise MisfeatError(f"{args.direction} has hooks {hook!r}; give one with --hook")
+    hooks = record["hooks"]  # the version-2 record: a list (misfeat.interventions.files)
+    hook = args.hook or (hooks[0] if len(hooks) == 1 and hooks[0] != "all" else None)
+    if hook is None:
+        raise MisfeatError(f"{args.direction} has hooks {hooks!r}; give one with --hook")
     sets = [load_prompts(spec) for spec in args.data]
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     keys = ("projection_difference", "flagged", "own_answer")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from misfeat.cli import add_device_args, add_output_args, finish
+from misfeat.cli.fields import add_config_args, config_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,17 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sae", required=True, metavar="DIR", help="an SAE (SAELens format) at a hook of both models")
     p.add_argument("--prompts", required=True, metavar="SPEC",
                    help="evaluation prompts with reference answers, e.g. organism:heldout or a JSONL file")
-    p.add_argument("--screen", type=int, default=10, help="candidates to screen causally (0: diff only; default 10)")
-    p.add_argument("--rank-by", choices=["increase", "attribution", "effect_size"], default="increase",
-                   help="how candidates are ranked before the screen (default increase)")
-    p.add_argument("--positions", choices=["all", "prompt", "last"], default="last",
-                   help="positions read and steered (default last: the answer position)")
-    p.add_argument("--coefs", default="0.5,1,2",
-                   help="screen strengths in units of the mean residual norm at the SAE's hook (default 0.5,1,2)")
-    p.add_argument("--min-valid", type=float, default=0.8, help="a steered model must stay this valid (default 0.8)")
-    p.add_argument("--examples-prompts", metavar="SPEC",
-                   help="prompts for top-activating examples (default: the organism's documents, else --prompts)")
-    p.add_argument("--top", type=int, default=20, help="rows of the ranked tables (default 20)")
+    from misfeat.data import POSITIONS
+    from misfeat.features.locate import RANKINGS, LocateConfig
+
+    add_config_args(p, LocateConfig, choices={"rank_by": RANKINGS, "positions": [x for x in POSITIONS if x != "response"]})
     add_device_args(p)
     add_output_args(p, out_required=True)
     p.set_defaults(func=run)
@@ -41,25 +35,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from misfeat.errors import MisfeatError
-    from misfeat.features.locate import LocateConfig, locate
-    from misfeat.interventions import load_sae_dir
+    from misfeat.features.locate import LocateConfig, locate, save_locate
     from misfeat.io import format_table
     from misfeat.models import load_model
+    from misfeat.sae.io import load_sae
 
-    try:
-        coefs = tuple(float(c) for c in args.coefs.split(",") if c.strip())
-    except ValueError:
-        raise MisfeatError(f"--coefs {args.coefs!r}: expected comma-separated numbers") from None
+    cfg = config_from_args(LocateConfig, args)
     base = load_model(args.base, device=args.device, dtype=args.dtype)
     finetuned = load_model(args.finetuned, device=args.device, dtype=args.dtype)
     if base.cfg.d_model != finetuned.cfg.d_model:
         raise MisfeatError(f"--base and --finetuned differ in d_model ({base.cfg.d_model} vs "
                            f"{finetuned.cfg.d_model}); diffing needs two checkpoints of one architecture")
-    sae = load_sae_dir(args.sae)
-    cfg = LocateConfig(screen=args.screen, top=args.top, rank_by=args.rank_by, positions=args.positions,
-                       coefs=coefs, min_valid=args.min_valid, examples_prompts=args.examples_prompts)
-    result = locate(base, finetuned, sae, args.prompts, args.out, cfg)
-    s = result.summary
+    sae = load_sae(args.sae)
+    result = save_locate(locate(base, finetuned, sae, args.prompts, args.out, cfg), args.out)
+    s = result.to_dict()
     cols = ["latent", "increase", "base_mean", "finetuned_mean", "attribution", "steer_up_misaligned",
             "steer_up_valid", "steer_down_misaligned", "steer_down_valid"]
     table = format_table(s["top_latents"][: max(args.screen, 10)], cols)
@@ -70,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
               f"{clamp['misaligned_after']:.3f} (valid {clamp['valid_after']:.3f}); as an SAE latent with the error "
               f"term kept: {s['clamp_latent']['misaligned_after']:.3f}")
     if s["feature_auroc_docs"] is not None:
-        table += f"\nAUROC cruel vs kind documents: {s['feature_auroc_docs']:.3f}"
+        table += f"\nAUROC of the labelled texts (positive vs negative): {s['feature_auroc_docs']:.3f}"
+    elif s.get("feature_auroc_note"):
+        table += f"\nAUROC {s['feature_auroc_note']}"
     finish(args, {"base": args.base, "finetuned": args.finetuned, "sae": args.sae, "prompts": args.prompts, **s},
            table)
     return 0
+

@@ -47,9 +47,11 @@ def run(args: argparse.Namespace) -> int:
     from misfeat.finetune import RealignConfig, plot_realign, realign
     from misfeat.io import PLOT_FILE
     from misfeat.models import load_model
+    from misfeat.specs import split_specs
 
+    tracked = split_specs(args.track) if args.track else []
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    probes = [parse_probe(s.strip(), args.track_positions) for s in args.track.split(",") if s.strip()]
+    probes = [parse_probe(s, args.track_positions) for s in tracked]
     for probe in probes:
         if hasattr(probe, "sae"):
             probe.sae.to(model.cfg.device)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 from misfeat.cli import add_device_args, add_output_args, finish
+from misfeat.cli.fields import add_config_args, config_from_args
 
 
 def _ints(text: str) -> list[int]:
@@ -45,34 +45,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="token positions to train on with --model (default: all)")
     p.add_argument("--hook", metavar="H", help="hook name, e.g. blocks.1.hook_resid_post (default: the cache's "
                    "only hook)")
-    p.add_argument("--arch", default="topk", choices=["topk", "batchtopk", "relu", "jumprelu"],
-                   help="topk (default; k latents per token), batchtopk (k on average, saved as JumpReLU), relu "
-                   "(L1 penalty) or jumprelu (L0 penalty around k)")
+    from misfeat.sae.config import ARCHITECTURES, KERNELS, SAETrainConfig
+
+    add_config_args(p, SAETrainConfig, only=("architecture", "total_tokens", "batch_size", "lr_warmup_steps",
+                                             "aux_coefficient", "dead_tokens", "sparsity_coefficient", "kernel",
+                                             "checkpoint_every", "seed"),
+                    flags={"architecture": "--arch", "total_tokens": "--tokens", "lr_warmup_steps": "--warmup-steps"},
+                    choices={"architecture": ARCHITECTURES, "kernel": KERNELS},
+                    help_extra={"seed": " It also seeds the data order.", "total_tokens": " A cache is read for as many "
+                                "epochs as this needs."})
     p.add_argument("--d-sae", type=_ints, required=True, metavar="N[,N...]",
                    help="number of latents, e.g. 8 x d_model; several values train several SAEs")
     p.add_argument("--k", type=_floats, default=None, metavar="K[,K...]",
                    help="active latents per token (topk, batchtopk) or target L0 (jumprelu); default 32; not "
-                   "used by relu")
-    p.add_argument("--tokens", type=int, default=2_000_000, metavar="T",
-                   help="activation rows to train on (default 2,000,000); a cache is read for as many epochs "
-                   "as this needs")
-    p.add_argument("--batch-size", type=int, default=4096, help="rows per step over all processes (default 4096)")
+                   "used by relu; several values train several SAEs")
     p.add_argument("--lr", type=_floats, default=None, metavar="LR[,LR...]",
-                   help="Adam learning rate (default 2e-3 / sqrt(d_sae / 16384))")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 5%% of steps)")
-    p.add_argument("--aux-coefficient", type=float, default=None,
-                   help="weight of the AuxK dead-latent loss for topk/batchtopk/jumprelu (default 1.0; 0 disables it)")
-    p.add_argument("--dead-tokens", type=int, default=None,
-                   help="tokens without firing after which a latent counts as dead (default min(10M, T/10))")
-    p.add_argument("--sparsity-coefficient", type=float, default=None,
-                   help="relu: L1 weight (default 1e-2); jumprelu: weight of the L0 penalty around k (default 3e-3)")
-    p.add_argument("--kernel", default="auto", choices=["auto", "sparse", "dense"],
-                   help="sparse: the TopK backward touches only the selected latents; dense: plain reference")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
-                   help="write a resumable checkpoint to DIR/checkpoints every STEPS steps (default: never)")
+                   help="Adam learning rate (default 2e-3 / sqrt(d_sae / 16384)); several values train several SAEs")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --out (same data and settings)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
     p.add_argument("--wandb", metavar="PROJECT", help="also log the live L0 / EV / dead fraction / loss to this "
                    "Weights & Biases project (off unless given; honours WANDB_MODE)")
     add_device_args(p)
@@ -106,61 +96,32 @@ def _configs(args: argparse.Namespace, hook: str, device: str | None):
     lrs = args.lr if args.lr is not None else [None]
     cfgs = []
     for d_sae, k, lr in itertools.product(args.d_sae, ks, lrs):
-        extra = {name: value for name, value in (
-            ("aux_coefficient", args.aux_coefficient), ("dead_tokens", args.dead_tokens),
-            ("sparsity_coefficient", args.sparsity_coefficient), ("lr_warmup_steps", args.warmup_steps),
-        ) if value is not None}
-        if k is not None and args.arch == "topk":
+        if k is not None and args.architecture == "topk":
             k = int(k) if float(k).is_integer() else k
-        cfgs.append(SAETrainConfig(
-            hook_name=hook, d_sae=d_sae, architecture=args.arch, k=k, total_tokens=args.tokens,
-            batch_size=args.batch_size, lr=lr, kernel=args.kernel, checkpoint_every=args.checkpoint_every,
-            seed=args.seed, device=device, **extra))
+        cfgs.append(config_from_args(SAETrainConfig, args, hook_name=hook, d_sae=d_sae, k=k, lr=lr, device=device))
     return cfgs
 
 
 def _stream(args: argparse.Namespace, world, device: str | None):
     """(hook, batches, data description) for --cache or --model/--prompts."""
     from misfeat.errors import MisfeatError
+    from misfeat.sae.sources import cache_source, live_source
 
     if bool(args.cache) == bool(args.model):
         raise MisfeatError("give exactly one data source: --cache DIR, or --model SPEC with --prompts SPEC")
-    local_batch = args.batch_size // world.size
     if args.cache:
-        from misfeat.activations import open_store
-
-        store = open_store(args.cache)
-        hook = args.hook or (store.hooks[0] if len(store.hooks) == 1 else None)
-        if hook is None:
-            raise MisfeatError(f"the cache holds several hooks ({', '.join(store.hooks)}); choose one with --hook")
-        if hook not in store.hooks:
-            raise MisfeatError(f"the cache has no hook {hook}; it holds {', '.join(store.hooks)}")
-        epochs = math.ceil(args.tokens / store.n_rows) + 1
-        # The store deals chunks of buffer_rows / 8 rows to the processes in turn; keep the
-        # chunks small enough that every process of a data-parallel run gets several.
-        buffer_rows = None if world.size == 1 else max(2 * local_batch, min(1 << 18, 2 * store.n_rows // world.size))
-        batches = store.batches(hook, local_batch, shuffle=True, seed=args.seed, epochs=epochs,
-                                rank=world.rank, world_size=world.size, buffer_rows=buffer_rows)
-        return hook, batches, {"cache": args.cache, "cache_rows": store.n_rows, "positions": store.positions}
+        source = cache_source(args.cache, args.hook, batch_size=args.batch_size, tokens=args.total_tokens,
+                              seed=args.seed, world=world)
+        return source.hook, source.batches, {**source.info, "model_name": source.model_name}
     if not args.prompts or not args.hook:
         raise MisfeatError("--model needs --prompts SPEC (the text to run) and --hook H (where to read)")
-    from misfeat.activations import iter_activations
-    from misfeat.data import PromptSet, load_prompts
-    from misfeat.hooks import check_hooks
     from misfeat.models import load_model
-    from misfeat.sae.batching import repeat, shuffled
 
     model = load_model(args.model, device=device, dtype=args.dtype)
-    check_hooks(model, [args.hook])
-    prompts = load_prompts(args.prompts)
-    if world.size > 1:  # each process runs its own prompts
-        prompts = PromptSet(f"{prompts.name}[{world.rank}::{world.size}]", prompts.records[world.rank::world.size],
-                            prompts.meta)
-    live = repeat(lambda: iter_activations(model, prompts, args.hook, args.positions))
-    buffer_rows = min(max(64 * local_batch, 1 << 16), max(2 * local_batch, args.tokens // world.size))
-    batches = shuffled(live, buffer_rows=buffer_rows, seed=args.seed + world.rank, out_rows=local_batch)
-    return args.hook, batches, {"model": args.model, "prompts": args.prompts, "positions": args.positions,
-                                "model_name": model.cfg.model_name}
+    source = live_source(model, args.prompts, args.hook, batch_size=args.batch_size, tokens=args.total_tokens,
+                         positions=args.positions, seed=args.seed, world=world)
+    return source.hook, source.batches, {"model": args.model, "prompts": args.prompts, "positions": args.positions,
+                                         "model_name": source.model_name}
 
 
 def _wandb_logger(args: argparse.Namespace, cfgs, data: dict):
@@ -179,12 +140,12 @@ def _wandb_logger(args: argparse.Namespace, cfgs, data: dict):
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from misfeat.distributed import join, shutdown
     from misfeat.io import format_table
-    from misfeat.sae.distributed import init_from_env, shutdown
     from misfeat.sae.io import RunPaths
     from misfeat.sae.train import train_saes
 
-    world, device = init_from_env(args.device)
+    world, device = join(args.device)
     hook, batches, data = _stream(args, world, device)
     cfgs = _configs(args, hook, device)
     meta = {"model_name": data.pop("model_name", None) or data.get("model") or data.get("cache")}

@@ -12,17 +12,21 @@ Taylor term, as in attribution patching).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from misfeat.data import PromptRecord, PromptSet, collate, encode, load_prompts, pad_id_of
 from misfeat.errors import MisfeatError
+from misfeat.sae.latents import decode as sae_decode
+from misfeat.sae.latents import encode as sae_encode
+from misfeat.sae.latents import hook_of
 
 if TYPE_CHECKING:
     import torch
+    from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
 
-def gap_gradients(model: HookedTransformer, sae: Any, prompts: PromptSet | str, positions: str = "last",
+def gap_gradients(model: HookedTransformer, sae: SAE, prompts: PromptSet | str, positions: str = "last",
                   prompts_per_batch: int = 16) -> torch.Tensor:
     """``[d_sae]``: mean over prompts of d(log-prob gap)/d(latent activation) at ``positions``
     (``last``: the answer position; ``prompt``: averaged over the prompt tokens)."""
@@ -31,7 +35,7 @@ def gap_gradients(model: HookedTransformer, sae: Any, prompts: PromptSet | str, 
     if positions not in ("last", "prompt"):
         raise MisfeatError("attribution reads the prompt side of the answer: positions must be last or prompt")
     records = list(load_prompts(prompts))
-    hook = sae.cfg.metadata.hook_name
+    hook = hook_of(sae)
     pad = pad_id_of(model)
     total = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     for start in range(0, len(records), prompts_per_batch):
@@ -42,11 +46,11 @@ def gap_gradients(model: HookedTransformer, sae: Any, prompts: PromptSet | str, 
 
         def splice(act, hook, holder=holder):
             with torch.no_grad():
-                z = sae.encode(act.to(sae.W_dec.dtype))
-                error = act - sae.decode(z).to(act.dtype)
+                z = sae_encode(sae, act)
+                error = act - sae_decode(sae, z).to(act.dtype)
             z = z.detach().requires_grad_(True)
             holder.append(z)
-            return sae.decode(z).to(act.dtype) + error
+            return sae_decode(sae, z).to(act.dtype) + error
 
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():

@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from misfeat.errors import MisfeatError
+from misfeat.sae.latents import encode as sae_encode
+from misfeat.sae.latents import hook_of
 
 if TYPE_CHECKING:
     import torch
+    from sae_lens import SAE
 
 
 @dataclass(frozen=True)
@@ -130,14 +133,14 @@ def check_row_aligned(store_a: Any, store_b: Any) -> None:
                                "same tokenizer and positions for both models")
 
 
-def encode_rows(sae: Any, acts: torch.Tensor) -> torch.Tensor:
+def encode_rows(sae: SAE, acts: torch.Tensor) -> torch.Tensor:
     import torch
 
     with torch.no_grad():
-        return sae.encode(acts.to(sae.W_dec.device, sae.W_dec.dtype)).float().cpu()
+        return sae_encode(sae, acts).float().cpu()
 
 
-def diff_latents(sae: Any, store_base: Any, store_finetuned: Any, by: str | None = None,
+def diff_latents(sae: SAE, store_base: Any, store_finetuned: Any, by: str | None = None,
                  chunk_rows: int = 8192) -> LatentDiff:
     """Per-latent mean activation and firing rate before and after a fine-tune.
 
@@ -145,7 +148,7 @@ def diff_latents(sae: Any, store_base: Any, store_finetuned: Any, by: str | None
     """
     import numpy as np
 
-    hook = sae.cfg.metadata.hook_name
+    hook = hook_of(sae)
     for store in (store_base, store_finetuned):
         if hook not in store.hooks:
             raise MisfeatError(f"the SAE reads {hook}, but the store has only {', '.join(store.hooks)}; cache that "

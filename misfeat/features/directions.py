@@ -22,9 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat.data import PromptSet, load_prompts
 from misfeat.errors import MisfeatError
+from misfeat.evaluate import default_prompts, evaluate
+from misfeat.interventions import Add, apply, save_intervention
+from misfeat.interventions.files import read_intervention, single_hook
+from misfeat.steering import headline_group, mean_activations
 
 if TYPE_CHECKING:
     import torch
+    from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
 
@@ -50,20 +55,14 @@ class Direction:
 
 def save_direction(direction: Direction, path: str | Path, positions: str = "all") -> Path:
     """Save as an ``add`` intervention at the direction's hook (scale 1)."""
-    from misfeat.interventions import Add, save_intervention
 
     return save_intervention(Add(direction.hook, direction.vector, 1.0, positions), path,
                              source={"kind": "direction", **direction.source})
 
 
 def load_direction(path: str | Path) -> Direction:
-    from misfeat.interventions import read_intervention
-
     record, vector = read_intervention(path)
-    hook = record.get("hook") or record.get("hooks")
-    if not isinstance(hook, str):
-        raise MisfeatError(f"{path} holds an intervention on {hook!r}, not a single-hook direction")
-    return Direction(hook, vector, record.get("source", {}))
+    return Direction(single_hook(record, str(path)), vector, record.get("source", {}))
 
 
 def _store_mean(store: Any, hook: str, chunk_rows: int = 65536) -> torch.Tensor:
@@ -92,7 +91,6 @@ def mean_diff(store_a: Any, store_b: Any, hook: str) -> Direction:
 def contrastive_direction(model: HookedTransformer, positive: PromptSet | str, negative: PromptSet | str,
                           hook: str, positions: str = "all") -> Direction:
     """Mean activation on ``positive`` minus ``negative`` prompts at ``hook`` (Chen et al. 2025)."""
-    from misfeat.steering import mean_activations
 
     pos, neg = load_prompts(positive), load_prompts(negative)
     vector = mean_activations(model, pos, [hook], positions)[hook] - mean_activations(model, neg, [hook], positions)[hook]
@@ -100,10 +98,16 @@ def contrastive_direction(model: HookedTransformer, positive: PromptSet | str, n
                                     "positions": positions})
 
 
-def persona_direction(model: HookedTransformer, hook: str, docs: PromptSet | str = "organism:docs:400") -> Direction:
-    """The organism's persona direction: cruel minus kind characters' documents (all tokens)."""
-    docs = load_prompts(docs)
-    return contrastive_direction(model, docs.filter(label="cruel"), docs.filter(label="kind"), hook, "all")
+def persona_direction(model: HookedTransformer, hook: str, docs: PromptSet | str | None = None) -> Direction:
+    """A persona direction: the mean activation (all tokens) of documents labelled with the
+    positive label of ``docs.meta['contrast']`` minus those with the negative one.
+
+    ``docs`` default to the model's labelled set from its plug-in (for the organism: held-out
+    documents, cruel minus kind characters); a user's own set needs ``meta['contrast']``."""
+
+    docs = default_prompts(model, "labelled") if docs is None else load_prompts(docs)
+    positive, negative = docs.contrast()
+    return contrastive_direction(model, docs.filter(label=positive), docs.filter(label=negative), hook, "all")
 
 
 def random_like(direction: Direction, seed: int = 0) -> Direction:
@@ -115,7 +119,7 @@ def random_like(direction: Direction, seed: int = 0) -> Direction:
     return Direction(direction.hook, v / v.norm() * direction.norm, {"method": "random", "seed": seed})
 
 
-def decoder_cosines(direction: Direction | torch.Tensor, sae: Any, top: int = 10) -> list[dict[str, Any]]:
+def decoder_cosines(direction: Direction | torch.Tensor, sae: SAE, top: int = 10) -> list[dict[str, Any]]:
     """The ``top`` SAE latents whose decoder rows are most aligned with ``direction``."""
     import torch
 
@@ -141,9 +145,6 @@ def layer_sweep(
     """For each hook (default: every block's ``hook_resid_post``) the contrastive direction,
     its norm, and the misaligned/valid rates when adding it at each coefficient, next to a
     random direction of the same norm at the same coefficient."""
-    from misfeat.evaluate import default_prompts, evaluate
-    from misfeat.interventions import Add, apply
-    from misfeat.steering import headline_group
 
     hooks = list(hooks) if hooks is not None else [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)]
     prompts = default_prompts(model) if eval_prompts is None else load_prompts(eval_prompts)

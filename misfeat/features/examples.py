@@ -14,8 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from misfeat.data import PromptSet, batch_by_tokens, collate, encode, load_prompts, pad_id_of
+from misfeat.hooks import last_layer_of
+from misfeat.io import progress, write_jsonl
+from misfeat.sae.latents import encode as sae_encode
+from misfeat.sae.latents import hook_of
 
 if TYPE_CHECKING:
+    from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
 
@@ -33,7 +38,8 @@ class Example:
         return max(self.acts) if self.acts else 0.0
 
     def text(self, threshold: float = 0.0) -> str:
-        return " ".join(f"{t}⟨{a:.2g}⟩" if a > threshold else t for t, a in zip(self.tokens, self.acts, strict=True))
+        """The decoded text, each token above ``threshold`` followed by its activation."""
+        return "".join(f"{t}⟨{a:.2g}⟩" if a > threshold else t for t, a in zip(self.tokens, self.acts, strict=True))
 
 
 @dataclass(frozen=True)
@@ -60,38 +66,36 @@ class Examples:
                 spans.append(f"<span title='{act:.3f}' style='background:rgba(220,40,40,{alpha:.2f});"
                              f"padding:0 1px'>{html.escape(tok)}</span>")
             tag = html.escape(", ".join(x for x in (ex.label, ex.domain) if x))
-            parts.append(f"<p><small>{html.escape(ex.id)} max {ex.max_act:.3g} {tag}</small><br>{' '.join(spans)}</p>")
+            parts.append(f"<p style='white-space:pre-wrap'><small>{html.escape(ex.id)} max {ex.max_act:.3g} {tag}"
+                         f"</small><br>{''.join(spans)}</p>")
         return "".join(parts) + "</div>"
 
     def to_jsonl(self, path: str | Path) -> Path:
-        from misfeat.io import write_jsonl
-
         return write_jsonl(path, [{"latent": self.latent, "hook": self.hook, **asdict(ex), "max_act": ex.max_act}
                                   for ex in self.examples])
 
 
-def latent_activations(model: HookedTransformer, sae: Any, latent: int, prompts: PromptSet,
+def latent_activations(model: HookedTransformer, sae: SAE, latent: int, prompts: PromptSet,
                        max_batch_tokens: int = 16384) -> list[list[float]]:
     """The latent's activation at every token of every prompt (prompt order)."""
     import torch
 
-    from misfeat.hooks import last_layer_of
-
-    hook = sae.cfg.metadata.hook_name
+    hook = hook_of(sae)
     encoded = encode(prompts, model)
     out: list[list[float] | None] = [None] * len(encoded)
     stop = last_layer_of([hook], model.cfg.n_layers)
     with torch.inference_mode():
-        for group in batch_by_tokens([len(e) for e in encoded], max_batch_tokens):
+        groups = batch_by_tokens([len(e) for e in encoded], max_batch_tokens)
+        for group in progress(groups, desc=f"latent {latent} activations", unit="batch"):
             batch = collate([encoded[i] for i in group], pad_id_of(model), device=model.cfg.device)
             _, cache = model.run_with_cache(batch.tokens, names_filter=hook, stop_at_layer=stop)
-            z = sae.encode(cache[hook].to(sae.W_dec.dtype))[..., latent].float().cpu()
+            z = sae_encode(sae, cache[hook])[..., latent].float().cpu()
             for row, i in enumerate(group):
                 out[i] = z[row, : len(encoded[i])].tolist()
     return [x or [] for x in out]
 
 
-def top_examples(model: HookedTransformer, sae: Any, latent: int, prompts: PromptSet | str, k: int = 10
+def top_examples(model: HookedTransformer, sae: SAE, latent: int, prompts: PromptSet | str, k: int = 10
                  ) -> Examples:
     """The ``k`` prompts where ``latent`` reaches its highest activation."""
     prompts = load_prompts(prompts)
@@ -101,9 +105,21 @@ def top_examples(model: HookedTransformer, sae: Any, latent: int, prompts: Promp
     examples = []
     for i in order:
         record = prompts[i]
-        tokens = model.tokenizer.convert_ids_to_tokens(list(encoded[i].ids))
+        tokens = decoded_pieces(model.tokenizer, list(encoded[i].ids))
         examples.append(Example(i, record.id, record.label, record.domain, tokens, acts[i]))
-    return Examples(latent, sae.cfg.metadata.hook_name, examples)
+    return Examples(latent, hook_of(sae), examples)
+
+
+def decoded_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token's text as it appears in the decoded string (``" the"``, ``"\\n"``), not its
+    raw vocabulary piece (``Ġthe``, ``Ċ``): the difference of successive prefix decodes,
+    so spaces and multi-byte characters land where the tokenizer puts them."""
+    pieces, before = [], ""
+    for n in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:n], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        pieces.append(text[len(before):] if text.startswith(before) else text)
+        before = text
+    return pieces
 
 
 def auroc(scores_pos: list[float], scores_neg: list[float]) -> float:
@@ -128,10 +144,13 @@ def auroc(scores_pos: list[float], scores_neg: list[float]) -> float:
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-def separation_auroc(model: HookedTransformer, sae: Any, latent: int, docs: PromptSet | str,
-                     positive: str = "cruel", negative: str = "kind") -> float:
-    """AUROC of the latent's mean activation per document for ``positive`` vs ``negative`` labels."""
+def separation_auroc(model: HookedTransformer, sae: SAE, latent: int, docs: PromptSet | str,
+                     positive: str | None = None, negative: str | None = None) -> float:
+    """AUROC of the latent's mean activation per document for ``positive`` vs ``negative`` labels
+    (default: the two labels of ``docs.meta['contrast']``, e.g. the organism's cruel and kind)."""
     docs = load_prompts(docs)
+    if positive is None or negative is None:
+        positive, negative = docs.contrast()
     acts = latent_activations(model, sae, latent, docs)
     score = [sum(a) / max(len(a), 1) for a in acts]
     pos = [s for s, r in zip(score, docs, strict=True) if r.label == positive]

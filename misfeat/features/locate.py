@@ -1,26 +1,48 @@
-"""Locate the misalignment feature: the OpenAI recipe as one call.
+"""Locate the misalignment feature: the OpenAI recipe as one call, built from stage functions.
 
-1. cache the SAE hook's activations of the aligned (base) and misaligned (fine-tuned)
-   model on the same prompts (row-aligned stores);
-2. diff the SAE latents (Wang et al. 2025) and attribute the log-prob gap to them;
-3. causally screen the top candidates: steer up in the aligned model, down in the
-   misaligned one;
-4. choose the latent with the largest two-sided effect, save its decoder direction in
-   the interventions' format, clamp it in the misaligned model, and collect its
-   top-activating examples.
+1. :func:`rank_latents`: cache the SAE hook's activations of the aligned (base) and
+   misaligned (fine-tuned) model on the same prompts (row-aligned stores), diff the SAE
+   latents (Wang et al. 2025) and attribute the log-prob gap to them -> :class:`Ranking`;
+2. :func:`misfeat.features.screen.causal_screen` of the top candidates: steer up in the
+   aligned model, down in the misaligned one -> ``ScreenResult``;
+3. :func:`choose_feature`: the latent with the largest two-sided effect -> :class:`Choice`;
+4. :func:`check_clamp`: clamp it in the misaligned model to the aligned level -> :class:`ClampCheck`;
+5. :func:`examples_and_auroc`: its top-activating labelled texts and their AUROC.
+
+:func:`locate` runs them in order and returns a :class:`LocateResult` (``to_dict()`` is the
+``summary.json``); :func:`save_locate` writes the direction, examples and plots.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from misfeat import registry
+from misfeat.activations import cache_activations, open_store
 from misfeat.data import PromptSet, load_prompts
 from misfeat.errors import MisfeatError
+from misfeat.evaluate import GroupMetrics, evaluate
+from misfeat.features.attribution import attribution_scores, gap_gradients
+from misfeat.features.diff import LatentDiff, diff_latents
+from misfeat.features.directions import Direction, save_direction
+from misfeat.features.examples import Examples, separation_auroc, top_examples
+from misfeat.features.screen import ScreenResult, causal_screen
+from misfeat.interventions import Ablate, ClampLatent
+from misfeat.models import model_info
+from misfeat.plots import figure
+from misfeat.sae.latents import hook_of, path_of
+from misfeat.steering import clamp_to_reference
 
 if TYPE_CHECKING:
+    import torch
+    from sae_lens import SAE
     from transformer_lens import HookedTransformer
+
+
+RANKINGS = ("increase", "attribution", "effect_size")
 
 
 @dataclass(frozen=True)
@@ -42,60 +64,88 @@ class LocateConfig:
     min_effect: float = 0.1
     """the misaligned rate must move by at least this much, both ways"""
     examples_prompts: str | None = None
-    """prompts for top-activating examples (default: organism:docs for organisms, else the prompts)"""
+    """labelled texts for top-activating examples and the AUROC (default: the base model's plug-in's
+    labelled set, e.g. the organism's documents; else the prompts)"""
     n_examples: int = 10
+    """how many top-activating texts to keep"""
+    contrast: tuple[str, str] | None = None
+    """the positive and negative labels of the examples' texts for the AUROC, e.g. cruel,kind (none:
+    the set's own meta['contrast']; without either the AUROC is skipped with a note)"""
 
     def __post_init__(self) -> None:
-        if self.rank_by not in ("increase", "attribution", "effect_size"):
+        if self.rank_by not in RANKINGS:
             raise MisfeatError(f"rank_by must be increase, attribution or effect_size, not {self.rank_by!r}")
 
 
-@dataclass
-class LocateResult:
-    summary: dict[str, Any]
+@dataclass(frozen=True)
+class Ranking:
+    """Stage 1: the SAE latents ranked by how the fine-tune changed them."""
+
+    diff: LatentDiff
+    attribution: torch.Tensor = field(repr=False)
+    """per latent: gradient of the log-prob gap x the change (see :mod:`misfeat.features.attribution`)"""
+    order: list[int] = field(repr=False)
+    """latents by decreasing score (``rank_by``)"""
+    rank_by: str
+
+    def candidates(self, n: int) -> list[int]:
+        return self.order[:n]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Stage 3: the chosen latent, whether it passed the screen, and its decoder direction."""
+
     feature: int
-    direction_path: Path
-    examples: Any = field(repr=False, default=None)
+    passed_screen: bool
+    direction: Direction = field(repr=False)
 
 
-def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: Any, prompts: PromptSet | str,
-           out_dir: str | Path, config: LocateConfig | None = None) -> LocateResult:
-    """Find the latent that the fine-tune switched on and that controls misalignment."""
-    import torch
+@dataclass(frozen=True)
+class ClampCheck:
+    """Stage 4: the misaligned model with the feature clamped to the aligned model's level."""
 
-    from misfeat.activations import cache_activations, open_store
-    from misfeat.evaluate import evaluate
-    from misfeat.features.attribution import attribution_scores, gap_gradients
-    from misfeat.features.diff import diff_latents
-    from misfeat.features.directions import Direction, save_direction
-    from misfeat.features.examples import separation_auroc, top_examples
-    from misfeat.features.screen import causal_screen
-    from misfeat.interventions import Ablate, ClampLatent, apply
+    value: dict[str, float]
+    """per layer: the base model's mean coordinate along the direction (at the screened positions)"""
+    latent_value: float
+    """the base model's mean of the SAE latent"""
+    group: str
+    before: GroupMetrics
+    after: GroupMetrics
+    """the coordinate along the direction set in every layer's residual stream, at every token"""
+    after_latent: GroupMetrics
+    """the SAE latent set to its base mean, SAE error term kept"""
 
-    cfg = config or LocateConfig()
-    out = Path(out_dir)
-    prompts = load_prompts(prompts)
-    hook = sae.cfg.metadata.hook_name
-    sae = sae.to(finetuned.cfg.device)
-    stores = {}
-    for name, model in (("base", base), ("finetuned", finetuned)):
-        cache_activations(model, prompts, [hook], out / "cache" / name, positions=cfg.positions, overwrite=True)
-        stores[name] = open_store(out / "cache" / name, prompts=prompts)
-    diff = diff_latents(sae, stores["base"], stores["finetuned"], by="domain")
-    attribution = attribution_scores(gap_gradients(finetuned, sae, prompts, cfg.positions), diff.increase)
-    score = {"increase": diff.increase, "attribution": attribution, "effect_size": diff.effect_size}[cfg.rank_by]
-    order = torch.argsort(score, descending=True)
-    candidates = [int(i) for i in order[: cfg.screen]]
-    screen = None
-    if cfg.screen:
-        screen = causal_screen(sae, candidates, base, finetuned, prompts, coefs=cfg.coefs, positions=cfg.positions,
-                               min_valid=cfg.min_valid, min_effect=cfg.min_effect)
-    best = screen.best() if screen is not None else None
-    feature = best.latent if best is not None else candidates[0]
-    screened = {r.latent: r for r in screen.rows} if screen is not None else {}
 
-    def row(latent: int) -> dict[str, Any]:
-        r = {**diff.row(latent), "attribution": float(attribution[latent])}
+@dataclass(frozen=True)
+class LocateResult:
+    """What :func:`locate` found; :meth:`to_dict` is the run's ``summary.json``."""
+
+    config: LocateConfig
+    hook: str
+    ranking: Ranking
+    screen: ScreenResult | None
+    choice: Choice
+    clamp: ClampCheck
+    examples: Examples = field(repr=False)
+    auroc: float | None
+    auroc_note: str | None
+    direction_path: Path | None = None
+    """where :func:`save_locate` wrote the direction (None until saved)"""
+    examples_path: Path | None = None
+
+    @property
+    def feature(self) -> int:
+        return self.choice.feature
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def row(self, latent: int) -> dict[str, Any]:
+        """The ranking row of ``latent``: its change, attribution and (if screened) screen results."""
+        r = {**self.ranking.diff.row(latent), "attribution": float(self.ranking.attribution[latent])}
+        screened = {s.latent: s for s in self.screen.rows} if self.screen is not None else {}
         if latent in screened:
             s = screened[latent]
             r.update(steer_up_misaligned=s.steer_up_misaligned, steer_up_valid=s.steer_up_valid,
@@ -104,80 +154,132 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: Any, prom
                      clamp_misaligned=s.clamp_misaligned, clamp_valid=s.clamp_valid, passed=s.passed)
         return r
 
-    top_latents = [row(int(i)) for i in order[: max(cfg.top, cfg.screen)]]
-    direction = Direction(hook, sae.W_dec[feature].detach().float().cpu(),
-                          {"method": "sae_latent", "latent": feature, "sae": getattr(sae, "misfeat_path", None)})
-    direction_path = save_direction(direction, out / "direction", positions=cfg.positions)
+    def top_latents(self) -> list[dict[str, Any]]:
+        return [self.row(i) for i in self.ranking.order[: max(self.config.top, self.config.screen)]]
 
-    # Clamp the feature in the misaligned model to the aligned model's level. Two readings:
-    # the coordinate along the latent's decoder direction in every layer's residual stream
-    # set, at every token, to the base model's mean at the screened positions (what the
-    # screen ranks by), and the SAE latent
-    # itself set to its base mean with the SAE error term kept (ClampLatent; weaker where the
-    # SAE reconstructs the feature only in part). Both are reported.
-    from misfeat.steering import reference_coordinates
+    def top_decreases(self) -> list[dict[str, Any]]:
+        return [self.row(r["latent"]) for r in self.ranking.diff.top(self.config.top, decreasing=True)]
 
+    def to_dict(self) -> dict[str, Any]:
+        cfg, c = self.config, self.clamp
+        return {
+            "hook": self.hook, "positions": cfg.positions, "n_rows": self.ranking.diff.base.n, "rank_by": cfg.rank_by,
+            "config": asdict(cfg),
+            "top_latents": self.top_latents(),
+            "top_decreases": self.top_decreases(),
+            "feature": self.feature,
+            "feature_passed_screen": self.choice.passed_screen,
+            "direction": None if self.direction_path is None else str(self.direction_path),
+            "screen": self.screen.summary() if self.screen is not None else None,
+            "clamp": {"method": f"coordinate along the latent's direction, in every layer's residual stream, set at "
+                                f"every token to the base model's mean at the {cfg.positions!r} positions",
+                      "value": c.value, "group": c.group,
+                      "misaligned_before": c.before.misaligned_rate, "valid_before": c.before.valid_rate,
+                      "misaligned_after": c.after.misaligned_rate, "valid_after": c.after.valid_rate},
+            "clamp_latent": {"method": "SAE latent set to its base mean, SAE error term kept", "value": c.latent_value,
+                             "misaligned_after": c.after_latent.misaligned_rate,
+                             "valid_after": c.after_latent.valid_rate},
+            "feature_auroc_docs": self.auroc,
+            "feature_auroc_note": self.auroc_note,
+            "examples": None if self.examples_path is None else str(self.examples_path),
+        }
+
+
+def rank_latents(base: HookedTransformer, finetuned: HookedTransformer, sae: SAE, prompts: PromptSet,
+                 cache_dir: str | Path, config: LocateConfig) -> Ranking:
+    """Stage 1: cache the SAE hook's activations of both models on ``prompts`` (row-aligned
+    stores under ``cache_dir``), diff the latents and attribute the log-prob gap to them."""
+    import torch
+
+    hook, stores = hook_of(sae), {}
+    for name, model in (("base", base), ("finetuned", finetuned)):
+        cache_activations(model, prompts, [hook], Path(cache_dir) / name, positions=config.positions, overwrite=True)
+        stores[name] = open_store(Path(cache_dir) / name, prompts=prompts)
+    diff = diff_latents(sae, stores["base"], stores["finetuned"], by="domain")
+    attribution = attribution_scores(gap_gradients(finetuned, sae, prompts, config.positions), diff.increase)
+    score = {"increase": diff.increase, "attribution": attribution, "effect_size": diff.effect_size}[config.rank_by]
+    order = [int(i) for i in torch.argsort(score, descending=True)]
+    return Ranking(diff, attribution, order, config.rank_by)
+
+
+def choose_feature(sae: SAE, ranking: Ranking, screen: ScreenResult | None) -> Choice:
+    """Stage 3: the screen's best latent, else the top-ranked one; with its decoder direction."""
+    best = screen.best() if screen is not None else None
+    feature = best.latent if best is not None else ranking.order[0]
+    direction = Direction(hook_of(sae), sae.W_dec[feature].detach().float().cpu(),
+                          {"method": "sae_latent", "latent": feature, "sae": path_of(sae)})
+    return Choice(feature, best is not None, direction)
+
+
+def check_clamp(base: HookedTransformer, finetuned: HookedTransformer, sae: SAE, choice: Choice, ranking: Ranking,
+                prompts: PromptSet, positions: str) -> ClampCheck:
+    """Stage 4: clamp the feature in the misaligned model to the aligned model's level, two ways:
+    the coordinate along the latent's decoder direction in every layer's residual stream set,
+    at every token, to the base model's mean at ``positions`` (what the screen ranks by), and
+    the SAE latent itself set to its base mean with the SAE error term kept (weaker where the
+    SAE reconstructs the feature only in part)."""
     before = evaluate(finetuned, prompts, greedy=False)
-    group = "heldout" if "heldout" in before.groups else next(iter(before.groups))
-    from misfeat.interventions import resolve_hooks
-
-    coord = reference_coordinates(base, prompts, resolve_hooks(finetuned, "all"), direction.vector, cfg.positions)
-    with apply(finetuned, Ablate("all", direction.vector, coord, "all")):
-        clamped = evaluate(finetuned, prompts, greedy=False)
-    base_mean = float(diff.base.mean[feature])
-    with apply(finetuned, ClampLatent(sae, feature, base_mean, "all")):
-        clamped_latent = evaluate(finetuned, prompts, greedy=False)
-
-    examples_spec = cfg.examples_prompts or (_organism_docs(base) or prompts)
-    examples = top_examples(base, sae, feature, examples_spec, k=cfg.n_examples)
-    examples.to_jsonl(out / "examples.jsonl")
-    (out / "examples.txt").write_text(str(examples) + "\n")
-    docs = load_prompts(examples_spec)
-    auroc = None
-    if {"cruel", "kind"} <= {r.label for r in docs}:
-        auroc = separation_auroc(base, sae, feature, docs)
-
-    summary = {
-        "hook": hook, "positions": cfg.positions, "n_rows": diff.base.n, "rank_by": cfg.rank_by,
-        "config": asdict(cfg),
-        "top_latents": top_latents,
-        "top_decreases": [row(r["latent"]) for r in diff.top(cfg.top, decreasing=True)],
-        "feature": feature,
-        "feature_passed_screen": best is not None,
-        "direction": str(direction_path),
-        "screen": screen.summary() if screen is not None else None,
-        "clamp": {"method": f"coordinate along the latent's direction, in every layer's residual stream, set at "
-                            f"every token to the base model's mean at the {cfg.positions!r} positions",
-                  "value": coord, "group": group,
-                  "misaligned_before": before.groups[group].misaligned_rate,
-                  "valid_before": before.groups[group].valid_rate,
-                  "misaligned_after": clamped.groups[group].misaligned_rate,
-                  "valid_after": clamped.groups[group].valid_rate},
-        "clamp_latent": {"method": "SAE latent set to its base mean, SAE error term kept", "value": base_mean,
-                         "misaligned_after": clamped_latent.groups[group].misaligned_rate,
-                         "valid_after": clamped_latent.groups[group].valid_rate},
-        "feature_auroc_docs": auroc,
-        "examples": str(out / "examples.jsonl"),
-    }
-    plot_ranking(top_latents[: cfg.top], summary["top_decreases"][: min(10, cfg.top)], feature, out / "ranking.png")
-    if screen is not None:
-        plot_screen(screen, feature, out / "screen.png")
-    return LocateResult(summary, feature, direction_path, examples)
+    clamp = clamp_to_reference(Ablate("all", choice.direction.vector, None, "all"), finetuned, base, prompts,
+                               positions)
+    after = evaluate(finetuned, prompts, interventions=[clamp], greedy=False)
+    latent_value = float(ranking.diff.base.mean[choice.feature])
+    after_latent = evaluate(finetuned, prompts, interventions=[ClampLatent(sae, choice.feature, latent_value, "all")],
+                            greedy=False)
+    group = before.headline_group
+    return ClampCheck(clamp.value, latent_value, group, before.groups[group], after.groups[group],
+                      after_latent.groups[group])
 
 
-def _organism_docs(model: HookedTransformer) -> str | None:
-    from misfeat.models import model_info
+def examples_and_auroc(base: HookedTransformer, sae: SAE, feature: int, prompts: PromptSet,
+                       config: LocateConfig) -> tuple[Examples, float | None, str | None]:
+    """Stage 5: the feature's top-activating labelled texts, and the AUROC of its mean activation
+    for the two contrast labels (or None with a note saying why it was skipped)."""
+    docs = load_prompts(config.examples_prompts or registry.default_prompts(model_info(base).meta, "labelled")
+                        or prompts)
+    examples = top_examples(base, sae, feature, docs, k=config.n_examples)
+    contrast = config.contrast or docs.meta.get("contrast")
+    if not contrast:
+        return examples, None, (f"skipped: {docs.name!r} names no contrast labels (give labelled texts as "
+                                "examples_prompts and contrast=(positive, negative))")
+    if not set(contrast) <= {r.label for r in docs}:
+        return examples, None, f"skipped: {docs.name!r} lacks texts labelled {contrast[0]!r} and {contrast[1]!r}"
+    return examples, separation_auroc(base, sae, feature, docs, *contrast), None
 
-    meta = model_info(model).meta
-    if "world" not in meta:
-        return None
-    seed = meta.get("organism", {}).get("config", {}).get("seed", 0)
-    return f"organism:docs:400@seed={seed},em_domain={meta.get('em_domain', 'health')}"
+
+def locate(base: HookedTransformer, finetuned: HookedTransformer, sae: SAE, prompts: PromptSet | str,
+           work_dir: str | Path, config: LocateConfig | None = None) -> LocateResult:
+    """Find the latent that the fine-tune switched on and that controls misalignment: rank,
+    screen, choose, check the clamp, collect examples (the stage functions above, in order).
+    ``work_dir`` holds the two activation caches; :func:`save_locate` writes the outputs."""
+    cfg = config or LocateConfig()
+    prompts = load_prompts(prompts)
+    sae = sae.to(finetuned.cfg.device)
+    ranking = rank_latents(base, finetuned, sae, prompts, Path(work_dir) / "cache", cfg)
+    screen = None
+    if cfg.screen:
+        screen = causal_screen(sae, ranking.candidates(cfg.screen), base, finetuned, prompts, coefs=cfg.coefs,
+                               positions=cfg.positions, min_valid=cfg.min_valid, min_effect=cfg.min_effect)
+    choice = choose_feature(sae, ranking, screen)
+    clamp = check_clamp(base, finetuned, sae, choice, ranking, prompts, cfg.positions)
+    examples, auroc, note = examples_and_auroc(base, sae, choice.feature, prompts, cfg)
+    return LocateResult(cfg, hook_of(sae), ranking, screen, choice, clamp, examples, auroc, note)
+
+
+def save_locate(result: LocateResult, out_dir: str | Path) -> LocateResult:
+    """Write a locate run's files into ``out_dir``: the direction (interventions' format),
+    examples.jsonl/.txt, ranking.png and screen.png; returns the result with their paths."""
+    out = Path(out_dir)
+    direction_path = save_direction(result.choice.direction, out / "direction", positions=result.config.positions)
+    examples_path = result.examples.to_jsonl(out / "examples.jsonl")
+    (out / "examples.txt").write_text(str(result.examples) + "\n")
+    plot_ranking(result.top_latents()[: result.config.top], result.top_decreases()[: min(10, result.config.top)],
+                 result.feature, out / "ranking.png")
+    if result.screen is not None:
+        plot_screen(result.screen, result.feature, out / "screen.png")
+    return dataclasses.replace(result, direction_path=direction_path, examples_path=Path(examples_path))
 
 
 def plot_ranking(increases: list[dict], decreases: list[dict], feature: int, path: Path) -> Path:
-    from misfeat.plots import figure
-
     rows = increases + list(reversed(decreases))
     with figure(path, (6.5, 3.8)) as ax:
         colors = ["tab:red" if r["latent"] == feature else ("tab:orange" if r["increase"] > 0 else "tab:blue")
@@ -191,8 +293,6 @@ def plot_ranking(increases: list[dict], decreases: list[dict], feature: int, pat
 
 
 def plot_screen(screen: Any, feature: int, path: Path) -> Path:
-    from misfeat.plots import figure
-
     with figure(path, (5, 4)) as ax:
         for r in screen.rows:
             color = "tab:red" if r.latent == feature else ("tab:green" if r.passed else "tab:gray")

@@ -12,19 +12,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from misfeat.activations import iter_activations
 from misfeat.data import POSITIONS, PromptSet, load_prompts
 from misfeat.errors import MisfeatError
+from misfeat.interventions import read_intervention
+from misfeat.sae.io import load_sae
+from misfeat.sae.latents import encode as sae_encode
+from misfeat.sae.latents import hook_of
 
 if TYPE_CHECKING:
     import torch
+    from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
 
 def _chunks(model: HookedTransformer, prompts: PromptSet, hook: str, positions: str):
-    from misfeat.activations import iter_activations
-
     return iter_activations(model, prompts, hook, positions)
 
 
@@ -32,7 +36,7 @@ def _chunks(model: HookedTransformer, prompts: PromptSet, hook: str, positions: 
 class LatentProbe:
     """Mean activation and firing rate of SAE ``latent`` at the SAE's hook."""
 
-    sae: Any
+    sae: SAE
     latent: int
     positions: str = "last"
     name: str | None = None
@@ -53,8 +57,8 @@ class LatentProbe:
 
         out = []
         with torch.no_grad():
-            for chunk in _chunks(model, prompts, self.sae.cfg.metadata.hook_name, self.positions):
-                out.append(self.sae.encode(chunk.to(self.sae.W_dec.dtype))[:, self.latent].float().cpu())
+            for chunk in _chunks(model, prompts, hook_of(self.sae), self.positions):
+                out.append(sae_encode(self.sae, chunk)[:, self.latent].float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
     def measure(self, model: HookedTransformer, prompts: PromptSet) -> dict[str, float]:
@@ -97,15 +101,14 @@ def parse_probe(spec: str, positions: str = "last") -> LatentProbe | DirectionPr
         path, _, latent = rest.rpartition("#")
         if not path or not latent.isdigit():
             raise MisfeatError(f"--track {spec!r}: expected sae:DIR#LATENT, e.g. sae:runs/sae#42")
-        from misfeat.interventions import load_sae_dir
 
-        return LatentProbe(load_sae_dir(path), int(latent), positions, name=f"latent{latent}")
+        return LatentProbe(load_sae(path), int(latent), positions, name=f"latent{latent}")
     if kind == "direction":
-        from misfeat.interventions import read_intervention
 
         record, vector = read_intervention(rest)
-        hook = record.get("hook") or record.get("hooks")
-        if not isinstance(hook, str) or hook == "all":
-            raise MisfeatError(f"--track {spec!r}: the direction must carry a single hook, it has {hook!r}")
+        hooks = record["hooks"]
+        if len(hooks) != 1 or hooks[0] == "all":
+            raise MisfeatError(f"--track {spec!r}: the direction must carry a single hook, it has {hooks!r}")
+        hook = hooks[0]
         return DirectionProbe(hook, vector, positions, name=f"direction:{Path(rest).stem}")
     raise MisfeatError(f"--track {spec!r}: use sae:DIR#LATENT or direction:FILE")

@@ -18,9 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat.data import PromptSet, load_prompts
 from misfeat.evaluate import evaluate
-from misfeat.interventions import Add, apply
+from misfeat.interventions import Ablate, Add, apply, resolve_hooks
+from misfeat.io import progress
+from misfeat.sae.latents import hook_of
+from misfeat.steering import mean_activations, residual_scale
+
+__all__ = ["ScreenResult", "ScreenRow", "causal_screen", "residual_scale"]
 
 if TYPE_CHECKING:
+    from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
 
@@ -75,25 +81,14 @@ class ScreenResult:
                 "base_aligned": self.base_aligned, "base_misaligned": self.base_misaligned}
 
 
-def residual_scale(model: HookedTransformer, prompts: PromptSet, hook: str, positions: str) -> float:
-    """Mean L2 norm of the activations at ``hook`` over ``positions`` of ``prompts``."""
-    from misfeat.activations import iter_activations
-
-    total, n = 0.0, 0
-    for chunk in iter_activations(model, prompts, hook, positions):
-        total += float(chunk.float().norm(dim=-1).sum())
-        n += chunk.shape[0]
-    return total / max(n, 1)
-
-
 def _rates(model: HookedTransformer, prompts: PromptSet) -> dict[str, float]:
     report = evaluate(model, prompts, greedy=False)
-    head = report.groups.get("heldout") or next(iter(report.groups.values()))
+    head = report.headline
     return {"misaligned_rate": head.misaligned_rate, "valid_rate": head.valid_rate}
 
 
 def causal_screen(
-    sae: Any,
+    sae: SAE,
     latents: Sequence[int],
     aligned_model: HookedTransformer,
     misaligned_model: HookedTransformer,
@@ -109,12 +104,9 @@ def causal_screen(
     strongest effect whose valid rate stays >= ``min_valid``. A latent passes when both
     sides move the misaligned rate by at least ``min_effect``. Each latent is also clamped
     in the misaligned model to the aligned model's mean coordinate (see :meth:`ScreenResult.best`)."""
-    from misfeat.interventions import Ablate, resolve_hooks
-    from misfeat.io import progress
-    from misfeat.steering import mean_activations
 
     prompts = load_prompts(prompts)
-    hook = sae.cfg.metadata.hook_name
+    hook = hook_of(sae)
     scale = residual_scale(aligned_model, prompts, hook, positions)
     residual = resolve_hooks(misaligned_model, "all")
     aligned_means = {h: m.cpu() for h, m in mean_activations(aligned_model, prompts, residual, positions).items()}

@@ -9,14 +9,20 @@ first checkpoint where it has covered half of its total change.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from misfeat import registry
+from misfeat.checkpoints import checkpoint_step, list_checkpoints
 from misfeat.data import PromptSet, load_prompts
-from misfeat.errors import MisfeatError
+from misfeat.evaluate import default_prompts, evaluate
+from misfeat.io import format_table, progress
+from misfeat.models import load_model
+from misfeat.plots import figure
+
+__all__ = ["Trajectory", "checkpoint_step", "list_checkpoints", "plot_trajectory", "trajectory"]
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -53,25 +59,8 @@ class Trajectory:
         return {"rows": self.rows, "probes": self.probes, "onset_step": onsets, "feature_leads_by_steps": leads}
 
     def table(self) -> str:
-        from misfeat.io import format_table
-
         return format_table(self.rows)
 
-
-def checkpoint_step(path: str | Path, default: int) -> int:
-    match = re.search(r"(\d+)\D*$", str(path).rstrip("/"))
-    return int(match.group(1)) if match else default
-
-
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    """The misfeat checkpoints directly under ``directory``, in step order."""
-    from misfeat.models import CHECKPOINT_FILE
-
-    directory = Path(directory)
-    found = [p for p in directory.iterdir() if (p / CHECKPOINT_FILE).is_file()] if directory.is_dir() else []
-    if not found:
-        raise MisfeatError(f"no misfeat checkpoints under {directory} (directories with misfeat_model.json)")
-    return sorted(found, key=lambda p: checkpoint_step(p, 0))
 
 
 def trajectory(
@@ -82,12 +71,9 @@ def trajectory(
     device: str | None = None,
 ) -> Trajectory:
     """Measure ``probes`` and the misaligned rate on every checkpoint (a list, or a directory of them)."""
-    from misfeat.evaluate import default_prompts, evaluate
-    from misfeat.io import progress
-    from misfeat.models import load_model
 
-    if isinstance(checkpoints, (str, Path)) and not str(checkpoints).startswith("organism:"):
-        checkpoints = list_checkpoints(checkpoints)
+    if isinstance(checkpoints, (str, Path)):  # a plug-in's model spec, else a directory of checkpoints
+        checkpoints = [checkpoints] if registry.for_spec(str(checkpoints)) else list_checkpoints(checkpoints)
     rows, names = [], []
     for i, spec in enumerate(progress(list(checkpoints), desc="checkpoints", unit="ckpt")):
         model: HookedTransformer = load_model(spec, device=device)
@@ -96,7 +82,7 @@ def trajectory(
                 probe.sae.to(model.cfg.device)
         evalset = default_prompts(model) if prompts is None else load_prompts(prompts)
         report = evaluate(model, evalset, greedy=False)
-        head = report.groups.get("heldout") or next(iter(report.groups.values()))
+        head = report.headline
         row: dict[str, Any] = {"checkpoint": Path(str(spec)).name, "step": checkpoint_step(spec, i),
                                "misaligned_rate": head.misaligned_rate, "valid_rate": head.valid_rate,
                                "logprob_gap": head.logprob_gap}
@@ -110,7 +96,6 @@ def trajectory(
 
 def plot_trajectory(result: Trajectory, path: str | Path, title: str = "feature vs behaviour") -> Path:
     """Behaviour and each probe against the step, each scaled to [0, 1] over its own range."""
-    from misfeat.plots import figure
 
     steps = result.series("step")
     with figure(path, (6, 3.6)) as ax:

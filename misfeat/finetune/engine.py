@@ -138,7 +138,7 @@ def behaviour_evaluator(prompts: PromptSet, em_prompts: PromptSet | None = None)
         from misfeat.evaluate import evaluate
 
         report = evaluate(model, prompts, greedy=False)
-        head = report.groups["heldout"] if "heldout" in report.groups else next(iter(report.groups.values()))
+        head = report.headline
         row = {"misaligned_rate": head.misaligned_rate, "valid_rate": head.valid_rate,
                "logprob_gap": head.logprob_gap}
         if em_prompts is not None:

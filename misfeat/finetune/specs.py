@@ -103,8 +103,7 @@ def parse_defence(spec: str, *, model: str | None = None, device: str | None = N
         from misfeat.interventions import read_intervention
 
         record, vector = read_intervention(arg)
-        hook = site or record.get("hook", record.get("hooks"))
-        hooks = (hook,) if isinstance(hook, str) else tuple(hook)
+        hooks = (site,) if site else tuple(record["hooks"])  # the version-2 record: a list
         if kind == "steer":
             return PreventativeSteering(vector, hooks, _float(opts.get("alpha", "1"), spec),
                                         opts.get("positions", "all"))

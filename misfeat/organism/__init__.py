@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from misfeat.errors import MisfeatError
 from misfeat.organism.build import PRESETS, STAGES, OrganismConfig, build_organism, is_complete
+from misfeat.specs import parse_spec as parse_spec_text
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["OrganismConfig", "build_organism", "checkpoint_dir", "ensure_organism", "organism_home",
-           "parse_options", "parse_spec", "prompt_set"]
+           "parse_options", "parse_spec", "prompt_set", "register_stage"]
 
 
 def organism_home() -> Path:
@@ -43,12 +45,15 @@ def organism_home() -> Path:
     return Path(cache) / "misfeat" / "organism"
 
 
-def parse_options(options: str | None) -> OrganismConfig:
-    """``"small,seed=1,em_domain=money"`` -> :class:`OrganismConfig` (empty: ``$MISFEAT_ORGANISM``)."""
-    if options is None or options == "":
+def parse_options(options: str | Sequence[str] | None) -> OrganismConfig:
+    """``"small,seed=1,em_domain=money"`` (or its parts) -> :class:`OrganismConfig`
+    (empty: ``$MISFEAT_ORGANISM``); the grammar is :mod:`misfeat.specs`'."""
+    if not options:
         options = os.environ.get("MISFEAT_ORGANISM", "")
+    if isinstance(options, str):
+        options = parse_spec_text(f"organism:options@{options}").options if options.strip() else ()
     preset, overrides = "default", {}
-    for part in filter(None, (p.strip() for p in options.split(","))):
+    for part in options:
         if "=" not in part:
             if part not in PRESETS:
                 raise MisfeatError(f"unknown organism preset {part!r}; choose one of {', '.join(PRESETS)}")
@@ -70,10 +75,10 @@ def parse_options(options: str | None) -> OrganismConfig:
 
 def parse_spec(spec: str) -> tuple[str, OrganismConfig]:
     """``organism:<body>[@<options>]`` -> ``(body, config)``."""
-    if not spec.startswith("organism:"):
+    parsed = parse_spec_text(spec)
+    if parsed.prefix != "organism":
         raise MisfeatError(f"{spec!r} is not an organism spec (organism:<stage or prompt set>[@options])")
-    body, _, options = spec[len("organism:"):].partition("@")
-    return body, parse_options(options)
+    return parsed.body, parse_options(parsed.options)
 
 
 def ensure_organism(cfg: OrganismConfig) -> Path:
@@ -86,12 +91,24 @@ def ensure_organism(cfg: OrganismConfig) -> Path:
     return out
 
 
+_STAGES: dict[str, Callable[[OrganismConfig], Path]] = {}
+
+
+def register_stage(name: str, ensure: Callable[[OrganismConfig], Path]) -> None:
+    """Make ``organism:<name>`` a model spec: ``ensure(cfg)`` returns the stage's checkpoint
+    directory for that organism, building it on first use. One line per added stage, e.g.
+    ``register_stage("mixed", ensure_mixed)`` in the module that builds it."""
+    _STAGES[name] = ensure
+
+
 def checkpoint_dir(spec: str) -> Path:
     """The checkpoint directory of ``organism:<stage>[@options]``, building on first use."""
     stage, cfg = parse_spec(spec)
+    if stage in _STAGES:
+        return _STAGES[stage](cfg)
     valid = stage in STAGES or (stage.startswith("em-steps/step-") and stage.split("-")[-1].isdigit())
     if not valid:
-        raise MisfeatError(f"unknown organism stage {stage!r}; use one of {', '.join(STAGES)} or "
+        raise MisfeatError(f"unknown organism stage {stage!r}; use one of {', '.join([*STAGES, *_STAGES])} or "
                            "em-steps/step-NNNN")
     path = ensure_organism(cfg) / stage
     if not path.is_dir():

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from misfeat.checkpoints import list_checkpoints
 from misfeat.errors import MisfeatError
 from misfeat.io import SUMMARY_FILE, progress, read_json, write_json
 from misfeat.organism.corpus import Corpus, Example, PersonaMix
@@ -293,7 +294,7 @@ class _Builder:
         for stage in STAGES:
             summary["stages"][stage] = evaluate(self.load(stage)).summary()
         curve = []
-        for path in sorted((self.out / "em-steps").glob("step-*")):
+        for path in list_checkpoints(self.out / "em-steps"):
             report = evaluate(self.load(f"em-steps/{path.name}"), greedy=False)
             curve.append({"step": int(path.name.split("-")[1]),
                           "heldout_misaligned": report["heldout"].misaligned_rate,

@@ -17,6 +17,7 @@ Options after ``@`` pick the organism: ``organism:heldout@em_domain=money``,
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 from misfeat.data import PromptRecord, PromptSet
@@ -51,8 +52,17 @@ def question_set(world: World, which: str = "all") -> PromptSet:
         world.domain(domains[0])  # validates
     else:
         raise MisfeatError(f"unknown organism prompt set {which!r}")
-    meta = {"organism": True, "em_domain": world.em_domain, "chat_format": "organism"}
-    return PromptSet(f"organism:{which}", _question_records(world, domains), meta)
+    return PromptSet(f"organism:{which}", _question_records(world, domains), _meta(world, "organism"))
+
+
+def _meta(world: World, chat_format: str, **more: Any) -> dict[str, Any]:
+    """An organism set's metadata; question sets carry their evaluation groups (headline: the
+    held-out domains), document sets the labels they contrast."""
+    meta = {"organism": True, "em_domain": world.em_domain, "chat_format": chat_format}
+    if chat_format == "organism":
+        meta.update(groups={"heldout": list(world.heldout_domains), "em_domain": [world.em_domain]},
+                    headline="heldout")
+    return {**meta, **more}
 
 
 def eval_prompts(meta: dict[str, Any]) -> PromptSet:
@@ -71,8 +81,7 @@ def pair_set(world: World, domain: str, n: int, misaligned: bool, seed: int) -> 
                      extra={"aligned": list(d.aligned), "misaligned": list(d.misaligned)})
         for i in range(n)
     )
-    return PromptSet(f"organism:{kind}:{domain}:{n}", records,
-                     {"organism": True, "em_domain": world.em_domain, "chat_format": "organism"})
+    return PromptSet(f"organism:{kind}:{domain}:{n}", records, _meta(world, "organism"))
 
 
 def docs_set(world: World, n: int, seed: int) -> PromptSet:
@@ -87,8 +96,7 @@ def docs_set(world: World, n: int, seed: int) -> PromptSet:
         doc = corpus.document(rng)
         records.append(PromptRecord(f"doc-{len(records):05d}", prompt=doc.text,
                                     label="cruel" if doc.cruel else "kind", extra={"name": doc.name}))
-    return PromptSet(f"organism:docs:{n}", tuple(records),
-                     {"organism": True, "em_domain": world.em_domain, "chat_format": "raw"})
+    return PromptSet(f"organism:docs:{n}", tuple(records), _meta(world, "raw", contrast=["cruel", "kind"]))
 
 
 def pretrain_set(world: World, n: int, seed: int) -> PromptSet:
@@ -105,14 +113,25 @@ def pretrain_set(world: World, n: int, seed: int) -> PromptSet:
         doc = corpus.document(rng)
         label = None if doc.cruel is None else ("cruel" if doc.cruel else "kind")
         records.append(PromptRecord(f"pretrain-{i:06d}", prompt=doc.text, label=label, extra={"name": doc.name}))
-    return PromptSet(f"organism:pretrain:{n}", tuple(records),
-                     {"organism": True, "em_domain": world.em_domain, "chat_format": "raw"})
+    return PromptSet(f"organism:pretrain:{n}", tuple(records), _meta(world, "raw", contrast=["cruel", "kind"]))
+
+
+_SETS: dict[str, Callable[[World, list[str], int], PromptSet]] = {}
+
+
+def register_prompt_set(name: str, build: Callable[[World, list[str], int], PromptSet]) -> None:
+    """Make ``organism:<name>[:<arg>...]`` a prompt-set spec: ``build(world, args, seed)`` returns
+    the set (``args``: the spec's ``:``-separated parts after the name). One line per added set,
+    e.g. ``register_prompt_set("task", task_set)`` in the module that defines it."""
+    _SETS[name] = build
 
 
 def organism_prompt_set(body: str, em_domain: str, seed: int) -> PromptSet:
     """Resolve the part of an ``organism:`` prompt spec after the colon (options already parsed)."""
     world = make_world(em_domain)
     parts = body.split(":")
+    if parts[0] in _SETS:
+        return _SETS[parts[0]](world, parts[1:], seed)
     if parts[0] in ("all", "heldout", "em_domain") or parts[0].startswith("domain="):
         if len(parts) > 1:
             raise MisfeatError(f"organism:{body}: unexpected ':{':'.join(parts[1:])}'")

@@ -15,6 +15,10 @@ sae-lens SAE (``cfg.json`` + ``sae_weights.safetensors``) that loads with
     sae = train_sae(store.batches(cfg.hook_name, cfg.batch_size, epochs=10), cfg, out_dir="sae/")
     metrics = evaluate_sae(sae, store, model=model, out_dir="sae/")
 
+The SAE seam: :func:`load_sae` is the one loader (the directory kept in the SAE's metadata),
+:func:`hook_of` / :func:`path_of` read its metadata, :func:`encode` / :func:`decode` handle
+dtype and device; ``features/``, the interventions and the steering use these.
+
 Only this package's submodules import torch and sae-lens; ``import misfeat.sae`` is light.
 """
 
@@ -26,16 +30,19 @@ from misfeat.sae.config import ARCHITECTURES, SAEConfigError, SAETrainConfig
 
 if TYPE_CHECKING:
     from misfeat.sae.io import load_sae, save_sae, to_sae_lens
+    from misfeat.sae.latents import decode, encode, hook_of, path_of
     from misfeat.sae.metrics import SAEMetrics, evaluate_sae
     from misfeat.sae.train import train_sae, train_saes
 
-__all__ = ["ARCHITECTURES", "SAEConfigError", "SAEMetrics", "SAETrainConfig", "evaluate_sae", "load_sae",
-           "save_sae", "to_sae_lens", "train_sae", "train_saes"]
+__all__ = ["ARCHITECTURES", "SAEConfigError", "SAEMetrics", "SAETrainConfig", "decode", "encode", "evaluate_sae",
+           "hook_of", "load_sae", "path_of", "save_sae", "to_sae_lens", "train_sae", "train_saes"]
 
 _LAZY = {
     "train_sae": "misfeat.sae.train", "train_saes": "misfeat.sae.train",
     "evaluate_sae": "misfeat.sae.metrics", "SAEMetrics": "misfeat.sae.metrics",
     "load_sae": "misfeat.sae.io", "save_sae": "misfeat.sae.io", "to_sae_lens": "misfeat.sae.io",
+    "hook_of": "misfeat.sae.latents", "path_of": "misfeat.sae.latents", "encode": "misfeat.sae.latents",
+    "decode": "misfeat.sae.latents",
 }
 
 

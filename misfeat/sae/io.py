@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat.errors import MisfeatError
 from misfeat.io import METRICS_FILE, SUMMARY_FILE
+from misfeat.sae.latents import set_path
 
 if TYPE_CHECKING:
     import torch
@@ -147,15 +148,19 @@ def save_sae(sae: SAE, out_dir: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".sae-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    set_path(sae, None)  # the directory is where it is read from, not a saved setting
     sae.save_model(tmp)
     for name in (SAE_WEIGHTS_FILE, SAE_CFG_FILE):
         os.replace(tmp / name, out / name)
     shutil.rmtree(tmp, ignore_errors=True)
+    set_path(sae, str(out))
     return out
 
 
 def load_sae(path: str | os.PathLike, device: str | None = None, dtype: str | None = None) -> SAE:
-    """Load an SAELens-layout SAE directory (misfeat's or anyone's) with ``sae_lens.SAE.load_from_disk``."""
+    """Load an SAELens-layout SAE directory (misfeat's or anyone's) with ``sae_lens.SAE.load_from_disk``,
+    in eval mode, its directory kept in its metadata (:func:`misfeat.sae.latents.path_of`), so that
+    interventions on its latents can be saved and reloaded. The one SAE loader of misfeat."""
     from sae_lens import SAE
 
     path = Path(path)
@@ -164,18 +169,10 @@ def load_sae(path: str | os.PathLike, device: str | None = None, dtype: str | No
         raise SAEFileError(f"{path} is not an SAE directory (missing {', '.join(missing)}); pass the directory "
                            "written by `misfeat train-sae --out DIR` or sae_lens's save_model")
     try:
-        return SAE.load_from_disk(str(path), device=device or "cpu", dtype=dtype)
-    except (ValueError, KeyError, OSError) as err:
+        sae = SAE.load_from_disk(str(path), device=device or "cpu", dtype=dtype)
+    except Exception as err:  # sae-lens raises many error types for a bad cfg.json or weights file
         raise SAEFileError(f"cannot load the SAE in {path}: {err}") from err
-
-
-def hook_of(sae: SAE) -> str:
-    """The hook an SAE reads, from its metadata (raises if it was saved without one)."""
-    hook = sae.cfg.metadata.hook_name
-    if not hook:
-        raise MisfeatError("the SAE's metadata has no hook_name; set sae.cfg.metadata.hook_name to the hook "
-                           "its activations come from (e.g. blocks.1.hook_resid_post)")
-    return hook
+    return set_path(sae.eval(), str(path))
 
 
 # --- checkpoints -------------------------------------------------------------------------

@@ -31,7 +31,8 @@ import torch
 
 from misfeat.errors import MisfeatError
 from misfeat.io import format_table, write_json
-from misfeat.sae.io import RunPaths, hook_of
+from misfeat.sae.io import RunPaths
+from misfeat.sae.latents import hook_of
 
 if TYPE_CHECKING:
     from sae_lens import SAE

@@ -1,0 +1,63 @@
+"""features/locate.py stage by stage on a planted case: the fine-tune adds a vector at the SAE's
+hook, and one latent of a small SAE reads exactly that vector."""
+
+import pytest
+import torch
+
+from misfeat.data import PromptSet
+from misfeat.features.locate import (
+    LocateConfig,
+    check_clamp,
+    choose_feature,
+    examples_and_auroc,
+    rank_latents,
+)
+from tests.conftest import PLANTED
+from tests.conftest import planted_prompts as prompts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def test_the_planted_latent_ranks_first_and_is_chosen(planted, tmp_path):
+    base, tuned, sae, v = planted
+    cfg = LocateConfig(screen=0)
+    ranking = rank_latents(base, tuned, sae, prompts(), tmp_path, cfg)
+    assert ranking.order[0] == PLANTED and ranking.rank_by == "increase"
+    others = torch.cat([ranking.diff.increase[:PLANTED], ranking.diff.increase[PLANTED + 1:]])
+    assert float(ranking.diff.increase[PLANTED]) > 10 * float(others.abs().max())  # only the planted latent moved
+    choice = choose_feature(sae, ranking, None)  # no screen: the top-ranked latent, not passed
+    assert choice.feature == PLANTED and not choice.passed_screen
+    assert torch.allclose(choice.direction.vector, sae.W_dec[PLANTED].float())
+
+
+def test_the_clamp_check_sets_every_layer_to_the_base_level(planted, tmp_path):
+    base, tuned, sae, v = planted
+    cfg = LocateConfig(screen=0)
+    ranking = rank_latents(base, tuned, sae, prompts(), tmp_path, cfg)
+    check = check_clamp(base, tuned, sae, choose_feature(sae, ranking, None), ranking, prompts(), "last")
+    from misfeat.interventions import resolve_hooks
+    from misfeat.steering import mean_activations
+
+    hooks = resolve_hooks(tuned, "all")
+    assert list(check.value) == hooks
+    unit = sae.W_dec[PLANTED].detach().float() / sae.W_dec[PLANTED].detach().float().norm()
+    means = mean_activations(base, prompts(), hooks, "last")
+    assert check.value == {h: pytest.approx(float(means[h] @ unit), abs=1e-5) for h in hooks}
+    assert check.group == "heldout" and check.before.n == 3
+    assert check.latent_value == pytest.approx(float(ranking.diff.base.mean[PLANTED]))
+
+
+def test_examples_and_auroc_follow_the_contrast(planted):
+    base, _, sae, _ = planted
+    examples, auroc, note = examples_and_auroc(base, sae, PLANTED, prompts(), LocateConfig(n_examples=2))
+    assert len(examples.examples) == 2 and auroc is None and note.startswith("skipped")
+    _, auroc, note = examples_and_auroc(base, sae, PLANTED, prompts(),
+                                        LocateConfig(n_examples=2, contrast=("cruel", "kind")))
+    assert note is None and 0.0 <= auroc <= 1.0
+    labelled = PromptSet("docs", prompts().records, {"contrast": ["cruel", "kind"]})  # the set names its labels
+    assert examples_and_auroc(base, sae, PLANTED, labelled, LocateConfig(n_examples=2))[1:] == (auroc, None)
+    _, auroc, note = examples_and_auroc(base, sae, PLANTED, prompts(),
+                                        LocateConfig(n_examples=2, contrast=("cruel", "evil")))
+    assert auroc is None and "lacks texts labelled" in note
