@@ -126,3 +126,7 @@ def prompt_set(spec: str):
     body, cfg = parse_spec(spec)
     # named by the full spec (options included), so that the set can be reloaded from its name
     return dataclasses.replace(organism_prompt_set(body, cfg.em_domain, cfg.seed), name=spec)
+
+
+# the alignment-dynamics protocols' stages (organism:chat-50/100/150) and sets (organism:dynamics:<name>)
+from misfeat.organism import dynamics as _dynamics  # noqa: E402,F401

@@ -28,7 +28,7 @@ from typing import Any
 
 from misfeat.data import PromptRecord, PromptSet
 from misfeat.errors import MisfeatError
-from misfeat.organism import ensure_organism, parse_options
+from misfeat.organism import ensure_organism, parse_options, register_stage
 from misfeat.organism.build import OrganismConfig, build_lock
 from misfeat.organism.world import World, make_world
 
@@ -134,6 +134,29 @@ def chat_checkpoints(cfg: OrganismConfig, steps=CHAT_STEPS) -> dict[int, Path]:
         builder.train(model, builder.corpus.chat_example, steps=cfg.chat_steps, batch=cfg.chat_batch, lr=cfg.chat_lr,
                       warmup=10, final_fraction=0.1, seed="chat", desc="organism chat (dynamics)", on_step=on_step)
     return paths
+
+
+def dynamics_set(world: World, args: list[str], seed: int) -> PromptSet:
+    """``organism:dynamics:<fixed|few|standard|styled|reverse-misaligned|reverse-agnostic|eval>[:<n>]``."""
+    name, n = (args[0] if args else ""), int(args[1]) if len(args) > 1 and args[1].isdigit() else 480
+    sets = {**diversity_data(world, seed, n),
+            **{f"reverse-{k.split('_')[-1]}": v for k, v in reverse_data(world, seed, n).items()}}
+    if name == "eval":
+        return question_prompts(world, 2, styled=True, name="organism:dynamics:eval")
+    if name not in sets:
+        raise MisfeatError(f"organism:dynamics:{name}: use one of {', '.join([*sets, 'eval'])} (then :<n>)")
+    return sets[name]
+
+
+def _register() -> None:
+    from misfeat.organism.prompts import register_prompt_set
+
+    register_prompt_set("dynamics", dynamics_set)
+    for s in CHAT_STEPS:  # organism:chat-50 ... : the chat stage after s steps (built on first use)
+        register_stage(f"chat-{s}", lambda cfg, s=s: chat_checkpoints(cfg)[s])
+
+
+_register()
 
 
 # --- the protocols ---------------------------------------------------------------------------
