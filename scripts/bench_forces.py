@@ -14,7 +14,7 @@ batch 16, lr 3e-4, no evaluation). Arms, each from a fresh copy for ``--steps`` 
 
 Also timed directly (median of 20 calls): the probe's measurement, and the bare forward it
 needs (the same tokens through the model, no force arithmetic). Reported: the median seconds
-per step of the best repeat and the ratio forces / none (the overhead), and the share of the
+per step of the best repeat (wall and process CPU time) and the ratio forces / none (the overhead), and the share of the
 overhead that is the forward vs the force arithmetic. The machine's load average is printed.
 """
 
@@ -47,28 +47,31 @@ def main() -> None:
     probe = ForceProbe(chat, data)
     cfg = FinetuneConfig(steps=args.steps, lr=3e-4, batch_size=16, eval_every=None)
 
-    def run(arm: str) -> float:
+    def run(arm: str) -> tuple[float, float]:
+        """(median wall seconds, median process CPU seconds) per step, the first step left out."""
         chat.load_state_dict(state)
-        times: list[float] = []
-        last = [time.perf_counter()]
+        times: list[tuple[float, float]] = []
+        last = [(time.perf_counter(), time.process_time())]
 
         def on_step(model, row):
             if arm == "forces":
                 probe.measure(model)
-            now = time.perf_counter()
-            times.append(now - last[0])
+            now = (time.perf_counter(), time.process_time())
+            times.append((now[0] - last[0][0], now[1] - last[0][1]))
             last[0] = now
 
-        last[0] = time.perf_counter()
+        last[0] = (time.perf_counter(), time.process_time())
         finetune(chat, data, cfg, on_step=on_step)
-        return statistics.median(times[1:])
+        return statistics.median(t[0] for t in times[1:]), statistics.median(t[1] for t in times[1:])
 
     run("forces")  # warm-up
     best = {"none": float("inf"), "forces": float("inf")}
+    cpu = dict(best)
     arms = list(best)
     for r in range(args.repeats):
         for arm in arms[r % 2:] + arms[:r % 2]:
-            best[arm] = min(best[arm], run(arm))
+            wall, proc = run(arm)
+            best[arm], cpu[arm] = min(best[arm], wall), min(cpu[arm], proc)
 
     def median_call(fn, n=20) -> float:
         out = []
@@ -85,6 +88,8 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.2f}; {probe.tokens.shape[0]} aligned answer sequences per measurement")
     print(f"step (engine alone)        {best['none'] * 1e3:8.1f} ms")
     print(f"step with force terms      {best['forces'] * 1e3:8.1f} ms   ratio {ratio:.2f} (overhead {ratio - 1:+.0%})")
+    print(f"CPU ms per step            {cpu['none'] * 1e3:8.1f} alone, {cpu['forces'] * 1e3:.1f} with force terms: "
+          f"ratio {cpu['forces'] / cpu['none']:.2f}")
     print(f"probe.measure              {t_probe * 1e3:8.1f} ms   of which the bare forward {t_forward * 1e3:.1f} ms, "
           f"force arithmetic {(t_probe - t_forward) * 1e3:.1f} ms "
           f"({(t_probe - t_forward) / best['none']:+.0%} of a step)")
