@@ -130,5 +130,5 @@ def prompt_set(spec: str):
 
 # stages and prompt sets that register themselves (organism:mixed, organism:task, organism:probe;
 # the alignment-dynamics protocols' organism:chat-50/100/150 and organism:dynamics:<name>)
-from misfeat.organism import mixed as _mixed  # noqa: E402,F401
 from misfeat.organism import dynamics as _dynamics  # noqa: E402,F401
+from misfeat.organism import mixed as _mixed  # noqa: E402,F401
