@@ -128,5 +128,7 @@ def prompt_set(spec: str):
     return dataclasses.replace(organism_prompt_set(body, cfg.em_domain, cfg.seed), name=spec)
 
 
-# stages and prompt sets that register themselves (organism:mixed, organism:task, organism:probe)
+# stages and prompt sets that register themselves (organism:mixed, organism:task, organism:probe;
+# the alignment-dynamics protocols' organism:chat-50/100/150 and organism:dynamics:<name>)
+from misfeat.organism import dynamics as _dynamics  # noqa: E402,F401
 from misfeat.organism import mixed as _mixed  # noqa: E402,F401
