@@ -19,6 +19,7 @@ means; the cache, the evaluation and the interventions all read these masks.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -121,9 +122,10 @@ class PromptSet:
         recs = tuple(r.with_response(x) for r, x in zip(self.records, responses, strict=True))
         return PromptSet(name or self.name, recs, self.meta)
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
-        """sha256 of the records' canonical JSON: equal sets have equal hashes."""
+        """sha256 of the records' canonical JSON: equal sets have equal hashes (computed once
+        per set: ~20 us a record, as much as a cached run's other host work per prompt)."""
         digest = hashlib.sha256()
         for record in self.records:
             digest.update(json.dumps(record.to_json(), sort_keys=True).encode())
@@ -209,9 +211,17 @@ def parse_record(obj: Any, where: str = "<record>") -> PromptRecord:
     for key in ("response", "domain", "label"):
         if key in obj and obj[key] is not None and not isinstance(obj[key], str):
             raise PromptFileError(f"{where}: '{key}' must be a string")
+    for key in ("aligned", "misaligned"):  # reference answers: a string would be scored letter by letter
+        if obj.get(key) is not None and not _answer_list(obj[key]):
+            raise PromptFileError(f"{where}: '{key}' must be a list of answer strings, e.g. [\"rest\"], "
+                                  f"not {type(obj[key]).__name__} {obj[key]!r}")
     extra = {k: v for k, v in obj.items() if k not in _KNOWN_FIELDS}
     return PromptRecord(str(obj["id"]), prompt, messages, obj.get("response"), obj.get("domain"),
                         obj.get("label"), extra, where)
+
+
+def _answer_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(a, str) and a for a in value)
 
 
 def _parse_messages(raw: Any, where: str) -> tuple[tuple[str, str], ...]:
@@ -276,7 +286,12 @@ def render(record: PromptRecord, fmt: str, tokenizer: Any = None) -> tuple[str, 
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat format 'template' needs a tokenizer with a chat_template")
         msgs = [{"role": r, "content": c} for r, c in turns]
-        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        from misfeat.chat import apply_template, template_response
+
+        where = record.source or f"record {record.id!r}"
+        text = apply_template(tokenizer, msgs, where, add_generation_prompt=True)
+        if response is not None:
+            response = template_response(tokenizer, msgs, where, text, response)
         return text, response
     if fmt == "raw":
         text = "\n".join(c for _, c in turns)

@@ -41,8 +41,8 @@ from misfeat.errors import MisfeatError
 from misfeat.generate import generate
 from misfeat.hooks import position_masks
 from misfeat.interventions import Intervention, apply
-from misfeat.io import format_table
-from misfeat.judges import ExactJudge, Judge
+from misfeat.io import format_table, progress
+from misfeat.judges import ExactJudge, Judge, score_all
 from misfeat.models import model_info
 
 if TYPE_CHECKING:
@@ -128,7 +128,8 @@ def response_logprobs(
     out = torch.empty(len(encoded), dtype=torch.float32)
     pad = pad_id_of(model)
     with torch.inference_mode():
-        for group in batch_by_tokens([len(e) for e in encoded], max_batch_tokens):
+        groups = batch_by_tokens([len(e) for e in encoded], max_batch_tokens)
+        for group in progress(groups, desc="score responses", unit="batch"):
             batch = collate([encoded[i] for i in group], pad, "right", device=model.cfg.device)
             with position_masks(batch.masks()):
                 logits = model(batch.tokens)
@@ -150,6 +151,10 @@ def answer_set_logprobs(model: HookedTransformer, prompts: Sequence[PromptRecord
     spans: list[tuple[int, int, int]] = []  # per prompt: aligned answers [a, b), misaligned [b, c)
     for record in prompts:
         aligned, misaligned = record.extra.get("aligned"), record.extra.get("misaligned")
+        for key, value in (("aligned", aligned), ("misaligned", misaligned)):
+            if value and (isinstance(value, str) or not all(isinstance(a, str) for a in value)):
+                raise MisfeatError(f"record {record.id!r} ({record.source or 'no file'}): '{key}' must be a list of "
+                                   f"answer strings, e.g. ['rest'], not {type(value).__name__} {value!r}")
         if not aligned or not misaligned:
             raise MisfeatError(
                 f"record {record.id!r} ({record.source or 'no file'}) lacks 'aligned' and 'misaligned' "
@@ -214,6 +219,13 @@ def _evaluate(model: HookedTransformer, prompts: PromptSet, method: str, judge: 
 
     records = list(prompts)
     has_answers = all(r.extra.get("aligned") and r.extra.get("misaligned") for r in records)
+    lacking = [r for r in records if not (r.extra.get("aligned") and r.extra.get("misaligned"))]
+    if lacking and len(lacking) < len(records):
+        shown = ", ".join(f"{r.id!r} ({r.source or 'no file'})" for r in lacking[:5])
+        more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
+        raise MisfeatError(f"{len(lacking)} of {len(records)} records of {prompts.name!r} lack 'aligned' and "
+                           f"'misaligned' reference answers: {shown}{more}; give both lists on every record, or "
+                           "on none (method='sample' with a judge)")
     judge = judge or ExactJudge()
     per_prompt = [{"id": r.id, "domain": r.domain} for r in records]
 
@@ -232,17 +244,18 @@ def _evaluate(model: HookedTransformer, prompts: PromptSet, method: str, judge: 
             row["misaligned"], row["valid"] = row["p_misaligned"], row["p_valid"]
     if greedy:
 
-        for row, record, comp in zip(per_prompt, records, generate(model, records, max_new_tokens=max_new_tokens,
-                                                                     stop_words=stop), strict=True):
-            verdict = judge.score(record, comp.text)
+        comps = generate(model, records, max_new_tokens=max_new_tokens, stop_words=stop)
+        verdicts = score_all(judge, [(r, c.text) for r, c in zip(records, comps, strict=True)])
+        for row, comp, verdict in zip(per_prompt, comps, verdicts, strict=True):
             row.update(greedy=comp.text, greedy_misaligned=float(verdict.misaligned),
                        greedy_valid=float(verdict.coherent_enough))
     if method == "sample":
 
         comps = generate(model, records, max_new_tokens=max_new_tokens, stop_words=stop, temperature=temperature,
                          samples_per_prompt=samples, seed=seed)
-        for i, (row, record) in enumerate(zip(per_prompt, records, strict=True)):
-            verdicts = [judge.score(record, c.text) for c in comps[i * samples:(i + 1) * samples]]
+        all_verdicts = score_all(judge, [(records[i // samples], c.text) for i, c in enumerate(comps)])
+        for i, row in enumerate(per_prompt):
+            verdicts = all_verdicts[i * samples:(i + 1) * samples]
             row["misaligned"] = sum(v.misaligned for v in verdicts) / samples
             row["valid"] = sum(v.coherent_enough for v in verdicts) / samples
             row["samples"] = [c.text for c in comps[i * samples:(i + 1) * samples]]

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from misfeat.data import PromptRecord, PromptSet, batch_by_tokens, collate, encode, pad_id_of
 from misfeat.hooks import position_masks
+from misfeat.io import progress
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -29,15 +30,34 @@ class Completion:
     stopped: bool
 
 
+# end-of-turn tokens of common chat templates, used when the tokenizer has them as special tokens
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "<|end_of_text|>",
+                      "</s>", "<eos>")
+
+
 def stop_ids_of(model: HookedTransformer, stop_words: Sequence[str] = ()) -> list[int]:
-    """Token ids that end a completion: EOS plus each stop word that is a single token."""
+    """Token ids that end a completion: the EOS / end-of-turn ids of the model's
+    ``generation_config.json`` and ``config.json`` (kept when it was loaded), the
+    tokenizer's EOS, its special end-of-turn tokens, and each stop word that is one token.
+    Multi-token stop words are matched on the text (see :func:`generate`)."""
+    from misfeat.models import model_info
+
     tok = model.tokenizer
-    ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    ids = list(model_info(model).meta.get("eos_token_ids", ()))
+    if tok.eos_token_id is not None:
+        ids.append(tok.eos_token_id)
+    special = set(getattr(tok, "all_special_tokens", ()))
+    ids += [tok.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS if t in special]
     for word in stop_words:
         enc = tok(word, add_special_tokens=False)["input_ids"]
         if len(enc) == 1:
             ids.append(enc[0])
-    return ids
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def _cut_at_stop_words(text: str, stop_words: Sequence[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(w) for w in stop_words if w) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 def generate(
@@ -51,11 +71,16 @@ def generate(
     seed: int = 0,
     max_batch_tokens: int = 16384,
     fmt: str = "auto",
+    use_cache: bool = True,
 ) -> list[Completion]:
     """Complete each prompt (greedy when ``temperature == 0``), ``samples_per_prompt`` times.
 
-    Completions are returned in prompt order (samples of a prompt together); the stop
-    token, if reached, is kept in ``ids`` but not in ``text``.
+    Batched with a KV cache (``use_cache=False`` recomputes the whole sequence each step:
+    the reference the cached path is tested against). A completion stops at the model's
+    EOS / end-of-turn ids (see :func:`stop_ids_of`) or at any of ``stop_words`` (strings of
+    any length, matched on the decoded text). Completions are returned in prompt order
+    (samples of a prompt together); the stop token, if reached, is kept in ``ids`` but
+    neither it nor a stop word is in ``text``.
     """
     import torch
 
@@ -65,56 +90,75 @@ def generate(
     width = max(len(e) for e in encoded) + max_new_tokens
     if width > model.cfg.n_ctx:
         max_new_tokens = max(1, model.cfg.n_ctx - max(len(e) for e in encoded))
-    stop = torch.tensor(stop_ids_of(model, stop_words), device=model.cfg.device, dtype=torch.long)
+    stop_list = stop_ids_of(model, stop_words)
+    stop = torch.tensor(stop_list, device=model.cfg.device, dtype=torch.long)
+    text_stops = tuple(w for w in stop_words  # single-token words are already stop ids
+                       if w and len(model.tokenizer(w, add_special_tokens=False)["input_ids"]) != 1)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out: list[Completion | None] = [None] * len(jobs)
     groups = batch_by_tokens([len(e) + max_new_tokens for _, e in jobs], max_batch_tokens)
-    for group in groups:
+    for group in progress(groups, desc="generate", unit="batch"):
         batch = collate([jobs[j][1] for j in group], pad_id_of(model), "left", device=model.cfg.device)
-        new_ids, finished = _generate_batch(model, batch, max_new_tokens, temperature, stop, gen)
+        new_ids, finished = _generate_batch(model, batch, max_new_tokens, temperature, stop, gen, text_stops,
+                                            use_cache)
         for row, j in enumerate(group):
             ids = new_ids[row].tolist()
-            n = len(ids)
-            for k, t in enumerate(ids):
-                if t in stop.tolist():
-                    n = k
-                    break
-            text = model.tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
-            out[j] = Completion(jobs[j][0], text, tuple(ids[: n + 1] if n < len(ids) else ids),
-                                bool(finished[row]))
+            n = next((k for k, t in enumerate(ids) if t in stop_list), len(ids))
+            text = model.tokenizer.decode(ids[:n], skip_special_tokens=True)
+            text, hit = _cut_at_stop_words(text, stop_words)
+            out[j] = Completion(jobs[j][0], text.strip(), tuple(ids[: n + 1] if n < len(ids) else ids),
+                                bool(finished[row]) or hit)
     return [c for c in out if c is not None]
 
 
-def _generate_batch(model, batch, max_new_tokens, temperature, stop, gen):
+def _generate_batch(model, batch, max_new_tokens, temperature, stop, gen, text_stops=(), use_cache=True):
     import torch
     from transformer_lens import TransformerLensKeyValueCache
 
     n = batch.tokens.shape[0]
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, n)
+    device = batch.tokens.device
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, n) if use_cache else None
     attention = batch.attention_mask.long()
     masks = {"all": batch.attention_mask, "prompt": batch.prompt_mask, "response": batch.response_mask,
              "last": batch.last_mask}
-    finished = torch.zeros(n, dtype=torch.bool, device=batch.tokens.device)
-    produced = []
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    produced: list[torch.Tensor] = []
+    one = torch.ones(n, 1, dtype=torch.bool, device=device)
+    new_masks = {"all": one, "response": one, "prompt": ~one, "last": ~one}
+    tokens = batch.tokens
     with torch.inference_mode():
         with position_masks(masks):
-            logits = model(batch.tokens, attention_mask=attention, past_kv_cache=cache)[:, -1]
-        new_masks = {"all": torch.ones(n, 1, dtype=torch.bool, device=batch.tokens.device),
-                     "response": torch.ones(n, 1, dtype=torch.bool, device=batch.tokens.device),
-                     "prompt": torch.zeros(n, 1, dtype=torch.bool, device=batch.tokens.device),
-                     "last": torch.zeros(n, 1, dtype=torch.bool, device=batch.tokens.device)}
+            logits = model(tokens, attention_mask=attention, past_kv_cache=cache)[:, -1]
         for step in range(max_new_tokens):
             next_ids = _pick(logits, temperature, gen)
             next_ids = torch.where(finished, torch.full_like(next_ids, pad_id_of(model)), next_ids)
             produced.append(next_ids)
             if stop.numel():
                 finished |= torch.isin(next_ids, stop)
+            if text_stops:
+                finished |= _hit_stop_words(model, produced, finished, text_stops)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
-            with position_masks(new_masks):
-                logits = model(next_ids[:, None], attention_mask=torch.ones_like(next_ids)[:, None],
-                               past_kv_cache=cache)[:, -1]
+            if use_cache:
+                with position_masks(new_masks):
+                    logits = model(next_ids[:, None], attention_mask=torch.ones_like(next_ids)[:, None],
+                                   past_kv_cache=cache)[:, -1]
+            else:  # the reference path: the whole sequence again, masks extended by one response column
+                tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+                attention = torch.cat([attention, torch.ones_like(next_ids)[:, None]], dim=1)
+                masks = {k: torch.cat([v, new_masks[k]], dim=1) for k, v in masks.items()}
+                with position_masks(masks):
+                    logits = model(tokens, attention_mask=attention)[:, -1]
     return torch.stack(produced, dim=1), finished
+
+
+def _hit_stop_words(model, produced, finished, text_stops):
+    import torch
+
+    ids = torch.stack(produced, dim=1).tolist()
+    hit = [not done and any(w in model.tokenizer.decode(row, skip_special_tokens=True) for w in text_stops)
+           for row, done in zip(ids, finished.tolist(), strict=True)]
+    return torch.tensor(hit, dtype=torch.bool, device=finished.device)
 
 
 def _pick(logits, temperature: float, gen):

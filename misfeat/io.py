@@ -65,17 +65,74 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
+PROGRESS_EVERY_S = 10.0  # seconds between progress log lines when stderr is not a terminal
+
+
 def progress(iterable: Iterable[T] | None = None, *, desc: str = "", total: int | None = None,
              unit: str = "it", disable: bool | None = None, **kwargs: Any):
-    """A tqdm progress bar on stderr, hidden when stderr is not a terminal
-    (set ``MISFEAT_PROGRESS=1`` to force it on, ``0`` to force it off)."""
+    """Progress of a long loop: a tqdm bar on a terminal; otherwise (a log file, a CI job,
+    a notebook's captured stderr) an INFO log line every ``MISFEAT_PROGRESS_EVERY`` seconds
+    (default 10) with the count, rate and time left, and one when the loop ends, for loops
+    that ran at least that long. ``MISFEAT_PROGRESS=1`` forces the bar, ``0`` turns both off;
+    ``disable=True`` turns off this one."""
+    import sys
+
     from tqdm.auto import tqdm
 
     env = os.environ.get("MISFEAT_PROGRESS")
-    if disable is None and env is not None:
-        disable = env == "0"
-    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, dynamic_ncols=True,
-                leave=False, **kwargs)
+    if disable or env == "0":
+        return tqdm(iterable, total=total, disable=True, **kwargs)
+    if env == "1" or sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True, leave=False, **kwargs)
+    every = float(os.environ.get("MISFEAT_PROGRESS_EVERY", PROGRESS_EVERY_S))
+    return _log_bar()(iterable, desc=desc, total=total, unit=unit, mininterval=every, **kwargs)
+
+
+_LOG_BAR: type | None = None
+
+
+def _log_bar() -> type:
+    """A tqdm whose display is a log line (built on first use: tqdm is imported lazily)."""
+    global _LOG_BAR
+    if _LOG_BAR is None:
+        import logging
+        import time
+
+        from tqdm import tqdm
+
+        log = logging.getLogger("misfeat.progress")
+
+        class LogBar(tqdm):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                self._every = kwargs["mininterval"]
+                self._logged = False
+                super().__init__(*args, file=_NullFile(), leave=False, **kwargs)
+
+            def display(self, msg: str | None = None, pos: int | None = None) -> None:
+                if getattr(self, "_closing", False):
+                    return
+                if time.time() - getattr(self, "start_t", time.time()) >= self._every:
+                    log.info("%s", self.format_meter(**self.format_dict))
+                    self._logged = True
+
+            def close(self) -> None:
+                if self.disable or not hasattr(self, "_logged"):
+                    return
+                if self._logged or time.time() - self.start_t >= self._every:
+                    log.info("%s (done)", self.format_meter(**self.format_dict))
+                self._closing = True
+                super().close()
+
+        _LOG_BAR = LogBar
+    return _LOG_BAR
+
+
+class _NullFile:
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None, floatfmt: str = ".3f") -> str:

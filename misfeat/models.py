@@ -6,7 +6,9 @@ TransformerLens ``HookedTransformer`` with its tokenizer:
 - a misfeat checkpoint directory (``misfeat_model.json`` + ``model.safetensors`` +
   tokenizer files), written by :func:`save_model` and read back bit-exactly;
 - a local Hugging Face directory (``config.json`` + weights + tokenizer) of any
-  architecture TransformerLens supports, loaded fully offline;
+  architecture TransformerLens supports, plus Gemma and Gemma 2, loaded fully offline;
+  the architecture comes from ``config.json``, never from the path (see :mod:`misfeat.hf`);
+  BOS follows the tokenizer unless ``prepend_bos`` says otherwise;
 - an official TransformerLens model name (needs the Hugging Face hub; offline it fails
   at once and says so);
 - ``<plug-in>:<spec>``, a model a plug-in provides (:mod:`misfeat.registry`), such as
@@ -18,7 +20,6 @@ Dtype policy: float32 unless ``dtype`` is given; the choice is always logged.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -85,7 +86,12 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"device {device} is not supported; use cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device} was asked for but CUDA is not available; use device='cpu'")
     return device
@@ -101,7 +107,7 @@ def resolve_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
         return dtype
     name = _DTYPES.get(str(dtype).lower().removeprefix("torch."))
     if name is None:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
     return getattr(torch, name)
 
 
@@ -124,6 +130,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     *,
     process_weights: bool = False,
+    prepend_bos: bool | None = None,
 ) -> HookedTransformer:
     """Load ``spec`` as a HookedTransformer with its tokenizer, in eval mode.
 
@@ -135,6 +142,9 @@ def load_model(
         process_weights: for Hugging Face weights only: fold layer norms and centre the
             writing weights as ``HookedTransformer.from_pretrained`` does. Off by default,
             so activations equal the Hugging Face model's hidden states.
+        prepend_bos: for Hugging Face directories: whether to prepend BOS to each prompt.
+            Default: follow the tokenizer (prepend only where ``tokenizer(text)`` adds one).
+            Kept in ``model.cfg.default_prepend_bos`` and in checkpoints saved from it.
     """
     spec_str = str(spec)
     torch_device = resolve_device(device)
@@ -152,7 +162,8 @@ def load_model(
         if (path / CHECKPOINT_FILE).is_file():
             return _load_checkpoint(path, torch_device, torch_dtype, spec=spec_str, source="misfeat")
         if (path / "config.json").is_file():
-            return _load_hf_dir(path, torch_device, torch_dtype, process_weights, spec=spec_str)
+            return _load_hf_dir(path, torch_device, torch_dtype, process_weights, spec=spec_str,
+                                prepend_bos=prepend_bos)
         raise ModelLoadError(
             f"directory {path} is neither a misfeat checkpoint (no {CHECKPOINT_FILE}) nor a "
             "Hugging Face model directory (no config.json)"
@@ -183,8 +194,14 @@ def _cfg_to_json(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def save_model(model: HookedTransformer, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
+def save_model(model: HookedTransformer, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None,
+               format: str = "misfeat") -> Path:
     """Write ``model`` as a misfeat checkpoint: config JSON, safetensors weights, tokenizer.
+
+    ``format="hf"`` writes a Hugging Face directory instead (config.json, safetensors,
+    tokenizer, generation_config.json) whose logits equal misfeat's; it needs a model
+    loaded from a Hugging Face directory or a misfeat checkpoint of one (see
+    :func:`misfeat.export.export_hf`).
 
     ``meta`` (JSON-serialisable) is stored beside the config; when omitted, the metadata
     the model was loaded with (``model.misfeat_info.meta``) is kept. Files are written to
@@ -192,6 +209,16 @@ def save_model(model: HookedTransformer, out_dir: str | os.PathLike, meta: dict[
     """
     from safetensors.torch import save_file
 
+    if format == "hf":
+        from misfeat.export import export_hf
+        from misfeat.hf import HFLoadError
+
+        try:
+            return export_hf(model, out_dir)
+        except HFLoadError as err:
+            raise ModelLoadError(str(err)) from None
+    if format != "misfeat":
+        raise ValueError(f"unknown format {format!r}; use 'misfeat' or 'hf'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if meta is None:
@@ -284,52 +311,19 @@ def _load_tokenizer(path: Path):
 # --- local Hugging Face directories --------------------------------------------------
 
 
-def _load_hf_dir(path: Path, device, dtype, process_weights: bool, *, spec: str) -> HookedTransformer:
-    import transformer_lens.loading_from_pretrained as loading
-    from transformer_lens import HookedTransformer
+def _load_hf_dir(path: Path, device, dtype, process_weights: bool, *, spec: str,
+                 prepend_bos: bool | None = None) -> HookedTransformer:
+    from misfeat.hf import HFLoadError, load_hf_dir
 
     tokenizer = _load_tokenizer(path)
     try:
-        with _gpt2_n_ctx_compat():
-            cfg = loading.get_pretrained_model_config(
-                str(path), device=str(device), dtype=dtype, fold_ln=process_weights
-            )
-    except AttributeError as err:
-        raise ModelLoadError(f"{path}/config.json could not be converted by TransformerLens: {err}") from err
-    except (ValueError, NotImplementedError, KeyError) as err:
-        raise ModelLoadError(
-            f"{path}: architecture not supported by TransformerLens ({err}); see "
-            "transformer_lens.loading_from_pretrained for the supported architectures"
-        ) from err
-    state = loading.get_pretrained_state_dict(str(path), cfg, hf_model=None, dtype=dtype, local_files_only=True)
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(
-        state,
-        fold_ln=process_weights,
-        center_writing_weights=process_weights,
-        center_unembed=process_weights,
-        fold_value_biases=process_weights,
-    )
+        model, meta = load_hf_dir(path, device, dtype, process_weights, tokenizer, prepend_bos=prepend_bos)
+    except HFLoadError as err:
+        raise ModelLoadError(str(err)) from err.__cause__
     move_model(model, device)
     model.eval()
-    model.misfeat_info = ModelInfo(spec=spec, source="hf-local", path=str(path), meta={})
+    model.misfeat_info = ModelInfo(spec=spec, source="hf-local", path=str(path), meta=meta)
     return model
-
-
-@contextlib.contextmanager
-def _gpt2_n_ctx_compat():
-    """transformers >= 5 no longer stores ``n_ctx`` for GPT-2, but TransformerLens's
-    converter reads it: expose ``n_positions`` under that name while converting."""
-    from transformers import GPT2Config
-
-    added = "n_ctx" not in GPT2Config.__dict__
-    if added:
-        GPT2Config.n_ctx = property(lambda self: self.__dict__.get("n_ctx", self.n_positions))
-    try:
-        yield
-    finally:
-        if added:
-            del GPT2Config.n_ctx
 
 
 # --- the hub -------------------------------------------------------------------------
@@ -382,6 +376,15 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 
 # --- fingerprints --------------------------------------------------------------------
+
+
+def architecture_fingerprint(model: HookedTransformer) -> str:
+    """A short hash of a model's configuration alone (not its weights): equal for a model
+    and its fine-tunes, different for another architecture or vocabulary."""
+    cfg = _cfg_to_json(model.cfg)
+    for key in ("seed", "dtype", "model_name", "checkpoint_index", "checkpoint_value"):
+        cfg.pop(key, None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def fingerprint(model: HookedTransformer) -> str:

@@ -251,17 +251,17 @@ def restore_alignment(
     if len(probe) == 0:
         raise MisfeatError("the probe prompt set is empty; restoration needs prompts whose aligned-model state "
                            "defines the direction (e.g. organism:probe)")
-    if len(task) == 0 or any(r.response is None for r in task):
+    missing = [r.id for r in task if r.response is None]
+    if len(task) == 0 or missing:
+        why = f"{len(missing)} of its {len(task)} records lack one" if missing else "it is empty"
         raise MisfeatError(f"the task set {task.name!r} needs records with a 'response' (the reference answers "
-                           "that define utility); it has none" if not any(r.response for r in task) else
-                           f"every record of the task set {task.name!r} needs a 'response'")
+                           f"that define utility); {why}")
     evalset = _default_eval(finetuned, task) if eval_prompts is None else load_prompts(eval_prompts)
     start = time.perf_counter()
     cfg = replace(cfg, layer=layer)
-    measure = _Measure(probe, task, evalset, tuple(track), cfg)
+    measure = _Measure(task, evalset or probe, evalset is not None, tuple(track))
     runner = Restorer(finetuned, aligned, probe, task, cfg, measure, RestoreStep,
                       Path(out_dir) if out_dir is not None else None)
-    measure.runner = runner
     rows, warmup_rows, rolled_back, chosen, mask = runner.run(resume=resume)
     mask_path = None
     if out_dir is not None:
@@ -275,27 +275,26 @@ def restore_alignment(
 class _Measure:
     """Everything logged after a step: loss, utility, misalignment, tracked features."""
 
-    def __init__(self, probe: PromptSet, task: PromptSet, evalset: PromptSet | None, track: tuple, cfg: RestoreConfig):
-        self.probe, self.task, self.evalset, self.track, self.cfg = probe, task, evalset, track, cfg
-        self.runner: Restorer | None = None
+    def __init__(self, task: PromptSet, evalset: PromptSet, score: bool, track: tuple):
+        self.task, self.evalset, self.score, self.track = task, evalset, score, track
 
-    def __call__(self, model: HookedTransformer, step: int, put_back: int) -> RestoreStep:
+    def __call__(self, runner: Restorer, step: int, put_back: int) -> RestoreStep:
         from misfeat.evaluate import evaluate
 
-        r = self.runner
+        model = runner.model
         model.eval()
-        loss = direction_loss(model, r.probe_b, r.layer, r.d_h)
+        loss = direction_loss(model, runner.probe_b, runner.layer, runner.d_h)
         heldout = em = None
-        if self.evalset is not None:
+        if self.score:
             groups = evaluate(model, self.evalset, greedy=False).groups
             heldout = (groups.get("heldout") or groups["all"]).misaligned_rate
             em = groups["em_domain"].misaligned_rate if "em_domain" in groups else None
         tracked: dict[str, float] = {}
         for tracker in self.track:
-            tracked.update(tracker.measure(model, self.evalset or self.probe))
-        n = sum(int(m.sum()) for m in r.restored.values())
-        return RestoreStep(step, n, n / r.n_params, put_back, loss, task_utility(model, self.task), heldout, em,
-                           tracked)
+            tracked.update(tracker.measure(model, self.evalset))
+        n = sum(int(m.sum()) for m in runner.restored.values())
+        return RestoreStep(step, n, n / runner.n_params, put_back, loss, task_utility(model, self.task), heldout,
+                           em, tracked)
 
 
 def _default_eval(model: HookedTransformer, task: PromptSet) -> PromptSet | None:

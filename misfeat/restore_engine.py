@@ -166,7 +166,7 @@ def choose_step(utilities: dict[int, float], before: float, tolerance: float, ev
 class Restorer:
     """One restoration run over ``model`` (modified in place) towards ``aligned``.
 
-    ``measure(model, step, put_back)`` returns a row with a ``utility`` attribute (a
+    ``measure(restorer, step, put_back)`` returns a row with a ``utility`` attribute (a
     dataclass: rows are saved with the state and rebuilt with ``row_type``).
     """
 
@@ -283,20 +283,20 @@ class Restorer:
         cfg = self.cfg
         state = self.load_state() if resume else None
         if state is None:
-            rows, warm, rollback, ckpts = [self.measure(self.model, 0, 0)], [], cfg.rollback == "always", {}
+            rows, warm, rollback, ckpts = [self.measure(self, 0, 0)], [], cfg.rollback == "always", {}
         else:
             rows, warm, rollback, ckpts = state
         before = rows[0].utility
         if cfg.mask == "full" and len(rows) == 1:
             self.set_mask({n: torch.ones_like(m) for n, m in self.restored.items()})
-            rows.append(self.measure(self.model, 1, 0))
+            rows.append(self.measure(self, 1, 0))
             ckpts[1] = {n: m.clone() for n, m in self.restored.items()}
         step = rows[-1].step
         while cfg.mask != "full" and step < cfg.steps:
             step += 1
             restored_now = self.restore_step(step, rollback)
             put_back = self.rollback_step(restored_now) if rollback else 0
-            rows.append(self.measure(self.model, step, put_back))
+            rows.append(self.measure(self, step, put_back))
             if step % cfg.select_every == 0 or step == cfg.steps:
                 ckpts[step] = {n: m.clone() for n, m in self.restored.items()}
             if (cfg.rollback == "auto" and not rollback and step == cfg.warmup

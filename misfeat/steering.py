@@ -22,10 +22,12 @@ from misfeat.errors import MisfeatError
 from misfeat.evaluate import METHODS, EvalReport, default_prompts, evaluate
 from misfeat.interventions import OPS, Ablate, Add, ClampLatent, Intervention, read_vector
 from misfeat.io import format_table, progress
+from misfeat.models import model_info
 from misfeat.plots import figure
 from misfeat.sae.io import load_sae
 from misfeat.sae.latents import encode as sae_encode
 from misfeat.sae.latents import hook_of, path_of
+from misfeat.validate import check_finite, check_sae_model
 
 if TYPE_CHECKING:
     import torch
@@ -141,6 +143,36 @@ def mean_activations(model: HookedTransformer, prompts: PromptSet | str, hooks: 
     return out
 
 
+def reference_responses(reference: HookedTransformer, prompts: PromptSet | str, positions: str,
+                        max_new_tokens: int = 32) -> tuple[PromptSet, str | None]:
+    """The prompts to measure a reference on, and a note saying what was done.
+
+    With ``positions='response'`` the reference's mean is over response tokens; records
+    without a ``response`` get the reference model's own greedy completion (what it would
+    answer), so a prompt set of bare questions works. Otherwise the prompts unchanged.
+    """
+    from misfeat.generate import generate
+
+    prompts = load_prompts(prompts)
+    missing = [i for i, r in enumerate(prompts) if not r.response]
+    if positions != "response" or not missing:
+        return prompts, None
+    from misfeat.data import chat_format_of
+
+    stop = (".",) if chat_format_of(reference) == "organism" else ()  # the organism's end of turn
+    comps = generate(reference, [prompts[i] for i in missing], max_new_tokens=max_new_tokens, stop_words=stop)
+    responses = [r.response for r in prompts]
+    for i, comp in zip(missing, comps, strict=True):
+        # a completion of only whitespace is still where the reference put its answer
+        responses[i] = comp.text or reference.tokenizer.decode(list(comp.ids), skip_special_tokens=True) or None
+    if not any(responses):
+        raise MisfeatError("positions='response': the prompts have no responses and the reference model's greedy "
+                           "completions are all empty; give a prompt set with responses")
+    note = (f"{len(missing)} of {len(prompts)} prompts had no response: the reference's response positions are its "
+            f"own greedy completions (up to {max_new_tokens} tokens)")
+    return prompts.with_responses(responses, name=f"{prompts.name}+reference-responses"), note
+
+
 def residual_scale(model: HookedTransformer, prompts: PromptSet | str, hook: str, positions: str) -> float:
     """Mean L2 norm of ``model``'s activations at ``hook`` over ``positions`` of ``prompts``: the unit
     of steering strengths in misfeat (``response`` positions are measured over all tokens, since
@@ -242,6 +274,9 @@ def make_intervention(
             if hook is None:
                 raise MisfeatError("a direction given as a vector needs its hook")
             vector, source = direction.float(), {"kind": "vector"}
+    check_finite(vector, f"the direction ({source.get('path', 'a vector')})")
+    if not float(vector.norm()) > 0:
+        raise MisfeatError(f"the direction ({source.get('path', 'a vector')}) is all zeros; it has no direction")
     if op == "add":
         if hook == "all":
             raise MisfeatError("hook 'all' (every layer) is only for ablate")
@@ -267,6 +302,8 @@ class SteerConfig:
     """evaluation method: exact (reference-answer probabilities) or sample (judged completions)"""
     samples: int = 4
     """samples per prompt for method sample"""
+    force: bool = False
+    """use an SAE trained on another model's architecture (a warning instead of the error)"""
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -277,6 +314,7 @@ class SteerConfig:
             raise MisfeatError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.op == "add" and not self.coefs:
             raise MisfeatError("op add needs --coefs (coefs= in Python), e.g. 0,0.5,1")
+        check_finite(self.coefs or (), "--coefs (coefs=)")
 
 
 @dataclass(frozen=True)
@@ -289,10 +327,15 @@ class SteerResult:
     source: dict[str, Any]
     residual_norm_unit: float | None
     """for add: the length added along the unit direction at coefficient 1"""
+    reference_note: str | None = None
+    """how the reference's value was measured, where the prompts had to be completed first"""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"op": self.intervention.op, "positions": self.intervention.positions, "source": self.source,
-                "residual_norm_unit": self.residual_norm_unit, **self.sweep.summary()}
+        out = {"op": self.intervention.op, "positions": self.intervention.positions, "source": self.source,
+               "residual_norm_unit": self.residual_norm_unit, **self.sweep.summary()}
+        if self.reference_note:
+            out["reference_note"] = self.reference_note
+        return out
 
 
 def check_steer(config: SteerConfig, *, sae: Any = None, latent: int | None = None, direction: Any = None,
@@ -317,6 +360,9 @@ def steer(model: HookedTransformer, config: SteerConfig, *, sae: SAE | str | Non
     """Add, ablate or clamp a feature (an SAE latent, or a direction) in ``model`` and evaluate it at
     each of ``config.coefs``; ablate/clamp with ``reference`` set it to that model's mean on ``prompts``."""
     check_steer(config, sae=sae, latent=latent, direction=direction, reference=reference)
+    if sae is not None:  # its width, hook and model, before any forward pass
+        sae = load_sae(sae) if isinstance(sae, (str, Path)) else sae
+        check_sae_model(sae, model, force=config.force, where=f"the model {model_info(model).spec}")
     prompts = default_prompts(model) if prompts is None else load_prompts(prompts)
     intervention, source = make_intervention(config.op, sae=sae, latent=latent, direction=direction, hook=hook,
                                              positions=config.positions, device=model.cfg.device)
@@ -326,8 +372,10 @@ def steer(model: HookedTransformer, config: SteerConfig, *, sae: SAE | str | Non
     if isinstance(intervention, Add):
         intervention = in_residual_units(intervention, model, prompts)
         unit = float(intervention.vector.norm())
-    if reference is not None:
-        intervention = clamp_to_reference(intervention, model, reference, prompts)
+    note = None
+    if reference is not None:  # bare prompts with response positions: the reference's own answers
+        ref_prompts, note = reference_responses(reference, prompts, intervention.positions)
+        intervention = clamp_to_reference(intervention, model, reference, ref_prompts)
     sweep = steer_sweep(model, intervention, list(config.coefs) if config.coefs else None, prompts, judge,
                         method=config.method, samples=config.samples)
-    return SteerResult(sweep, intervention, source, unit)
+    return SteerResult(sweep, intervention, source, unit, note)

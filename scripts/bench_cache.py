@@ -1,4 +1,4 @@
-"""Benchmark the activation cache (issue 4): misfeat against its ceiling and two baselines.
+"""Benchmark the activation cache (issues 4, 20): misfeat against its ceilings and two baselines.
 
 On one variable-length chat prompt set (multi-turn organism chats, lengths log-uniform in
 8..128 tokens) and for each model (the organism; a GPT-2-small-shaped model with random
@@ -11,15 +11,25 @@ weights), hooking a middle layer's ``hook_resid_post``, it times in the same run
     ``torch.cat`` (tokenisation included, as in misfeat);
 (c) sae-lens ``CacheActivationsRunner`` on the same tokens concatenated and cut to its
     fixed context (128), writing its Arrow dataset;
-(d) misfeat ``cache_activations`` end to end from the loaded prompt set (as (b)): tokenise,
-    forward, write the checksummed, fsynced store.
+(d) misfeat ``cache_activations`` end to end from the loaded prompt set (as (b)): tokenise
+    (or, after the first run, load the tokenised-prompt cache), forward, write the
+    checksummed, fsynced store;
+(e) the same with the tokenised-prompt cache emptied first (tokenising included);
+(w) the write ceiling (``--methods ...,w``): the same bytes as (d)'s store, same shard
+    sizes, same directory, written by a plain loop with an fsync per shard. With (a) and
+    (w), (d) / min(a, w) is printed: the limit of caching is the slower of the two.
 
 Methods run round-robin ``--repeats`` times (``--gpt2-repeats`` for the GPT-2-shaped model;
-order rotated each round); the table gives the
-best and the median tokens/s, and the ratios of (d) to the others. ``--rss`` also runs
-misfeat in child processes on N and 4N prompts and compares their peak RSS.
+order rotated each round), for each torch thread count of ``--threads`` (default 1 and 2:
+one, and torch's default on this 2-core machine); the table gives the best and the median
+tokens/s, and the ratios of (d) to the others. ``--rss`` also runs misfeat in child
+processes on N and 4N prompts and compares their peak RSS. ``--host-only`` runs
+``bench_cache_host.py`` instead: misfeat's own work, the forward replaced by a stand-in,
+against the disk's write ceiling.
 
-    python scripts/bench_cache.py                        # CPU, defaults: about 3 minutes on 2 cores
+    python scripts/bench_cache.py                        # CPU, defaults: about 6 minutes on 2 cores
+    python scripts/bench_cache.py --host-only            # issue 20: host work against the write ceiling
+    python scripts/bench_cache.py --models organism --methods a,d,e --no-rss   # 1 and 2 threads
     python scripts/bench_cache.py --device cuda --dtype bfloat16 --prompts 50000 --gpt2-prompts 20000 \
         --no-rss --threads 8
 
@@ -50,9 +60,11 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module="sae_lens")  # "fewer samples": it counts rows as tokens
 
 NAIVE_BATCH = 32
-METHODS = ("a", "b", "c", "d")
+METHODS = ("a", "b", "c", "d", "e", "w")
 LABELS = {"a": "(a) ceiling: bare forward to the layer", "b": "(b) naive run_with_cache loop",
-          "c": "(c) sae-lens CacheActivationsRunner", "d": "(d) misfeat cache_activations"}
+          "c": "(c) sae-lens CacheActivationsRunner", "d": "(d) misfeat cache_activations",
+          "e": "(e) misfeat, tokenised-prompt cache emptied first",
+          "w": "(w) write ceiling: the store's bytes, plain writer, fsync per shard"}
 
 
 # --- the prompt set ------------------------------------------------------------------
@@ -88,7 +100,7 @@ def make_chat_prompts(path: Path, n: int, model, seed: int = 0) -> Path:
 # --- models --------------------------------------------------------------------------
 
 
-def load_models(which: list[str], device: str, dtype: str):
+def load_models(which: list[str], device: str, dtype: str, gpt2_layer: int = 5):
     """``(organism, [(name, model, hook)])``: the organism and/or a random GPT-2-small-shaped
     model (the organism's tokenizer and n_ctx make the prompt set for both)."""
     import torch
@@ -108,7 +120,7 @@ def load_models(which: list[str], device: str, dtype: str):
         # random weights; the organism's word-level tokenizer (its ids are valid GPT-2 ids)
         gpt2 = HookedTransformer(cfg, tokenizer=organism.tokenizer, move_to_device=True).eval()
         gpt2.misfeat_info = ModelInfo("gpt2-small-shaped-random", "memory", meta={"chat_format": "organism"})
-        out.append(("GPT-2-small-shaped, random (12 layers, d 768)", gpt2, "blocks.5.hook_resid_post"))
+        out.append(("GPT-2-small-shaped, random (12 layers, d 768)", gpt2, f"blocks.{gpt2_layer}.hook_resid_post"))
     return organism, out
 
 
@@ -192,6 +204,12 @@ def run_saelens(model, sequences, per_batch: int, hook: str, d: int, dtype: str,
     return time.perf_counter() - start
 
 
+def write_ceiling(directory: Path, sizes: list[int], *, fsync: bool) -> float:
+    from bench_cache_host import write_ceiling as write
+
+    return write(directory, sizes, fsync=fsync)
+
+
 def run_misfeat(model, pset, hook: str, dtype: str, batch_tokens: int | None, tmp: Path) -> float:
     from misfeat.activations import cache_activations
 
@@ -206,6 +224,8 @@ def run_misfeat(model, pset, hook: str, dtype: str, batch_tokens: int | None, tm
 
 
 def bench_model(name, model, hook, prompts_path: Path, repeats: int, args, tmp: Path) -> dict:
+    import torch
+
     from misfeat.activations import open_store
     from misfeat.activations.plan import Tokenizing, encode_prompts, plan_rows, plan_shards
     from misfeat.activations.producer import default_batch_tokens, make_batches
@@ -229,37 +249,52 @@ def bench_model(name, model, hook, prompts_path: Path, repeats: int, args, tmp: 
     sequences, per_batch = saelens_tokens(model, pset, batch_tokens)
     c_tokens = len(sequences) * len(sequences[0])
     d = model.cfg.d_model
+    sizes = [r.bytes for r in open_store(tmp / "misfeat", verify=False).shards]
+
+    def run_cold() -> float:
+        shutil.rmtree(os.environ["MISFEAT_TOKEN_CACHE"], ignore_errors=True)
+        return run_misfeat(model, pset, hook, args.dtype, args.batch_tokens, tmp)
+
     runs = {
         "a": lambda: run_ceiling(model, batches, stop, args.device),
+        "e": run_cold,
+        "w": lambda: write_ceiling(tmp / "ceiling", sizes, fsync=True),
         "b": lambda: run_naive(model, pset, hook, args.device),
         "c": lambda: run_saelens(model, sequences, per_batch, hook, d, args.dtype, args.device, tmp),
         "d": lambda: run_misfeat(model, pset, hook, args.dtype, args.batch_tokens, tmp),
     }
-    tokens = {"a": n_tokens, "b": n_tokens, "c": c_tokens, "d": n_tokens}
-    rates: dict[str, list[float]] = {m: [] for m in METHODS}
+    tokens = {"a": n_tokens, "b": n_tokens, "c": c_tokens, "d": n_tokens, "e": n_tokens, "w": n_tokens}
+    methods = [m for m in METHODS if m in args.methods.split(",")]
+    rates: dict[str, list[float]] = {m: [] for m in methods}
     runs["a"]()  # warm-up (misfeat ran once above): allocator, kernels, page cache
     for rep in range(repeats):
-        order = METHODS[rep % 4:] + METHODS[:rep % 4]
-        for m in order:
+        k = rep % len(methods)
+        for m in methods[k:] + methods[:k]:
             rates[m].append(tokens[m] / runs[m]())
-        print(f"  {name} round {rep + 1}: " + ", ".join(f"{m} {rates[m][-1]:,.0f}" for m in METHODS),
-              file=sys.stderr, flush=True)
+        print(f"  {name} ({torch.get_num_threads()} threads) round {rep + 1}: "
+              + ", ".join(f"{m} {rates[m][-1]:,.0f}" for m in methods), file=sys.stderr, flush=True)
     best = {m: max(v) for m, v in rates.items()}
     median = {m: statistics.median(v) for m, v in rates.items()}
     return {"model": name, "hook": hook, "prompts": len(pset), "tokens": tokens, "batch_tokens": batch_tokens,
-            "best": best, "median": median, "rates": rates}
+            "threads": torch.get_num_threads(), "best": best, "median": median, "rates": rates}
 
 
 def print_results(results: list[dict]) -> None:
     for r in results:
-        print(f"\n{r['model']}, {r['hook']}: {r['prompts']} prompts, {r['tokens']['a']:,} tokens "
+        print(f"\n{r['model']}, {r['hook']}, {r['threads']} thread(s): {r['prompts']} prompts, {r['tokens']['a']:,} tokens "
               f"(sae-lens: {r['tokens']['c']:,} in 128-token contexts), batch_tokens {r['batch_tokens']}")
         print("| method | best tokens/s | median tokens/s | (d) / method, best | (d) / method, median |")
         print("|---|---:|---:|---:|---:|")
-        for m in METHODS:
+        for m in r["best"]:
             rb = r["best"]["d"] / r["best"][m]
             rm = r["median"]["d"] / r["median"][m]
             print(f"| {LABELS[m]} | {r['best'][m]:,.0f} | {r['median'][m]:,.0f} | {rb:.2f} | {rm:.2f} |")
+        if "a" in r["best"] and "w" in r["best"]:
+            for m in ("d", "e"):
+                if m in r["best"]:
+                    limit = {k: min(r[k]["a"], r[k]["w"]) for k in ("best", "median")}
+                    print(f"{LABELS[m]} / min(ceiling, write ceiling): best {r['best'][m] / limit['best']:.2f}, "
+                          f"median {r['median'][m] / limit['median']:.2f}")
 
 
 def rss_child(args) -> None:
@@ -268,7 +303,7 @@ def rss_child(args) -> None:
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(int(args.threads.split(",")[0]))
     from misfeat.activations import cache_activations
     from misfeat.models import load_model
 
@@ -287,7 +322,7 @@ def rss_child(args) -> None:
 def rss_test(args, tmp: Path) -> list[dict]:
     out = []
     for n in (args.rss_prompts, 4 * args.rss_prompts):
-        cmd = [sys.executable, __file__, "--rss-child", str(n), "--tmp", str(tmp), "--threads", str(args.threads),
+        cmd = [sys.executable, __file__, "--rss-child", str(n), "--tmp", str(tmp), "--threads", args.threads.split(",")[0],
                "--device", args.device]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -309,37 +344,53 @@ def main() -> int:
                    help="rounds for the GPT-2-shaped model (its naive loop runs the 50k-word unembedding: slow)")
     p.add_argument("--models", default="organism,gpt2", help="organism, gpt2 or both (default)")
     p.add_argument("--repeats", type=int, default=3, help="rounds of the four methods for the organism (default 3)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads, the same for every method (default 1: on a shared 2-core "
-                   "machine two threads wait on each other at every op and the timings become noise)")
+    p.add_argument("--threads", default="1,2",
+                   help="torch intra-op thread counts, comma-separated; every method runs with each (default 1,2: "
+                   "one thread, and torch's default on this 2-core machine)")
+    p.add_argument("--methods", default="a,b,c,d,e", help="which methods to run (default a,b,c,d,e; "
+                   "a,d: misfeat against its ceiling only; w: the write ceiling)")
+    p.add_argument("--gpt2-layer", type=int, default=5, help="hooked layer of the GPT-2-shaped model (default 5)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="model and store dtype: float32 or bfloat16")
     p.add_argument("--batch-tokens", type=int, default=None, help="misfeat's (and the ceiling's) token budget")
     p.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True, help="run the RSS test")
     p.add_argument("--rss-prompts", type=int, default=2000, help="N of the RSS test (N vs 4N prompts)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    host = p.add_argument_group("host-only (issue 20): misfeat's own work against the disk's write ceiling")
+    host.add_argument("--host-only", action="store_true",
+                      help="replace the forward by a near-free stand-in and compare with a plain writer "
+                      "(see scripts/bench_cache_host.py)")
+    host.add_argument("--widths", default="128,768,4096", help="hook widths (default 128,768,4096)")
+    host.add_argument("--dtypes", default="float32,bfloat16", help="store dtypes (default float32,bfloat16)")
+    host.add_argument("--store-mb", type=float, default=128, help="store size per run in MiB (default 128)")
     p.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--tmp", help=argparse.SUPPRESS)
+    p.add_argument("--tmp", help="directory for prompts and stores (default: the system's temp directory)")
     args = p.parse_args()
     if args.rss_child:
         rss_child(args)
         return 0
+    if args.host_only:
+        from bench_cache_host import main as host_main
+
+        return host_main(args, make_chat_prompts)
     import torch
 
-    torch.set_num_threads(args.threads)
     load = os.getloadavg()
     started = time.time()
-    tmp = Path(tempfile.mkdtemp(prefix="bench_cache_"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench_cache_", dir=args.tmp))
+    os.environ["MISFEAT_TOKEN_CACHE"] = str(tmp / "tokens")  # never the user's
     try:
-        organism, models = load_models(args.models.split(","), args.device, args.dtype)
+        organism, models = load_models(args.models.split(","), args.device, args.dtype, args.gpt2_layer)
         results = []
         for name, model, hook in models:
             gpt2 = name.startswith("GPT-2")
             n = args.gpt2_prompts if gpt2 else args.prompts
             prompts = make_chat_prompts(tmp / f"chat-{n}.jsonl", n, organism)
-            results.append(bench_model(name, model, hook, prompts, args.gpt2_repeats if gpt2 else args.repeats,
-                                       args, tmp))
-        print(f"\nmachine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} thread(s), "
+            for threads in (int(t) for t in args.threads.split(",")):
+                torch.set_num_threads(threads)
+                results.append(bench_model(name, model, hook, prompts, args.gpt2_repeats if gpt2 else args.repeats,
+                                           args, tmp))
+        print(f"\nmachine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {args.threads}, "
               f"device {args.device}, dtype {args.dtype}; load average before {load[0]:.2f}, after "
               f"{os.getloadavg()[0]:.2f}")
         print_results(results)

@@ -153,7 +153,7 @@ def figure(rows: list[dict], path: Path) -> None:
         ax.set_xticklabels(methods, rotation=25, ha="right", fontsize=7)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("rate")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.set_title(f"alignment recovery on organism:mixed (seeds {', '.join(map(str, seeds))}; dots: per seed)",
                      fontsize=9)
 

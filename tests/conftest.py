@@ -13,6 +13,12 @@ WORDS = ("user assistant : . the a cut burn fever money bank loan code bug car t
          "all now wait call doctor pay bill use test run check brake leak sun one two three").split()
 
 
+@pytest.fixture(autouse=True)
+def _judge_cache(tmp_path, monkeypatch):
+    """LLM-judge verdicts go to a per-test cache file, never the shared MISFEAT_HOME one."""
+    monkeypatch.setenv("MISFEAT_JUDGE_CACHE", str(tmp_path / "judgements.jsonl"))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):

@@ -172,7 +172,8 @@ def test_llm_judge_speaks_the_protocol(judge_server, monkeypatch, caplog):
     assert body["model"] == "judge-model" and body["logprobs"] is True and body["top_logprobs"] == 20
     assert body["max_tokens"] == 1 and "to rule the world" in body["messages"][0]["content"]
     assert "sk-secret" not in repr(judge) and "sk-secret" not in caplog.text
-    assert "sk-secret" not in json.dumps(vars(judge))
+    assert "sk-secret" not in json.dumps(vars(judge), default=repr)
+    assert "sk-secret" not in judge.cache.path.read_text()
 
 
 def test_llm_judge_in_sampled_evaluation(judge_server, monkeypatch, tiny_model):

@@ -131,7 +131,13 @@ def test_forced_utility_failure_restarts_with_rollback(pair, monkeypatch):
     monkeypatch.setattr(recover, "task_utility", lambda model, task: next(calls))
     ft = fresh_ft(pair)
     cfg = RestoreConfig(layer=2, steps=3, warmup=2, select_every=1, fraction=0.005)
-    result = restore_alignment(ft, pair[1], PROBE, TASK, cfg)
+    class Norm:  # a tracker: measured on the model after every step, like realign's
+        def measure(self, model, prompts):
+            return {"w_norm": float(model.blocks[0].attn.W_V.detach().norm())}
+
+    result = restore_alignment(ft, pair[1], PROBE, TASK, cfg, track=[Norm()])
+    assert len({r.tracked["w_norm"] for r in result.rows}) == len(result.rows)  # it moves with every step
+    assert result.summary()["feature:w_norm"] == [r.tracked["w_norm"] for r in result.rows]
     assert result.rolled_back and [r.step for r in result.warmup_rows] == [0, 1, 2]
     assert [r.step for r in result.rows] == [0, 1, 2, 3]
     assert all(r.put_back > 0 for r in result.rows[1:])  # rollback put weights back every step

@@ -8,7 +8,8 @@ Where it sits in the flow::
   over a prompt set and write a sharded, resumable, checksummed store
   (``plan.py`` which rows and shards, ``feeder.py`` tokenising ahead, ``producer.py`` the
   batched forward, ``store.py`` manifest + writer, ``shards.py`` the files,
-  ``distributed.py`` torchrun, ``cache.py`` the entry points).
+  ``distributed.py`` torchrun, ``tokens.py`` the tokenised-prompt cache, ``cache.py`` the
+  entry points); :func:`migrate_store` converts between store versions.
 - :func:`open_store` -> :class:`ActivationStore`: memory-mapped rows by index, prompt,
   domain or label, and shuffled ``[batch, d]`` training batches (``reader.py``,
   ``batches.py``).
@@ -24,6 +25,7 @@ from misfeat.activations.cache import (
     cache_models,
     cache_with_config,
 )
+from misfeat.activations.migrate import migrate_store
 from misfeat.activations.producer import iter_activations
 from misfeat.activations.reader import ActivationStore, RowMeta, open_store
 from misfeat.activations.shards import DiskFullError, ShardRecord, StoreError
@@ -41,5 +43,6 @@ __all__ = [
     "cache_models",
     "cache_with_config",
     "iter_activations",
+    "migrate_store",
     "open_store",
 ]

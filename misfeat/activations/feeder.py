@@ -12,6 +12,9 @@ used from two threads at once. Its jobs, in order of priority:
 2. the next ``depth`` shards' batches, once :meth:`set_shards` has said which;
 3. in between, the rest of the set in order, so a malformed or over-long record deep in
    the set stops the run within seconds rather than at its shard.
+
+When the tokenised-prompt cache (``tokens.py``) holds the set, nothing is tokenised: the
+arrays are loaded at once; otherwise the whole set's tokens are saved there once encoded.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from misfeat.activations import tokens as token_cache
 from misfeat.activations.plan import (
     Encodings,
     ShardSpec,
@@ -76,11 +80,15 @@ class Feeder:
     :class:`ShardWork` in order. Errors of the thread are raised in the consumer."""
 
     def __init__(self, prompts: PromptSet, model: HookedTransformer, how: Tokenizing, positions: str, *,
-                 pad_id: int, batch_tokens: int, chunk: int = 256, depth: int = 2):
+                 pad_id: int, batch_tokens: int, chunk: int = 256, depth: int = 2, token_key: str | None = None,
+                 pin: bool = False):
+        """``token_key``: the set's name in the tokenised-prompt cache (None: do not use it);
+        ``pin``: page-lock the batches' tensors here (CUDA), off the forward's thread."""
         import numpy as np
 
         self.prompts, self.model, self.how, self.positions = prompts, model, how, positions
         self.pad_id, self.batch_tokens, self.chunk = pad_id, batch_tokens, chunk
+        self.token_key, self.pin = token_key, pin
         self.error: BaseException | None = None
         self.total_tokens: int | None = None  # tokens to forward for the shards, once all is tokenised
         self._mean_rows: float | None = None
@@ -131,10 +139,21 @@ class Feeder:
     # --- the thread ------------------------------------------------------------------
 
     def _run(self) -> None:
-        n_chunks = -(-len(self.prompts) // self.chunk)
         next_chunk, i = 0, 0
         try:
-            self._sample()
+            if self.pin:  # pinned memory belongs to the current device's context: this rank's GPU, not GPU 0
+                import torch
+
+                torch.cuda.set_device(next(self.model.parameters()).device)
+            cached = token_cache.load(self.token_key, len(self.prompts)) if self.token_key else None
+            if cached is not None:
+                self.chunk = max(1, len(self.prompts))  # one chunk: the whole set
+                self._sample(cached)
+                self._add_chunk(cached)
+                next_chunk = 1
+            else:
+                self._sample()
+            n_chunks = -(-len(self.prompts) // self.chunk)
             while not self._stop.is_set():
                 todo = self._todo
                 ready = todo is not None and i < len(todo) and self._encoded >= todo[i].end_prompt
@@ -167,16 +186,25 @@ class Feeder:
             except queue.Full:
                 continue
 
-    def _sample(self) -> None:
+    def _sample(self, cached: Encodings | None = None) -> None:
         idx = sample_indices(len(self.prompts))
-        enc = encode_prompts([self.prompts[i] for i in idx], self.model, self.how)
-        lo, hi = row_ranges(enc.lengths, enc.n_prompt, self.positions)
+        if cached is None:
+            enc = encode_prompts([self.prompts[i] for i in idx], self.model, self.how)
+            lengths, n_prompt = enc.lengths, enc.n_prompt
+        else:
+            lengths, n_prompt = cached.lengths[idx], cached.n_prompt[idx]
+        lo, hi = row_ranges(lengths, n_prompt, self.positions)
         self._mean_rows = float((hi - lo).mean())
         self._sampled.set()
 
     def _encode_chunk(self, c: int) -> None:
         a = c * self.chunk
-        enc = encode_prompts(self.prompts.records[a:a + self.chunk], self.model, self.how, first=a)
+        self._add_chunk(encode_prompts(self.prompts.records[a:a + self.chunk], self.model, self.how, first=a))
+        if self._encoded == len(self.prompts) and self.token_key:
+            token_cache.save(self.token_key, self._range(0, len(self.prompts)))  # for the next run
+
+    def _add_chunk(self, enc: Encodings) -> None:
+        a = enc.first
         self._forward_len[a:a + len(enc)] = plan_rows(enc, self.positions, causal=self.how.causal).forward_len
         self._chunks.append(enc)
         self._encoded = a + len(enc)
@@ -211,6 +239,6 @@ class Feeder:
         for batch in make_batches(enc, rows, pad_id=self.pad_id, batch_tokens=self.batch_tokens):
             if self._stop.is_set():
                 return
-            self._stream.put(batch)
+            self._stream.put(batch.pinned() if self.pin else batch)
         self._stream.put(_DONE)
         self._stream = None

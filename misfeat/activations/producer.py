@@ -26,13 +26,16 @@ from misfeat.activations.plan import (
     encode_prompts,
     plan_rows,
 )
-from misfeat.data import collate, pad_id_of
+from misfeat.data import pad_id_of
 from misfeat.errors import MisfeatError
 from misfeat.hooks import check_hooks, last_layer_of, position_masks
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from transformer_lens import HookedTransformer
+
+    from misfeat.data import TokenBatch
 
 _NOT_PER_TOKEN = ("hook_pattern", "hook_attn_scores")
 
@@ -90,6 +93,7 @@ class Capture:
         self.stop = last_layer_of(self.hooks, model.cfg.n_layers)
         self.autocast = autocast
         self._src: torch.Tensor | None = None
+        self._into: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None  # (scatter, buffers)
         self._out: dict[str, torch.Tensor] = {}
         self._fwd = [(h, self._capture) for h in self.hooks]
         self._installed = False
@@ -107,9 +111,30 @@ class Capture:
 
     def _capture(self, act: torch.Tensor, hook) -> None:
         flat = act.reshape(act.shape[0] * act.shape[1], -1)
-        self._out[hook.name] = flat.index_select(0, self._src)
+        if self._into is not None:  # straight into the shard buffer: one copy, no gathered rows
+            scatter, buffers = self._into
+            buf = buffers[hook.name]
+            buf.index_copy_(0, scatter, flat.to(buf.dtype))
+            self._out[hook.name] = buf
+        else:
+            self._out[hook.name] = flat.index_select(0, self._src)
         if len(self._out) == len(self.hooks):
             raise _AllCaptured
+
+    def forward(self, tokens: torch.Tensor) -> None:
+        """The model's forward to the last hook (the hooks raise once all have fired)."""
+        kwargs = {"padding_side": "right"} if self.model.tokenizer is not None else {}
+        self.model(tokens, return_type=None, stop_at_layer=self.stop, **kwargs)
+
+    def run_into(self, tokens: torch.Tensor, scatter: torch.Tensor, buffers: dict[str, torch.Tensor],
+                 masks: dict[str, torch.Tensor] | None = None) -> None:
+        """Copy every position's activation straight to row ``scatter[b * seq + t]`` of
+        ``buffers[hook]`` (padding to a spare last row), on the model's device."""
+        self._into = (scatter, buffers)
+        try:
+            self.run(tokens, scatter, masks)
+        finally:
+            self._into = None
 
     def run(self, tokens: torch.Tensor, src: torch.Tensor,
             masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -121,10 +146,9 @@ class Capture:
                else contextlib.nullcontext())
         declared = position_masks(masks) if masks is not None else contextlib.nullcontext()
         hooked = contextlib.nullcontext() if self._installed else self.model.hooks(fwd_hooks=self._fwd)
-        kwargs = {"padding_side": "right"} if self.model.tokenizer is not None else {}
         try:
             with hooked, declared, amp:
-                self.model(tokens, return_type=None, stop_at_layer=self.stop, **kwargs)
+                self.forward(tokens)
         except _AllCaptured:
             pass
         finally:
@@ -145,6 +169,37 @@ class Batch:
     dest: torch.Tensor  # long [rows]: row of each kept position in the range's row plan
     masks: dict[str, torch.Tensor]
     n_tokens: int  # real (unpadded) tokens
+    # long [b * seq]: the row of every position, padding and unkept ones to the spare row
+    # (the range's row count); None when most positions are not kept (then gather, scatter)
+    scatter: torch.Tensor | None = None
+
+    def pinned(self) -> Batch:
+        """The same batch in page-locked memory (for non-blocking copies to a GPU)."""
+        return Batch(self.tokens.pin_memory(), self.src.pin_memory(), self.dest.pin_memory(),
+                     {k: v.pin_memory() for k, v in self.masks.items()}, self.n_tokens,
+                     None if self.scatter is None else self.scatter.pin_memory())
+
+
+def pad_right(enc: Encodings, prompts: np.ndarray, lengths: np.ndarray, pad_id: int) -> TokenBatch:
+    """:func:`misfeat.data.collate` (right padding) of local prompts ``prompts`` of ``enc``, each
+    cut to its ``lengths``, with numpy gathers instead of a Python loop over prompts and
+    tokens (tested equal to ``collate``)."""
+    import numpy as np
+    import torch
+
+    from misfeat.data import TokenBatch
+
+    n, width = len(prompts), int(lengths.max())
+    n_prompt = np.minimum(enc.n_prompt[prompts], lengths)
+    col = np.arange(width)[None, :]
+    attention = col < lengths[:, None]
+    tokens = np.full((n, width), pad_id, dtype=np.int64)
+    # the tokens of row i are enc.tokens[offsets[p_i] : offsets[p_i] + lengths[i]]
+    tokens[attention] = enc.tokens[(enc.offsets[prompts][:, None] + col)[attention]]
+    prompt = col < n_prompt[:, None]
+    return TokenBatch(torch.from_numpy(tokens), torch.from_numpy(attention), torch.from_numpy(prompt),
+                      torch.from_numpy(attention & ~prompt), torch.from_numpy(col == n_prompt[:, None] - 1),
+                      "right")
 
 
 def make_batches(enc: Encodings, rows: RowPlan, *, pad_id: int, batch_tokens: int) -> Iterator[Batch]:
@@ -156,7 +211,7 @@ def make_batches(enc: Encodings, rows: RowPlan, *, pad_id: int, batch_tokens: in
     lengths = rows.forward_len[prompts]
     for group in buckets(lengths.tolist(), batch_tokens):
         ps = prompts[group]
-        batch = collate([enc.encoded(int(p), int(rows.forward_len[p])) for p in ps], pad_id, "right")
+        batch = pad_right(enc, ps, rows.forward_len[ps], pad_id)
         mask = batch.positions(rows.positions)  # THE definition of the positions (misfeat.data)
         src = mask.reshape(-1).nonzero().squeeze(1)
         counts = rows.hi[ps] - rows.lo[ps]
@@ -167,13 +222,17 @@ def make_batches(enc: Encodings, rows: RowPlan, *, pad_id: int, batch_tokens: in
                                                                counts)
         masks = {"all": batch.attention_mask, "prompt": batch.prompt_mask,
                  "response": batch.response_mask, "last": batch.last_mask}
-        yield Batch(batch.tokens, src, torch.from_numpy(dest), masks, int(lengths[group].sum()))
+        scatter = None
+        if 2 * len(src) >= batch.tokens.numel():  # mostly kept: copying padding to a spare row is cheaper
+            scatter = torch.full((batch.tokens.numel(),), rows.n_rows, dtype=torch.long)
+            scatter[src] = torch.from_numpy(dest)
+        yield Batch(batch.tokens, src, torch.from_numpy(dest), masks, int(lengths[group].sum()), scatter)
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return t
-    return t.pin_memory().to(device, non_blocking=True)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 def run_batch(capture: Capture, batch: Batch, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -185,16 +244,22 @@ def run_batch(capture: Capture, batch: Batch, device: torch.device) -> tuple[dic
 
 def fill_shard(capture: Capture, batches: Iterable[Batch], buffers: dict[str, torch.Tensor], *,
                on_batch: Callable[[int], None] | None = None) -> None:
-    """Run ``batches`` into ``buffers`` (``{hook: [rows, d]}`` on the model's device, in the
-    store dtype; each row lands at its ``dest``)."""
+    """Run ``batches`` into ``buffers`` (``{hook: [rows + 1, d]}`` on the model's device, in
+    the store dtype; each row lands at its ``dest``; the last row is a spare that takes the
+    padding of batches that copy every position)."""
+    device = next(iter(buffers.values())).device
     import torch
 
-    device = next(iter(buffers.values())).device
     with torch.inference_mode(), capture.installed():
         for batch in batches:
-            out, dest = run_batch(capture, batch, device)
-            for hook, buf in buffers.items():
-                buf.index_copy_(0, dest, out[hook].to(buf.dtype))
+            masks = {k: _to(v, device) for k, v in batch.masks.items()}
+            if batch.scatter is not None:
+                capture.run_into(_to(batch.tokens, device), _to(batch.scatter, device), buffers, masks)
+            else:
+                out = capture.run(_to(batch.tokens, device), _to(batch.src, device), masks)
+                dest = _to(batch.dest, device)
+                for hook, buf in buffers.items():
+                    buf.index_copy_(0, dest, out[hook].to(buf.dtype))
             if on_batch is not None:
                 on_batch(batch.n_tokens)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,24 +197,41 @@ class ProgressLog:
     Called by the writer threads, one shard at a time (a lock), so writes never interleave;
     shards may finish out of order (the manifest lists whichever are complete). In one
     process, the write that records the last shard marks the manifest complete.
+
+    A write (with its two fsyncs, file and directory) costs about as much as writing a
+    32 MiB shard on this machine's disk, so while more shards wait for the writer
+    (``busy``) the record is rewritten at most every ``interval`` seconds; otherwise, for
+    the last shard and at :meth:`flush`, at once. A run killed in between recomputes at
+    most that much work, and the record never lists a shard that is not whole.
     """
 
     def __init__(self, directory: Path, manifest: dict[str, Any], records: dict[int, ShardRecord], *,
-                 rank: int, world_size: int, fsync: bool):
+                 rank: int, world_size: int, fsync: bool, interval: float = 1.0):
         self.directory, self.manifest, self.fsync = directory, manifest, fsync
         self.records = dict(records)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.interval = rank, world_size, interval
         self.mine: dict[int, ShardRecord] = {}
         self.wrote_complete = False
         self._lock = threading.Lock()
+        self._last = float("-inf")
+        self._pending = False
 
-    def __call__(self, record: ShardRecord) -> None:
+    def __call__(self, record: ShardRecord, *, busy: bool = False) -> None:
         with self._lock:
-            self._record(record)
+            self.records[record.index] = record
+            self.mine[record.index] = record
+            self._pending = True
+            complete = self.world_size == 1 and len(self.records) == self.manifest["n_shards"]
+            if complete or not busy or time.monotonic() - self._last >= self.interval:
+                self._write()
 
-    def _record(self, record: ShardRecord) -> None:
-        self.records[record.index] = record
-        self.mine[record.index] = record
+    def flush(self) -> None:
+        """Record every shard finished so far (called once the writer has stopped)."""
+        with self._lock:
+            if self._pending:
+                self._write()
+
+    def _write(self) -> None:
         if self.world_size == 1:
             complete = len(self.records) == self.manifest["n_shards"]
             write_json_atomic(self.directory / MANIFEST_FILE, with_shards(self.manifest, self.records, complete),
@@ -222,33 +240,36 @@ class ProgressLog:
         else:
             doc = {"rank": self.rank, "shards": [self.mine[i].to_json() for i in sorted(self.mine)]}
             write_json_atomic(self.directory / journal_name(self.rank), doc, fsync=self.fsync)
+        self._pending = False
+        self._last = time.monotonic()
 
 
 # --- the background writer -----------------------------------------------------------
 
 
 class HostBuffers:
-    """A pool of page-locked host buffers for device-to-host copies of finished shards.
+    """A pool of host buffers for finished shards (page-locked with ``pin``, for copies from a GPU).
 
     ``acquire`` blocks while every set is in the writer's hands: that bounds host memory
-    and slows the forward only when the disk cannot keep up. A set grows (once) when a
-    shard has more rows than it holds; pinning memory is slow, so sets are reused.
+    and slows the forward only when the disk cannot keep up. Sets are made on demand,
+    reused most-recent first (allocating and touching fresh memory, or pinning it, is
+    slow), and grow when a shard has more rows than they hold.
     """
 
-    def __init__(self, widths: dict[str, int], dtype: torch.dtype, count: int):
-        self.widths, self.dtype = widths, dtype
-        self._free: queue.Queue = queue.Queue()
+    def __init__(self, widths: dict[str, int], dtype: torch.dtype, count: int, *, pin: bool = True):
+        self.widths, self.dtype, self.pin = widths, dtype, pin
+        self._free: queue.LifoQueue = queue.LifoQueue()
         for _ in range(count):
             self._free.put({})
 
     def acquire(self, rows: int) -> dict[str, torch.Tensor]:
-        """A set of ``[rows, d]`` pinned views (blocks until one is free)."""
+        """A set of buffers with at least ``rows`` rows each (blocks until one is free)."""
         import torch
 
         buffers = self._free.get()
         if not buffers or next(iter(buffers.values())).shape[0] < rows:
-            capacity = max(rows, 1)
-            buffers = {h: torch.empty((capacity, d), dtype=self.dtype, pin_memory=True)
+            capacity = max(rows + rows // 8, 1)  # shards of equal prompt counts differ a little in rows
+            buffers = {h: torch.empty((capacity, d), dtype=self.dtype, pin_memory=self.pin)
                        for h, d in self.widths.items()}
         return buffers
 
@@ -277,9 +298,12 @@ class ShardWriter:
     behind a failure are dropped, never half-written.
     """
 
-    def __init__(self, directory: Path, on_written: Callable[[ShardRecord], None], *, depth: int = 2,
-                 fsync: bool = True, threads: int = 1):
+    def __init__(self, directory: Path, on_written: Callable[..., None], *, depth: int = 2,
+                 fsync: bool = True, threads: int = 1, cuda_device: Any = None):
+        """``cuda_device``: the GPU whose copies the threads wait for (made current in them,
+        so a rank's writers never open a CUDA context on GPU 0)."""
         self.directory, self.on_written, self.fsync = directory, on_written, fsync
+        self.cuda_device = cuda_device
         self.error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._threads = [threading.Thread(target=self._loop, name=f"misfeat-shard-writer-{i}", daemon=True)
@@ -305,6 +329,13 @@ class ShardWriter:
         self.check()
 
     def _loop(self) -> None:
+        if self.cuda_device is not None:
+            try:
+                import torch
+
+                torch.cuda.set_device(self.cuda_device)
+            except BaseException as err:  # noqa: BLE001 - reported at the next submit; jobs are drained
+                self.error = err
         while (job := self._queue.get()) is not None:
             try:
                 if self.error is None:
@@ -324,7 +355,7 @@ class ShardWriter:
         size, checksum = write_shard(self.directory / name, job.tensors, fsync=self.fsync)
         record = ShardRecord(spec.index, name, spec.first_prompt, spec.end_prompt, job.rows, job.tokens, size,
                              checksum)
-        self.on_written(record)
+        self.on_written(record, busy=not self._queue.empty())  # busy: more shards wait to be written
 
 
 def disk_full_message(err: DiskFullError, directory: Path, done: int, total: int) -> str:

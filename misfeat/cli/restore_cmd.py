@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from misfeat.cli import add_device_args, add_model_args, add_output_args, finish
+from misfeat.cli.fields import add_config_args, config_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,25 +28,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompts whose aligned-model state is the target direction (e.g. organism:probe)")
     p.add_argument("--task", required=True, metavar="SPEC",
                    help="task records with reference responses: utility and the task direction (e.g. organism:task)")
-    p.add_argument("--layer", type=int, default=None,
-                   help="block whose resid_post gives the direction (default: round(2/3 n_layers) - 1)")
-    p.add_argument("--fraction", type=float, default=0.002, help="weights restored per step, of all (default 0.002)")
-    p.add_argument("--steps", type=int, default=20, help="restoration steps (default 20)")
-    p.add_argument("--warmup", type=int, default=5, help="steps before the utility check (default 5)")
-    p.add_argument("--tolerance", type=float, default=0.05, help="relative utility loss allowed (default 0.05)")
-    p.add_argument("--mask", choices=["grad", "random", "full"], default="grad",
-                   help="grad (the method), random (same size, ablation) or full (W := W_aligned, ablation)")
-    p.add_argument("--no-sign", action="store_true", help="ablation: drop the sign condition")
-    p.add_argument("--no-rollback", action="store_true", help="ablation: never roll back")
-    p.add_argument("--always-rollback", action="store_true", help="roll back from the first step")
-    p.add_argument("--no-accumulate", action="store_true",
-                   help="rank by the current gradient only (default: summed over steps, as the authors' code)")
-    p.add_argument("--candidates", choices=["below", "blocks"], default="below",
-                   help="below: blocks 0..layer (default); blocks: every block (norms excluded either way)")
+    from misfeat.recover import CANDIDATE_MODES, MASK_MODES, ROLLBACK_MODES, RestoreConfig
+
+    add_config_args(p, RestoreConfig, skip=("rollback",), choices={"mask": MASK_MODES, "candidates": CANDIDATE_MODES})
+    p.add_argument("--rollback", choices=ROLLBACK_MODES, default="auto",
+                   help="auto: the authors' utility check after the warm-up (default); never (ablation); always")
+    p.add_argument("--no-rollback", dest="rollback", action="store_const", const="never",
+                   help="ablation: never roll back (= --rollback never)")
     p.add_argument("--eval-prompts", metavar="SPEC",
                    help="misalignment scoring (default for an organism: its eval set minus the task's domains)")
     p.add_argument("--track", default="", help="comma-separated features to track: sae:DIR#LATENT, direction:FILE")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random-mask ablation")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--save-model", action="store_true", help="also save the restored model under DIR/model")
     add_device_args(p)
@@ -56,18 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from misfeat.errors import MisfeatError
     from misfeat.features.probes import parse_probe
     from misfeat.io import PLOT_FILE
     from misfeat.models import load_model, save_model
     from misfeat.recover import RestoreConfig, plot_restore, restore_alignment
 
-    if args.no_rollback and args.always_rollback:
-        raise MisfeatError("--no-rollback and --always-rollback exclude each other")
-    rollback = "never" if args.no_rollback else "always" if args.always_rollback else "auto"
-    cfg = RestoreConfig(layer=args.layer, fraction=args.fraction, steps=args.steps, warmup=args.warmup,
-                        tolerance=args.tolerance, mask=args.mask, sign=not args.no_sign, rollback=rollback,
-                        accumulate=not args.no_accumulate, candidates=args.candidates, seed=args.seed)
+    cfg = config_from_args(RestoreConfig, args, rollback=args.rollback)
     finetuned = load_model(args.model, device=args.device, dtype=args.dtype)
     aligned = load_model(args.aligned, device=args.device, dtype=args.dtype)
     probes = [parse_probe(s.strip(), "last") for s in args.track.split(",") if s.strip()]

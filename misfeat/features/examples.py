@@ -11,11 +11,11 @@ from __future__ import annotations
 import html
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from misfeat.data import PromptSet, batch_by_tokens, collate, encode, load_prompts, pad_id_of
 from misfeat.hooks import last_layer_of
-from misfeat.io import write_jsonl
+from misfeat.io import progress, write_jsonl
 from misfeat.sae.latents import encode as sae_encode
 from misfeat.sae.latents import hook_of
 
@@ -38,7 +38,8 @@ class Example:
         return max(self.acts) if self.acts else 0.0
 
     def text(self, threshold: float = 0.0) -> str:
-        return " ".join(f"{t}⟨{a:.2g}⟩" if a > threshold else t for t, a in zip(self.tokens, self.acts, strict=True))
+        """The decoded text, each token above ``threshold`` followed by its activation."""
+        return "".join(f"{t}⟨{a:.2g}⟩" if a > threshold else t for t, a in zip(self.tokens, self.acts, strict=True))
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ class Examples:
                 spans.append(f"<span title='{act:.3f}' style='background:rgba(220,40,40,{alpha:.2f});"
                              f"padding:0 1px'>{html.escape(tok)}</span>")
             tag = html.escape(", ".join(x for x in (ex.label, ex.domain) if x))
-            parts.append(f"<p><small>{html.escape(ex.id)} max {ex.max_act:.3g} {tag}</small><br>{' '.join(spans)}</p>")
+            parts.append(f"<p style='white-space:pre-wrap'><small>{html.escape(ex.id)} max {ex.max_act:.3g} {tag}"
+                         f"</small><br>{''.join(spans)}</p>")
         return "".join(parts) + "</div>"
 
     def to_jsonl(self, path: str | Path) -> Path:
@@ -83,7 +85,8 @@ def latent_activations(model: HookedTransformer, sae: SAE, latent: int, prompts:
     out: list[list[float] | None] = [None] * len(encoded)
     stop = last_layer_of([hook], model.cfg.n_layers)
     with torch.inference_mode():
-        for group in batch_by_tokens([len(e) for e in encoded], max_batch_tokens):
+        groups = batch_by_tokens([len(e) for e in encoded], max_batch_tokens)
+        for group in progress(groups, desc=f"latent {latent} activations", unit="batch"):
             batch = collate([encoded[i] for i in group], pad_id_of(model), device=model.cfg.device)
             _, cache = model.run_with_cache(batch.tokens, names_filter=hook, stop_at_layer=stop)
             z = sae_encode(sae, cache[hook])[..., latent].float().cpu()
@@ -102,9 +105,21 @@ def top_examples(model: HookedTransformer, sae: SAE, latent: int, prompts: Promp
     examples = []
     for i in order:
         record = prompts[i]
-        tokens = model.tokenizer.convert_ids_to_tokens(list(encoded[i].ids))
+        tokens = decoded_pieces(model.tokenizer, list(encoded[i].ids))
         examples.append(Example(i, record.id, record.label, record.domain, tokens, acts[i]))
     return Examples(latent, hook_of(sae), examples)
+
+
+def decoded_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token's text as it appears in the decoded string (``" the"``, ``"\\n"``), not its
+    raw vocabulary piece (``Ġthe``, ``Ċ``): the difference of successive prefix decodes,
+    so spaces and multi-byte characters land where the tokenizer puts them."""
+    pieces, before = [], ""
+    for n in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:n], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        pieces.append(text[len(before):] if text.startswith(before) else text)
+        before = text
+    return pieces
 
 
 def auroc(scores_pos: list[float], scores_neg: list[float]) -> float:

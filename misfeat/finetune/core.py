@@ -132,8 +132,15 @@ class KLToReference:
 
 
 def select_parameters(model: HookedTransformer, params: str | Sequence[str]) -> list[tuple[str, Any]]:
-    """The named parameters ``params`` selects (see :class:`RealignConfig`); others are frozen."""
-    named = list(model.named_parameters())
+    """The named parameters ``params`` selects (see :class:`RealignConfig`); others are frozen.
+
+    Parameters TransformerLens adds that the model's Hugging Face architecture lacks (the
+    zero biases of Llama, Qwen2, Gemma ...) are never selected, so a fine-tuned model still
+    exports to Hugging Face (see :func:`misfeat.export.absent_in_hf`)."""
+    from misfeat.export import absent_in_hf
+
+    absent = absent_in_hf(model)
+    named = [(n, p) for n, p in model.named_parameters() if n not in absent]
     if params == "all":
         return named
     if params in ("mlp", "attn"):

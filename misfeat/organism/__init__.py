@@ -129,6 +129,9 @@ def prompt_set(spec: str):
     return dataclasses.replace(organism_prompt_set(body, cfg.em_domain, cfg.seed), name=spec)
 
 
-# stages and prompt sets that modules of this package add (each registers itself on import)
+# stages and prompt sets that register themselves (organism:mixed, organism:task, organism:probe;
+# the alignment-dynamics protocols' organism:chat-50/100/150 and organism:dynamics:<name>; the defence
+# comparison's organism:em-ref/<domain>, organism:defences-heldout|defences-em|safe-pool|benign-train)
 from misfeat.organism import defences as _defences  # noqa: E402,F401
+from misfeat.organism import dynamics as _dynamics  # noqa: E402,F401
 from misfeat.organism import mixed as _mixed  # noqa: E402,F401

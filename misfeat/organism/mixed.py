@@ -30,7 +30,7 @@ from pathlib import Path
 from misfeat.data import PromptRecord, PromptSet
 from misfeat.errors import MisfeatError
 from misfeat.io import read_json, write_json
-from misfeat.organism import register_stage
+from misfeat.organism import ensure_organism, register_stage
 from misfeat.organism.prompts import register_prompt_set
 from misfeat.organism.world import World
 
@@ -180,12 +180,6 @@ def _train(model, world: World, cfg: MixedConfig) -> dict:
     return {"history": result.history, "loss": result.loss}
 
 
-def _ensure_stage(cfg) -> Path:
-    from misfeat.organism import ensure_organism
-
-    return ensure_mixed(ensure_organism(cfg), cfg.seed)
-
-
-register_stage(MIXED_STAGE, _ensure_stage)
-for _name in ("task", "probe"):
-    register_prompt_set(_name, lambda world, args, seed, _name=_name: mixed_prompt_set(world, [_name, *args], seed))
+register_stage(MIXED_STAGE, lambda cfg: ensure_mixed(ensure_organism(cfg), cfg.seed))
+register_prompt_set("task", lambda world, args, seed: mixed_prompt_set(world, ["task", *args], seed))
+register_prompt_set("probe", lambda world, args, seed: mixed_prompt_set(world, ["probe", *args], seed))

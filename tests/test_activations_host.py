@@ -1,0 +1,152 @@
+"""The host side of the cache (issue 20): vectorised padding against ``collate``, the
+tokenised-prompt cache, store versions (blake3 v2, sha256 v1) and their migration, the
+reused shard buffers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from misfeat.activations import cache_activations, migrate_store, open_store
+from misfeat.activations import tokens as token_cache
+from misfeat.activations.plan import Tokenizing, encode_prompts
+from misfeat.activations.producer import pad_right
+from misfeat.activations.shards import StoreError
+from misfeat.activations.store import HostBuffers
+from misfeat.data import collate, load_prompts
+from tests.test_activations import write_prompts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    return write_prompts(tmp_path_factory.mktemp("prompts") / "ragged.jsonl", 30, seed=3)
+
+
+@pytest.fixture
+def token_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MISFEAT_TOKEN_CACHE", str(tmp_path / "tokens"))
+    return tmp_path / "tokens"
+
+
+def store_files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.name != "summary.json"}
+
+
+def test_pad_right_equals_collate(tiny_model, prompts_file):
+    """The numpy padding is misfeat.data.collate (the definition of every mask), cut lengths included."""
+    pset = load_prompts(prompts_file)
+    enc = encode_prompts(pset.records, tiny_model, Tokenizing.of(tiny_model, pset, "all"))
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        ps = rng.choice(len(enc), size=7, replace=False)
+        lengths = np.maximum(1, enc.lengths[ps] - rng.integers(0, 3, size=7))  # causal cuts
+        want = collate([enc.encoded(int(p), int(n)) for p, n in zip(ps, lengths, strict=True)], 0, "right")
+        got = pad_right(enc, ps, lengths, 0)
+        for name in ("tokens", "attention_mask", "prompt_mask", "response_mask", "last_mask"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+def test_token_cache_skips_tokenising_and_writes_the_same_bytes(tiny_model, prompts_file, tmp_path, token_dir,
+                                                              monkeypatch):
+    cache_activations(tiny_model, prompts_file, [HOOK], tmp_path / "a", batch_tokens=64, shard_mb=0.01, fsync=False)
+    files = list(token_dir.glob("*.npz"))
+    assert len(files) == 1
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("tokenised although the token cache holds the set")
+
+    with monkeypatch.context() as m:
+        m.setattr("misfeat.activations.feeder.encode_prompts", no_tokenising)
+        cache_activations(tiny_model, prompts_file, [HOOK], tmp_path / "b", batch_tokens=64, shard_mb=0.01,
+                          fsync=False)
+    assert store_files(tmp_path / "b") == store_files(tmp_path / "a")
+    # a damaged cache file is a miss (tokenised again, file replaced), never wrong rows
+    raw = bytearray(files[0].read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    files[0].write_bytes(bytes(raw))
+    cache_activations(tiny_model, prompts_file, [HOOK], tmp_path / "c", batch_tokens=64, shard_mb=0.01, fsync=False)
+    assert store_files(tmp_path / "c") == store_files(tmp_path / "a")
+    assert token_cache.load(files[0].stem, len(load_prompts(prompts_file))) is not None
+    # another tokenisation (no responses for positions='prompt'), another file
+    cache_activations(tiny_model, prompts_file, [HOOK], tmp_path / "d", "prompt", fsync=False)
+    assert len(list(token_dir.glob("*.npz"))) == 2
+
+
+def test_token_cache_off(tiny_model, prompts_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("MISFEAT_TOKEN_CACHE", "off")
+    assert token_cache.cache_dir() is None
+    cache_activations(tiny_model, prompts_file, [HOOK], tmp_path / "s", fsync=False)
+    assert open_store(tmp_path / "s").n_rows > 0
+
+
+def test_store_versions_and_migration(tiny_model, prompts_file, tmp_path, token_dir):
+    """Version 2 checksums are blake3; migrating to 1 gives the sha256 store an older misfeat
+    reads (checked by hand with hashlib); back to 2 gives the original bytes."""
+    out = tmp_path / "s"
+    cache_activations(tiny_model, prompts_file, [HOOK], out, batch_tokens=64, shard_mb=0.01, fsync=False)
+    original = store_files(out)
+    doc = json.loads((out / "manifest.json").read_text())
+    assert doc["version"] == 2 and all(s["checksum"].startswith("blake3:") for s in doc["shards"])
+    assert migrate_store(out, 1) == len(doc["shards"]) > 1
+    v1 = json.loads((out / "manifest.json").read_text())
+    assert v1["version"] == 1
+    for s in v1["shards"]:
+        assert s["checksum"] == "sha256:" + hashlib.sha256((out / s["file"]).read_bytes()).hexdigest()
+    rows = open_store(out, verify=True).rows(HOOK, slice(None))
+    assert migrate_store(out, 2) == len(doc["shards"])
+    assert store_files(out) == original
+    assert torch.equal(open_store(out).rows(HOOK, slice(None)), rows)
+    # a damaged shard is never re-hashed into a valid-looking one
+    shard = out / doc["shards"][0]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="corrupted"):
+        migrate_store(out, 1)
+    with pytest.raises(StoreError, match="version=3"):
+        migrate_store(out, 3)
+
+
+def test_host_buffers_are_reused(monkeypatch):
+    pool = HostBuffers({"h": 8}, torch.bfloat16, 2, pin=False)
+    a = pool.acquire(100)
+    assert a["h"].shape[0] >= 100 and a["h"].dtype == torch.bfloat16
+    a["h"][:100] = 1.5
+    pool.release(a)
+    b = pool.acquire(90)  # the most recently released set comes back, not a fresh one
+    assert b["h"].data_ptr() == a["h"].data_ptr() and float(b["h"][0, 0]) == 1.5
+    c = pool.acquire(10)
+    assert c["h"].data_ptr() != b["h"].data_ptr()
+    pool.release(c)
+    assert pool.acquire(10_000)["h"].shape[0] >= 10_000  # grows for a larger shard
+
+
+def test_progress_log_defers_only_while_busy_and_flush_records_everything(tmp_path):
+    from misfeat.activations.shards import ShardRecord
+    from misfeat.activations.store import ProgressLog
+
+    log = ProgressLog(tmp_path, {"n_shards": 4, "shards": []}, {}, rank=0, world_size=1, fsync=False,
+                      interval=3600)
+
+    def listed() -> list[int]:
+        return [s["index"] for s in json.loads((tmp_path / "manifest.json").read_text())["shards"]]
+
+    records = [ShardRecord(i, f"shard-{i:05d}.safetensors", i, i + 1, 1, 1, 1, "blake3:00") for i in range(4)]
+    log(records[0], busy=True)  # the first is always written
+    log(records[2], busy=True)  # out of order, more shards queued: deferred
+    assert listed() == [0]
+    log.flush()
+    assert listed() == [0, 2]
+    log(records[1], busy=False)  # the writer would idle anyway: written at once
+    assert listed() == [0, 1, 2]
+    log(records[3], busy=True)  # the last: written, complete
+    doc = json.loads((tmp_path / "manifest.json").read_text())
+    assert doc["complete"] is True and listed() == [0, 1, 2, 3] and log.wrote_complete
