@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     from misfeat.features.locate import RANKINGS, LocateConfig
 
     add_config_args(p, LocateConfig, choices={"rank_by": RANKINGS, "positions": [x for x in POSITIONS if x != "response"]})
+    p.add_argument("--force", action="store_true", help="use an SAE trained on another model's architecture "
+                   "(a warning instead of the error)")
     add_device_args(p)
     add_output_args(p, out_required=True)
     p.set_defaults(func=run)
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from misfeat.models import load_model
     from misfeat.sae.io import load_sae
     from misfeat.specs import split_specs
+    from misfeat.validate import check_sae_model
 
     cfg = config_from_args(LocateConfig, args)
     specs = split_specs(args.finetuned)
@@ -60,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if base.cfg.d_model != model.cfg.d_model:
             raise MisfeatError(f"--base and --finetuned {spec} differ in d_model ({base.cfg.d_model} vs "
                                f"{model.cfg.d_model}); diffing needs checkpoints of one architecture")
+    check_sae_model(sae, base, force=args.force, where=f"--base {args.base}")
     result = save_locate(locate(base, finetuned if len(finetuned) > 1 else finetuned[0], sae, args.prompts, args.out,
                                 cfg), args.out)
     s = result.to_dict()
