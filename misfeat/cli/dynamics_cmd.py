@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--seeds", default="0", help="comma-separated organism seeds (default 0), e.g. 0,1")
         q.add_argument("--organism", default="", metavar="OPTIONS",
                        help="organism options besides the seed (e.g. small); default: the default preset")
+        if name != "elasticity":
+            q.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                           help="adamw (default, as the papers) or sgd: plain SGD, the optimiser of Huang's "
+                                "first-order force theory, every lr x 100 (the norm-matched ratio; docs/dynamics.md)")
         add_output_args(q, out_required=True)
         q.set_defaults(func=run_protocol_cmd, protocol=name)
 
@@ -83,7 +87,7 @@ def run_protocol_cmd(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise MisfeatError(f"--seeds {args.seeds!r} must be comma-separated integers, e.g. 0,1") from None
-    summary = run_protocol(args.protocol, seeds, args.out, args.organism)
+    summary = run_protocol(args.protocol, seeds, args.out, args.organism, getattr(args, "optimizer", "adamw"))
     finish(args, summary, _table(summary))
     return 0
 

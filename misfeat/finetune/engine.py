@@ -39,6 +39,9 @@ Evaluator = Callable[["HookedTransformer"], dict[str, float]]
 """Measures the model at an evaluation step: ``{metric: value}`` (the model is in eval mode)."""
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """How to fine-tune. Frozen; saved in the run directory's ``run.json``."""
@@ -46,7 +49,10 @@ class FinetuneConfig:
     steps: int = 35
     """optimiser steps"""
     lr: float = 3e-4
-    """peak learning rate (AdamW)"""
+    """peak learning rate"""
+    optimizer: str = "adamw"
+    """adamw (torch.optim.AdamW, default betas) or sgd (plain torch.optim.SGD: no momentum, the
+    optimiser of first-order theory such as Huang et al.'s Theorem 2.9)"""
     batch_size: int = 8
     """examples per step, drawn in shuffled epochs over the (transformed) data"""
     params: str | tuple[str, ...] = "all"
@@ -60,7 +66,7 @@ class FinetuneConfig:
     final_lr_fraction: float = 1.0
     """cosine decay to this fraction of lr after warm-up (1.0: constant)"""
     weight_decay: float = 0.0
-    """AdamW weight decay"""
+    """weight decay (decoupled for AdamW, L2 for SGD)"""
     max_grad_norm: float | None = None
     """clip the gradient norm to this (None: no clipping)"""
     seed: int = 0
@@ -73,6 +79,8 @@ class FinetuneConfig:
             raise MisfeatError("steps, batch_size and eval_every must be positive")
         if not self.lr > 0:
             raise MisfeatError(f"lr must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise MisfeatError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise MisfeatError("checkpoint_every must be positive (or None)")
         if self.divergence_factor is not None and not self.divergence_factor > 1:
@@ -199,7 +207,8 @@ def finetune(
     order = _data_order(len(examples), cfg.steps * cfg.batch_size, cfg.seed)
     chosen = select_parameters(model, cfg.params)
     trainable = {id(p) for _, p in chosen}
-    optimizer = torch.optim.AdamW([p for _, p in chosen], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optim = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
+    optimizer = optim([p for _, p in chosen], lr=cfg.lr, weight_decay=cfg.weight_decay)
     described = tuple(d.describe() for d in defences)
     data_info = {"name": data.name, "hash": data.hash, "n": len(data), "train_hash": train.hash,
                  "n_train": len(train)}

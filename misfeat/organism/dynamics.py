@@ -168,8 +168,19 @@ def _scorer(model, prompts, nll_sets=None):
     return ModelScorer(model, prompts, nll_sets=nll_sets)
 
 
-def run_priming(cfg: OrganismConfig, out: Path | None) -> dict[str, Any]:
-    from misfeat.dynamics.protocols import priming
+# The SGD runs' lr multiplier, fixed before any SGD run: AdamW's first step moves every weight by
+# about lr, SGD's by lr x its gradient, so equal update norms need lr_sgd / lr = sqrt(n_params) /
+# |grad|: 130 on the first EM batch of organism:chat (seed 0; 980 on its aligned data), rounded
+# down to a power of ten.
+SGD_LR_SCALE = 100.0
+
+
+def _optimizer_config(config_cls, optimizer: str):
+    return config_cls(optimizer=optimizer, lr_scale=SGD_LR_SCALE if optimizer == "sgd" else 1.0)
+
+
+def run_priming(cfg: OrganismConfig, out: Path | None, optimizer: str = "adamw") -> dict[str, Any]:
+    from misfeat.dynamics.protocols import PrimingConfig, priming
     from misfeat.organism.prompts import pair_set
 
     build = ensure_organism(cfg)
@@ -178,18 +189,20 @@ def run_priming(cfg: OrganismConfig, out: Path | None) -> dict[str, Any]:
     forward = pair_set(world, cfg.em_domain, 480, True, cfg.seed)
     reverse = pair_set(world, cfg.em_domain, 480, False, cfg.seed)
     chat = _load(build / "chat")
-    return {"arms": priming(lambda: _load(build / "chat"), forward, reverse, _scorer(chat, evalset), out_dir=out)}
+    return {"arms": priming(lambda: _load(build / "chat"), forward, reverse, _scorer(chat, evalset),
+                            _optimizer_config(PrimingConfig, optimizer), out_dir=out)}
 
 
-def run_diversity(cfg: OrganismConfig, out: Path | None) -> dict[str, Any]:
-    from misfeat.dynamics.protocols import diversity
+def run_diversity(cfg: OrganismConfig, out: Path | None, optimizer: str = "adamw") -> dict[str, Any]:
+    from misfeat.dynamics.protocols import DiversityConfig, diversity
 
     build = ensure_organism(cfg)
     world = make_world(cfg.em_domain)
     evalset = question_prompts(world, 2, styled=True, name="organism:dynamics-eval-styled")
     base = _load(build / "pretrain")
     return {"arms": diversity(lambda: _load(build / "pretrain"), diversity_data(world, cfg.seed),
-                              reverse_data(world, cfg.seed), _scorer(base, evalset), out_dir=out)}
+                              reverse_data(world, cfg.seed), _scorer(base, evalset),
+                              _optimizer_config(DiversityConfig, optimizer), out_dir=out)}
 
 
 def run_elasticity(cfg: OrganismConfig, out: Path | None) -> dict[str, Any]:
@@ -217,14 +230,21 @@ def run_elasticity(cfg: OrganismConfig, out: Path | None) -> dict[str, Any]:
 RUNNERS = {"priming": run_priming, "diversity": run_diversity, "elasticity": run_elasticity}
 
 
-def run_protocol(name: str, seeds=(0,), out_dir: str | os.PathLike | None = None, options: str = "") -> dict[str, Any]:
-    """Run one protocol on the organism of each seed; the summary.json contract plus the bars."""
+def run_protocol(name: str, seeds=(0,), out_dir: str | os.PathLike | None = None, options: str = "",
+                 optimizer: str = "adamw") -> dict[str, Any]:
+    """Run one protocol on the organism of each seed; the summary.json contract plus the bars.
+    ``optimizer`` (priming, diversity): adamw (the protocols' setting) or sgd (every lr x
+    ``SGD_LR_SCALE``), the optimiser of the force theory."""
     import torch
 
     from misfeat.organism.dynamics_bars import judge_bars
 
     if name not in RUNNERS:
         raise MisfeatError(f"unknown dynamics protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
+    if optimizer != "adamw" and name == "elasticity":
+        raise MisfeatError("--optimizer applies to priming and diversity (the force-logging protocols), not elasticity")
+    if optimizer not in ("adamw", "sgd"):
+        raise MisfeatError(f"unknown optimizer {optimizer!r}; choose adamw or sgd")
     torch.set_num_threads(1)
     out = Path(out_dir) if out_dir is not None else None
     rows: dict[str, list] = {}
@@ -234,7 +254,8 @@ def run_protocol(name: str, seeds=(0,), out_dir: str | os.PathLike | None = None
         cfg = parse_options(",".join(filter(None, [options, f"seed={seed}"])))
         ensure_organism(cfg)
         t0, c0 = time.perf_counter(), time.process_time()
-        res = RUNNERS[name](cfg, out / f"seed{seed}" if out is not None else None)
+        res = RUNNERS[name](cfg, out / f"seed{seed}" if out is not None else None,
+                            **({"optimizer": optimizer} if name != "elasticity" else {}))
         seconds[seed] = round(time.perf_counter() - t0, 1)
         cpu[seed] = round(time.process_time() - c0, 1)
         loads[seed] = round(os.getloadavg()[0], 2)
@@ -246,6 +267,8 @@ def run_protocol(name: str, seeds=(0,), out_dir: str | os.PathLike | None = None
     summary: dict[str, Any] = {"protocol": name, "seeds": list(seeds), **rows, **extra,
                                "seconds": seconds, "cpu_seconds": cpu, "load_average": loads,
                                "organism": asdict(parse_options(options)) | {"seed": None}}
+    if name != "elasticity":
+        summary["optimizer"] = {"name": optimizer, "lr_scale": SGD_LR_SCALE if optimizer == "sgd" else 1.0}
     summary.update(_agreement(rows))
     summary["bars"] = judge_bars(name, summary)
     if out is not None:
