@@ -30,8 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "stages, and the papers' protocols on the organism. See docs/dynamics.md.")
     dsub = p.add_subparsers(dest="dynamics_command", metavar="<protocol>", required=True)
     r = dsub.add_parser("run", help="run the stages of a stage file (JSON), each from the previous end",
-                        description="Stages from a JSON file: {model, eval_prompts, nll_sets, judge, forces, stages: "
-                        "[{name, data, steps, lr, batch_size, evaluate_every, checkpoint_every, seed, match: {metric, "
+                        description="Stages from a JSON file: {model, eval_prompts, nll_sets, judge, forces, forces_every, stages: "
+                        "[{name, data, steps, lr, optimizer, batch_size, evaluate_every, checkpoint_every, seed, match: {metric, "
                         "target, tolerance, coarse_every}}]}. Writes DIR/summary.json, DIR/steps.jsonl (every step: "
                         "scores, force terms), DIR/plot.png, DIR/stages/<i>-<name>/ (checkpoints). Exit 2 with the "
                         "closest score and step when a matched target is never reached (the run is kept).")
