@@ -294,6 +294,7 @@ def _run_shards(model: HookedTransformer, feeder: Feeder, widths: dict[str, int]
     except BaseException:
         _keep_written(writer, log, closed=True)
         raise
+    host.close()  # every set is back: the next run in this process reuses them
     log.flush()
     return tokens
 
