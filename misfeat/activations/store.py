@@ -334,6 +334,13 @@ class _Job:
     ready: Any = None  # a torch.cuda.Event to wait for before reading the tensors
     release: Callable[[], None] | None = None
 
+    def done_reading(self) -> None:
+        """Hand the tensors' memory back (once): called when their bytes are written, before the
+        fsync, so the forward refills a buffer while the disk flushes it."""
+        release, self.release = self.release, None
+        if release is not None:
+            release()
+
 
 class ShardWriter:
     """Writes finished shards on background threads with a bounded queue.
@@ -392,15 +399,15 @@ class ShardWriter:
                 if self.error is None:
                     self.error = err
             finally:
-                if job.release is not None:
-                    job.release()
+                job.done_reading()
 
     def _write(self, job: _Job) -> None:
         if job.ready is not None:
             job.ready.synchronize()
         spec = job.spec
         name = shard_name(spec.index)
-        size, checksum = write_shard(self.directory / name, job.tensors, fsync=self.fsync)
+        size, checksum = write_shard(self.directory / name, job.tensors, fsync=self.fsync,
+                                     done_reading=job.done_reading)
         record = ShardRecord(spec.index, name, spec.first_prompt, spec.end_prompt, job.rows, job.tokens, size,
                              checksum)
         self.on_written(record, busy=not self._queue.empty())  # busy: more shards wait to be written
