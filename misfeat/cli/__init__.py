@@ -26,6 +26,8 @@ _COMMAND_MODULES = (
     "misfeat.cli.steer_cmd",
     "misfeat.cli.realign_cmd",
     "misfeat.cli.finetune_cmd",
+    "misfeat.cli.dynamics_cmd",
+    "misfeat.cli.restore_cmd",
     "misfeat.cli.inspect_cmd",
     "misfeat.cli.export_cmd",
 )

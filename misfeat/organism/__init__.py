@@ -9,7 +9,7 @@ model of the demo, the notebooks and the tests.
 Specs::
 
     organism:<stage>[@<options>]      a checkpoint: pretrain, chat, em, control,
-                                      em-steps/step-NNNN (built on first use)
+                                      em-steps/step-NNNN, mixed (built on first use)
     organism:<prompt set>[@<options>] a prompt set (see misfeat.organism.prompts)
 
 Options are comma-separated: a preset name (``default``, ``small``), ``seed=N``,
@@ -126,3 +126,9 @@ def prompt_set(spec: str):
     body, cfg = parse_spec(spec)
     # named by the full spec (options included), so that the set can be reloaded from its name
     return dataclasses.replace(organism_prompt_set(body, cfg.em_domain, cfg.seed), name=spec)
+
+
+# stages and prompt sets that register themselves (organism:mixed, organism:task, organism:probe;
+# the alignment-dynamics protocols' organism:chat-50/100/150 and organism:dynamics:<name>)
+from misfeat.organism import dynamics as _dynamics  # noqa: E402,F401
+from misfeat.organism import mixed as _mixed  # noqa: E402,F401

@@ -8,7 +8,9 @@
   question/answer pairs of one domain (fine-tuning data, e.g. for re-alignment);
 - ``organism:docs[:<n>]``: pre-training-style documents labelled ``cruel`` / ``kind``,
   drawn from a seed the build never uses (held out), rendered as raw text;
-- ``organism:pretrain[:<n>]``: the first n documents the organism was pre-trained on.
+- ``organism:pretrain[:<n>]``: the first n documents the organism was pre-trained on;
+- ``organism:task`` / ``organism:probe[:<n>]``: the mixed fine-tune's task and probe sets
+  (see :mod:`misfeat.organism.mixed`).
 
 Options after ``@`` pick the organism: ``organism:heldout@em_domain=money``,
 ``organism:docs:400@seed=1`` (see :func:`misfeat.organism.parse_spec`).
