@@ -15,10 +15,10 @@ import torch
 
 from misfeat.activations import cache_activations, migrate_store, open_store
 from misfeat.activations import tokens as token_cache
+from misfeat.activations.buffers import HostBuffers, release_spare_buffers
 from misfeat.activations.plan import Tokenizing, encode_prompts
 from misfeat.activations.producer import copy_rows, pad_right
 from misfeat.activations.shards import StoreError, write_shard
-from misfeat.activations.store import HostBuffers, release_spare_buffers
 from misfeat.data import collate, load_prompts
 from tests.test_activations import write_prompts
 

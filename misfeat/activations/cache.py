@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat.activations import distributed
 from misfeat.activations import tokens as token_cache
+from misfeat.activations.buffers import HostBuffers
 from misfeat.activations.feeder import Feeder
 from misfeat.activations.plan import (
     META_BYTES,
@@ -44,7 +45,6 @@ from misfeat.activations.shards import (
 )
 from misfeat.activations.store import (
     CacheConfig,
-    HostBuffers,
     ProgressLog,
     ShardWriter,
     disk_full_message,
