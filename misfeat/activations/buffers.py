@@ -45,6 +45,7 @@ class HostBuffers:
         self.widths, self.dtype, self.pin = widths, dtype, pin
         self._free: queue.LifoQueue = queue.LifoQueue()
         self._blocks: list[torch.Tensor] = []
+        self._block_of: dict[int, torch.Tensor] = {}  # id(set) -> its block
         for _ in range(count):
             self._free.put({})
 
@@ -52,6 +53,9 @@ class HostBuffers:
         """A set of buffers with at least ``rows`` rows each (blocks until one is free)."""
         buffers = self._free.get()
         if not buffers or next(iter(buffers.values())).shape[0] < rows:
+            if buffers:  # too small: its memory is freed now, not kept to the end of the run
+                small = self._block_of.pop(id(buffers))
+                self._blocks = [b for b in self._blocks if b is not small]
             capacity = max(rows + rows // 8, 1)  # shards of equal prompt counts differ a little in rows
             buffers = self._new_set(capacity)
         return buffers
@@ -75,6 +79,7 @@ class HostBuffers:
             size = capacity * d * itemsize
             out[h] = block[at:at + size].view(self.dtype).view(capacity, d)
             at += size
+        self._block_of[id(out)] = block
         return out
 
     def release(self, buffers: dict[str, torch.Tensor]) -> None:
@@ -88,4 +93,4 @@ class HostBuffers:
             _SPARE.extend(self._blocks)
             _SPARE.sort(key=lambda t: -t.numel())
             del _SPARE[_SPARE_SETS:]
-        self._blocks = []
+        self._blocks, self._block_of = [], {}
