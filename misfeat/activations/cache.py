@@ -321,7 +321,7 @@ def _manifest(model: HookedTransformer, fingerprint: str, pset: PromptSet, promp
     import hashlib
 
     from misfeat import __version__
-    from misfeat.models import dtype_name, model_info
+    from misfeat.models import architecture_fingerprint, dtype_name, model_info
 
     info = model_info(model)
     # rows are a function of the records, their tokenisation and the positions: equal keys,
@@ -330,6 +330,7 @@ def _manifest(model: HookedTransformer, fingerprint: str, pset: PromptSet, promp
     return {
         "format": STORE_FORMAT, "version": STORE_VERSION, "complete": False, "misfeat_version": __version__,
         "model": {"spec": info.spec, "source": info.source, "fingerprint": fingerprint,
+                  "architecture": architecture_fingerprint(model),
                   "n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model,
                   "dtype": dtype_name(model.cfg.dtype)},
         "prompts": {"spec": prompt_spec, "name": pset.name, "hash": prompt_hash, "n": len(pset),
