@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat.activations import distributed
 from misfeat.activations import tokens as token_cache
+from misfeat.activations.buffers import HostBuffers
 from misfeat.activations.feeder import Feeder
 from misfeat.activations.plan import (
     META_BYTES,
@@ -44,7 +45,6 @@ from misfeat.activations.shards import (
 )
 from misfeat.activations.store import (
     CacheConfig,
-    HostBuffers,
     ProgressLog,
     ShardWriter,
     disk_full_message,
@@ -294,6 +294,7 @@ def _run_shards(model: HookedTransformer, feeder: Feeder, widths: dict[str, int]
     except BaseException:
         _keep_written(writer, log, closed=True)
         raise
+    host.close()  # every set is back: the next run in this process reuses them
     log.flush()
     return tokens
 
