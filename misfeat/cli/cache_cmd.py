@@ -37,12 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--autocast", action="store_true", help="CUDA only: run the forward under bfloat16 autocast")
     p.add_argument("--chat-format", choices=["auto", "organism", "template", "raw"], default="auto",
                    help="how records are rendered (default: the prompt set's, else the model's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store instead of resuming it")
     p.add_argument("--no-fsync", action="store_true",
                    help="skip fsync before each rename (faster; a crash of the process is still safe, "
                    "a power loss may not be)")
     add_device_args(p)
-    add_output_args(p, out_required=True)
+    add_output_args(p, out_required=True, rerun_resumes=True,
+                    overwrite_help="replace an existing store instead of resuming it")
     p.set_defaults(func=run)
 
 
