@@ -100,7 +100,7 @@ class ForceProbe:
     once (the answer trie), each trie token at its own position id and attending only to the
     prompt and its ancestors (a tree attention mask on ``hook_attn_scores``, the positions on
     ``hook_pos_embed``), so the model computes exactly the per-answer forward's numbers on
-    about 0.4x the tokens (organism: 480 vs 1152). Needs absolute position embeddings
+    about 0.4x the tokens (organism: 444 vs 1152). Needs absolute position embeddings
     (``standard``/``shortformer``) and the packed row within ``n_ctx``; otherwise (or with
     ``packed=False``) one padded row per (prompt, aligned answer), the reference path.
     """
