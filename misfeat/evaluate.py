@@ -251,13 +251,12 @@ def _evaluate(model: HookedTransformer, prompts: PromptSet, method: str, judge: 
 
     members = {name: idx for name, idx in group_members(prompts).items() if idx}
     domains = sorted({r["domain"] for r in per_prompt if r["domain"] is not None})
-    headline = prompts.meta.get("headline")
     return EvalReport(
         method=method,
         groups={k: _aggregate([per_prompt[i] for i in idx]) for k, idx in members.items()},
         per_domain={d: _aggregate([r for r in per_prompt if r["domain"] == d]) for d in domains},
         per_prompt=per_prompt,
-        headline_group=headline if headline in members else next(iter(members), "all"),
+        headline_group=headline_group(prompts),
         members=members,
     )
 
@@ -270,6 +269,14 @@ def group_members(prompts: PromptSet) -> dict[str, tuple[int, ...]]:
     if not isinstance(groups, dict) or not all(isinstance(v, (list, tuple)) for v in groups.values()):
         raise MisfeatError(f"prompt set {prompts.name!r}: meta['groups'] must map a group name to a list of domains")
     return {name: tuple(i for i, r in enumerate(prompts) if r.domain in set(doms)) for name, doms in groups.items()}
+
+
+def headline_group(prompts: PromptSet) -> str:
+    """The group a one-number summary of ``prompts`` reports: ``meta['headline']`` if that group
+    has records, else the first group with records (``all`` for a set without groups)."""
+    members = [name for name, idx in group_members(prompts).items() if idx]
+    headline = prompts.meta.get("headline")
+    return headline if headline in members else next(iter(members), "all")
 
 
 def _chat_format(model: HookedTransformer) -> str:
