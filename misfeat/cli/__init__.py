@@ -15,10 +15,6 @@ import logging
 import sys
 from typing import Any
 
-from misfeat import __version__
-from misfeat.errors import MisfeatError
-from misfeat.io import SUMMARY_FILE, _clean, write_json
-
 # command modules, in the order --help lists them; each defines register(subparsers)
 _COMMAND_MODULES = (
     "misfeat.cli.demo_cmd",
@@ -68,6 +64,7 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
 
 def finish(args: argparse.Namespace, summary: dict[str, Any], table: str) -> None:
     """Write ``summary.json`` under ``--out`` if given; print the table, or JSON with ``--json``."""
+    from misfeat.io import SUMMARY_FILE, _clean, write_json
 
     if getattr(args, "out", None):
         from pathlib import Path
@@ -83,6 +80,7 @@ def finish(args: argparse.Namespace, summary: dict[str, Any], table: str) -> Non
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="misfeat", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from misfeat import __version__
 
     parser.add_argument("--version", action="version", version=f"misfeat {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -113,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else 2
     _setup_logging(args.verbose, args.quiet)
+    from misfeat.errors import MisfeatError
 
     try:
         result = args.func(args)

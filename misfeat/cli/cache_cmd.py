@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from misfeat.activations import cache_models
-from misfeat.activations.cache import multi_summary
 from misfeat.activations.store import STORE_DTYPES, CacheConfig
 from misfeat.cli import add_device_args, add_model_args, add_output_args, finish
 from misfeat.cli.fields import add_config_args, config_from_args
-from misfeat.distributed import env, rank_device
 from misfeat.encoding import CHAT_FORMATS, POSITIONS
-from misfeat.io import format_table
-from misfeat.models import dtype_name, resolve_dtype
 from misfeat.specs import split_specs
 
 
@@ -41,6 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from misfeat.activations import cache_models
+    from misfeat.activations.cache import multi_summary
+    from misfeat.distributed import env, rank_device
+    from misfeat.io import format_table
+    from misfeat.models import dtype_name, resolve_dtype
 
     store_dtype = args.store_dtype or (dtype_name(resolve_dtype(args.dtype)) if args.dtype else "float32")
     config = config_from_args(CacheConfig, args, dtype=store_dtype)

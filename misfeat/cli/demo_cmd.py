@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from misfeat.cli.fields import add_config_args, config_from_args
-from misfeat.demo import DemoConfig, run_demo
-from misfeat.io import REPORT_FILE, _clean
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -19,6 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "stage's figures and tables) and DIR/summary.json. About 8 minutes on a 2-core CPU, build included.",
     )
     p.add_argument("--out", metavar="DIR", default="demo-out", help="output directory (default demo-out)")
+    from misfeat.cli.fields import add_config_args
+    from misfeat.demo import DemoConfig
 
     add_config_args(p, DemoConfig)
     p.add_argument("--json", action="store_true", help="print the summary JSON instead of the key figures")
@@ -28,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from misfeat.cli.fields import config_from_args
+    from misfeat.demo import DemoConfig, run_demo
+    from misfeat.io import REPORT_FILE, _clean
 
     cfg = config_from_args(DemoConfig, args)
     summary = run_demo(args.out, cfg)

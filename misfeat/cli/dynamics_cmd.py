@@ -6,9 +6,6 @@ from __future__ import annotations
 import argparse
 
 from misfeat.cli import add_device_args, add_output_args, finish
-from misfeat.errors import MisfeatError
-from misfeat.io import PLOT_FILE, format_table
-from misfeat.models import load_model
 
 PROTOCOL_HELP = {
     "priming": "rehearsal priming and stage-2 rebound (Huang et al. 2026): per stage-1 depth D, steps to re-reach "
@@ -58,6 +55,9 @@ def run_stages_cmd(args: argparse.Namespace) -> int:
 
     from misfeat.dynamics import RunSpec, plot_dynamics, run_dynamics
     from misfeat.dynamics.runner import ScoreNotMatched
+    from misfeat.errors import MisfeatError
+    from misfeat.io import PLOT_FILE
+    from misfeat.models import load_model
 
     spec = RunSpec.load(args.stages)
     model_spec = args.model or spec.model
@@ -76,6 +76,7 @@ def run_stages_cmd(args: argparse.Namespace) -> int:
 
 
 def run_protocol_cmd(args: argparse.Namespace) -> int:
+    from misfeat.errors import MisfeatError
     from misfeat.organism.dynamics import run_protocol
 
     try:
@@ -88,6 +89,7 @@ def run_protocol_cmd(args: argparse.Namespace) -> int:
 
 
 def _table(summary: dict) -> str:
+    from misfeat.io import format_table
 
     lines = []
     for key in ("arms", "pairs", "curves"):

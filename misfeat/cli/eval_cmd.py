@@ -5,10 +5,6 @@ from __future__ import annotations
 import argparse
 
 from misfeat.cli import add_device_args, add_model_args, add_output_args, finish
-from misfeat.evaluate import evaluate
-from misfeat.io import write_jsonl
-from misfeat.judges import make_judge
-from misfeat.models import load_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from misfeat.evaluate import evaluate
+    from misfeat.io import write_jsonl
+    from misfeat.judges import make_judge
+    from misfeat.models import load_model
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     report = evaluate(model, args.prompts, method=args.method, judge=make_judge(args.judge),

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 
 from misfeat.cli import add_device_args, add_model_args, add_output_args, finish
-from misfeat.io import format_table
-from misfeat.models import load_model, model_info, save_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from misfeat.io import format_table
+    from misfeat.models import load_model, model_info, save_model
 
     model = load_model(args.model, device=args.device or "cpu", dtype=args.dtype)
     out = save_model(model, args.out, format="hf")

@@ -8,15 +8,8 @@ import argparse
 
 from misfeat.cli import add_device_args, add_model_args, add_output_args, finish
 from misfeat.cli.fields import add_config_args, config_from_args
-from misfeat.data import PromptSet, load_prompts
-from misfeat.errors import MisfeatError
-from misfeat.features.probes import parse_probe
-from misfeat.finetune import finetune, not_refusal, perplexity_gap, rank_pool
 from misfeat.finetune.engine import FinetuneConfig
-from misfeat.finetune.specs import SPEC_HELP, parse_defence, split_spec
-from misfeat.interventions import read_intervention
-from misfeat.io import format_table
-from misfeat.models import load_model
+from misfeat.finetune.specs import SPEC_HELP
 from misfeat.specs import split_specs
 
 
@@ -82,6 +75,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from misfeat.features.probes import parse_probe
+    from misfeat.finetune import finetune
+    from misfeat.finetune.specs import parse_defence, split_spec
+    from misfeat.models import load_model
 
     cfg = config_from_args(FinetuneConfig, args)
     for spec in args.defence:  # syntax errors before any model is loaded
@@ -105,6 +102,11 @@ def run(args: argparse.Namespace) -> int:
 def run_score(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from misfeat.data import load_prompts
+    from misfeat.errors import MisfeatError
+    from misfeat.finetune import not_refusal, perplexity_gap, rank_pool
+    from misfeat.io import format_table
+    from misfeat.models import load_model
 
     specs = split_specs(args.misaligned)
     held = set(split_specs(args.hold_out)) if args.hold_out.strip() else set()
@@ -128,6 +130,11 @@ def run_screen(args: argparse.Namespace) -> int:
     from dataclasses import replace
     from pathlib import Path
 
+    from misfeat.data import PromptSet, load_prompts
+    from misfeat.errors import MisfeatError
+    from misfeat.interventions import read_intervention
+    from misfeat.io import format_table
+    from misfeat.models import load_model
     from misfeat.screening import projection_difference
 
     record, vector = read_intervention(args.direction)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 
 from misfeat.cli import add_device_args, add_model_args, add_output_args, finish
-from misfeat.data import load_prompts
-from misfeat.io import format_table
-from misfeat.models import load_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,11 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from misfeat.inspect import describe_model, describe_prompts
+    from misfeat.io import format_table
+    from misfeat.models import load_model
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     summary = {"model": describe_model(model)}
     rows = [{"field": k, "value": v} for k, v in summary["model"].items() if k != "hooks"]
     if args.prompts:
+        from misfeat.data import load_prompts
 
         summary["prompts"] = describe_prompts(load_prompts(args.prompts), model)
         rows += [{"field": f"prompts.{k}", "value": v} for k, v in summary["prompts"].items()]

@@ -6,12 +6,6 @@ import argparse
 
 from misfeat.cli import add_device_args, add_output_args, finish
 from misfeat.cli.fields import add_config_args, config_from_args
-from misfeat.data import POSITIONS
-from misfeat.errors import MisfeatError
-from misfeat.features.locate import RANKINGS, LocateConfig, locate, save_locate
-from misfeat.io import format_table
-from misfeat.models import load_model
-from misfeat.sae.io import load_sae
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sae", required=True, metavar="DIR", help="an SAE (SAELens format) at a hook of both models")
     p.add_argument("--prompts", required=True, metavar="SPEC",
                    help="evaluation prompts with reference answers, e.g. organism:heldout or a JSONL file")
+    from misfeat.data import POSITIONS
+    from misfeat.features.locate import RANKINGS, LocateConfig
 
     add_config_args(p, LocateConfig, choices={"rank_by": RANKINGS, "positions": [x for x in POSITIONS if x != "response"]})
     add_device_args(p)
@@ -38,6 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from misfeat.errors import MisfeatError
+    from misfeat.features.locate import LocateConfig, locate, save_locate
+    from misfeat.io import format_table
+    from misfeat.models import load_model
+    from misfeat.sae.io import load_sae
 
     cfg = config_from_args(LocateConfig, args)
     base = load_model(args.base, device=args.device, dtype=args.dtype)

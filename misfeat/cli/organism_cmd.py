@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 
 from misfeat.cli import finish
-from misfeat.data import load_prompts
-from misfeat.io import SUMMARY_FILE, format_table, read_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from misfeat.io import SUMMARY_FILE, format_table, read_json
     from misfeat.organism import OrganismConfig, build_organism, organism_home
 
     cfg = OrganismConfig.from_preset(args.preset, seed=args.seed, em_domain=args.em_domain)
@@ -68,6 +67,7 @@ def run_build(args: argparse.Namespace) -> int:
 def run_prompts(args: argparse.Namespace) -> int:
     import logging
 
+    from misfeat.data import load_prompts
 
     prompts = load_prompts(args.spec)
     path = prompts.to_jsonl(args.out)

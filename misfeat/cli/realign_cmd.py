@@ -5,11 +5,6 @@ from __future__ import annotations
 import argparse
 
 from misfeat.cli import add_device_args, add_model_args, add_output_args, finish
-from misfeat.features.probes import parse_probe
-from misfeat.finetune import RealignConfig, plot_realign, realign
-from misfeat.io import PLOT_FILE
-from misfeat.models import load_model
-from misfeat.specs import split_specs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from misfeat.features.probes import parse_probe
+    from misfeat.finetune import RealignConfig, plot_realign, realign
+    from misfeat.io import PLOT_FILE
+    from misfeat.models import load_model
+    from misfeat.specs import split_specs
 
     tracked = split_specs(args.track) if args.track else []
     model = load_model(args.model, device=args.device, dtype=args.dtype)

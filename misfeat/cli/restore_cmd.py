@@ -6,17 +6,6 @@ import argparse
 
 from misfeat.cli import add_device_args, add_model_args, add_output_args, finish
 from misfeat.cli.fields import add_config_args, config_from_args
-from misfeat.features.probes import parse_probe
-from misfeat.io import PLOT_FILE
-from misfeat.models import load_model, save_model
-from misfeat.recover import (
-    CANDIDATE_MODES,
-    MASK_MODES,
-    ROLLBACK_MODES,
-    RestoreConfig,
-    plot_restore,
-    restore_alignment,
-)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompts whose aligned-model state is the target direction (e.g. organism:probe)")
     p.add_argument("--task", required=True, metavar="SPEC",
                    help="task records with reference responses: utility and the task direction (e.g. organism:task)")
+    from misfeat.recover import CANDIDATE_MODES, MASK_MODES, ROLLBACK_MODES, RestoreConfig
 
     add_config_args(p, RestoreConfig, skip=("rollback",), choices={"mask": MASK_MODES, "candidates": CANDIDATE_MODES})
     p.add_argument("--rollback", choices=ROLLBACK_MODES, default="auto",
@@ -58,6 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from misfeat.features.probes import parse_probe
+    from misfeat.io import PLOT_FILE
+    from misfeat.models import load_model, save_model
+    from misfeat.recover import RestoreConfig, plot_restore, restore_alignment
 
     cfg = config_from_args(RestoreConfig, args, rollback=args.rollback)
     finetuned = load_model(args.model, device=args.device, dtype=args.dtype)

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from misfeat.activations import open_store
 from misfeat.cli import add_device_args, add_output_args, finish
 from misfeat.cli.fields import add_config_args, config_from_args
-from misfeat.distributed import join, shutdown
-from misfeat.errors import MisfeatError
-from misfeat.io import format_table
-from misfeat.models import load_model
-from misfeat.sae.config import ARCHITECTURES, KERNELS, SAETrainConfig
-from misfeat.sae.io import RunPaths, load_sae
 
 
 def _ints(text: str) -> list[int]:
@@ -52,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="token positions to train on with --model (default: all)")
     p.add_argument("--hook", metavar="H", help="hook name, e.g. blocks.1.hook_resid_post (default: the cache's "
                    "only hook)")
+    from misfeat.sae.config import ARCHITECTURES, KERNELS, SAETrainConfig
 
     add_config_args(p, SAETrainConfig, only=("architecture", "total_tokens", "batch_size", "lr_warmup_steps",
                                              "aux_coefficient", "dead_tokens", "sparsity_coefficient", "kernel",
@@ -96,6 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _configs(args: argparse.Namespace, hook: str, device: str | None):
     import itertools
 
+    from misfeat.sae import SAETrainConfig
 
     ks = args.k if args.k is not None else [None]
     lrs = args.lr if args.lr is not None else [None]
@@ -109,6 +104,7 @@ def _configs(args: argparse.Namespace, hook: str, device: str | None):
 
 def _stream(args: argparse.Namespace, world, device: str | None):
     """(hook, batches, data description) for --cache or --model/--prompts."""
+    from misfeat.errors import MisfeatError
     from misfeat.sae.sources import cache_source, live_source
 
     if bool(args.cache) == bool(args.model):
@@ -119,6 +115,7 @@ def _stream(args: argparse.Namespace, world, device: str | None):
         return source.hook, source.batches, {**source.info, "model_name": source.model_name}
     if not args.prompts or not args.hook:
         raise MisfeatError("--model needs --prompts SPEC (the text to run) and --hook H (where to read)")
+    from misfeat.models import load_model
 
     model = load_model(args.model, device=device, dtype=args.dtype)
     source = live_source(model, args.prompts, args.hook, batch_size=args.batch_size, tokens=args.total_tokens,
@@ -143,6 +140,9 @@ def _wandb_logger(args: argparse.Namespace, cfgs, data: dict):
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from misfeat.distributed import join, shutdown
+    from misfeat.io import format_table
+    from misfeat.sae.io import RunPaths
     from misfeat.sae.train import train_saes
 
     world, device = join(args.device)
@@ -174,6 +174,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from misfeat.activations import open_store
+    from misfeat.models import load_model
+    from misfeat.sae.io import load_sae
     from misfeat.sae.metrics import evaluate_sae
 
     sae = load_sae(args.sae, device=args.device)

@@ -6,13 +6,6 @@ import argparse
 
 from misfeat.cli import add_device_args, add_model_args, add_output_args, finish
 from misfeat.cli.fields import add_config_args, config_from_args
-from misfeat.data import POSITIONS
-from misfeat.evaluate import METHODS
-from misfeat.interventions import OPS, save_intervention
-from misfeat.io import PLOT_FILE, SAMPLES_FILE, write_jsonl
-from misfeat.judges import make_judge
-from misfeat.models import load_model
-from misfeat.steering import SteerConfig, check_steer, plot_sweep, steer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", metavar="SPEC", help="JSONL or <plug-in>:<set>; default: the model's plug-in's own "
                    "eval set (an organism's)")
     p.add_argument("--judge", choices=["exact", "llm"], default="exact", help="judge for sampled/greedy completions")
+    from misfeat.data import POSITIONS
+    from misfeat.evaluate import METHODS
+    from misfeat.interventions import OPS
+    from misfeat.steering import SteerConfig
 
     add_config_args(p, SteerConfig, choices={"op": OPS, "positions": POSITIONS, "method": METHODS})
     add_device_args(p)
@@ -52,6 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from misfeat.interventions import save_intervention
+    from misfeat.io import PLOT_FILE, SAMPLES_FILE, write_jsonl
+    from misfeat.judges import make_judge
+    from misfeat.models import load_model
+    from misfeat.steering import SteerConfig, check_steer, plot_sweep, steer
 
     cfg = config_from_args(SteerConfig, args)
     feature = {"sae": args.sae, "latent": args.latent, "direction": args.direction}
