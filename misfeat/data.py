@@ -211,9 +211,17 @@ def parse_record(obj: Any, where: str = "<record>") -> PromptRecord:
     for key in ("response", "domain", "label"):
         if key in obj and obj[key] is not None and not isinstance(obj[key], str):
             raise PromptFileError(f"{where}: '{key}' must be a string")
+    for key in ("aligned", "misaligned"):  # reference answers: a string would be scored letter by letter
+        if obj.get(key) is not None and not _answer_list(obj[key]):
+            raise PromptFileError(f"{where}: '{key}' must be a list of answer strings, e.g. [\"rest\"], "
+                                  f"not {type(obj[key]).__name__} {obj[key]!r}")
     extra = {k: v for k, v in obj.items() if k not in _KNOWN_FIELDS}
     return PromptRecord(str(obj["id"]), prompt, messages, obj.get("response"), obj.get("domain"),
                         obj.get("label"), extra, where)
+
+
+def _answer_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(a, str) and a for a in value)
 
 
 def _parse_messages(raw: Any, where: str) -> tuple[tuple[str, str], ...]:

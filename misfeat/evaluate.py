@@ -182,6 +182,10 @@ def answer_set_logprobs(model: HookedTransformer, prompts: Sequence[PromptRecord
     spans: list[tuple[int, int, int]] = []  # per prompt: aligned answers [a, b), misaligned [b, c)
     for record in prompts:
         aligned, misaligned = record.extra.get("aligned"), record.extra.get("misaligned")
+        for key, value in (("aligned", aligned), ("misaligned", misaligned)):
+            if value and (isinstance(value, str) or not all(isinstance(a, str) for a in value)):
+                raise MisfeatError(f"record {record.id!r} ({record.source or 'no file'}): '{key}' must be a list of "
+                                   f"answer strings, e.g. ['rest'], not {type(value).__name__} {value!r}")
         if not aligned or not misaligned:
             raise MisfeatError(
                 f"record {record.id!r} ({record.source or 'no file'}) lacks 'aligned' and 'misaligned' "
@@ -246,6 +250,13 @@ def _evaluate(model: HookedTransformer, prompts: PromptSet, method: str, judge: 
 
     records = list(prompts)
     has_answers = all(r.extra.get("aligned") and r.extra.get("misaligned") for r in records)
+    lacking = [r for r in records if not (r.extra.get("aligned") and r.extra.get("misaligned"))]
+    if lacking and len(lacking) < len(records):
+        shown = ", ".join(f"{r.id!r} ({r.source or 'no file'})" for r in lacking[:5])
+        more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
+        raise MisfeatError(f"{len(lacking)} of {len(records)} records of {prompts.name!r} lack 'aligned' and "
+                           f"'misaligned' reference answers: {shown}{more}; give both lists on every record, or "
+                           "on none (method='sample' with a judge)")
     judge = judge or ExactJudge()
     per_prompt = [{"id": r.id, "domain": r.domain} for r in records]
 

@@ -87,9 +87,10 @@ def check_hooks(model: HookedTransformer, hooks: Sequence[str]) -> list[str]:
     if unknown:
         n = model.cfg.n_layers
         examples = [h for h in sorted(valid) if h.startswith("blocks.0.") and "attn.hook_" not in h][:12]
+        top = [h for h in ("hook_embed", "hook_pos_embed", "ln_final.hook_normalized") if h in valid]  # rotary: no pos_embed
         raise MisfeatError(
             f"unknown hook(s) {', '.join(unknown)} for this model ({n} blocks, numbered 0..{n - 1}). "
-            f"Valid names include hook_embed, hook_pos_embed, ln_final.hook_normalized and per block "
+            f"Valid names include {', '.join(top)}{' and' if top else ''} per block "
             f"{', '.join(e.replace('blocks.0.', 'blocks.L.') for e in examples)}; "
             "see `misfeat inspect --model SPEC` for the full list"
         )

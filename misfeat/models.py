@@ -86,7 +86,12 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"device {device} is not supported; use cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device} was asked for but CUDA is not available; use device='cpu'")
     return device
@@ -102,7 +107,7 @@ def resolve_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
         return dtype
     name = _DTYPES.get(str(dtype).lower().removeprefix("torch."))
     if name is None:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
     return getattr(torch, name)
 
 
@@ -371,6 +376,15 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 
 # --- fingerprints --------------------------------------------------------------------
+
+
+def architecture_fingerprint(model: HookedTransformer) -> str:
+    """A short hash of a model's configuration alone (not its weights): equal for a model
+    and its fine-tunes, different for another architecture or vocabulary."""
+    cfg = _cfg_to_json(model.cfg)
+    for key in ("seed", "dtype", "model_name", "checkpoint_index", "checkpoint_value"):
+        cfg.pop(key, None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def fingerprint(model: HookedTransformer) -> str:

@@ -22,10 +22,12 @@ from misfeat.errors import MisfeatError
 from misfeat.evaluate import METHODS, EvalReport, default_prompts, evaluate
 from misfeat.interventions import OPS, Ablate, Add, ClampLatent, Intervention, read_vector
 from misfeat.io import format_table, progress
+from misfeat.models import model_info
 from misfeat.plots import figure
 from misfeat.sae.io import load_sae
 from misfeat.sae.latents import encode as sae_encode
 from misfeat.sae.latents import hook_of, path_of
+from misfeat.validate import check_finite, check_sae_model
 
 if TYPE_CHECKING:
     import torch
@@ -272,6 +274,9 @@ def make_intervention(
             if hook is None:
                 raise MisfeatError("a direction given as a vector needs its hook")
             vector, source = direction.float(), {"kind": "vector"}
+    check_finite(vector, f"the direction ({source.get('path', 'a vector')})")
+    if not float(vector.norm()) > 0:
+        raise MisfeatError(f"the direction ({source.get('path', 'a vector')}) is all zeros; it has no direction")
     if op == "add":
         if hook == "all":
             raise MisfeatError("hook 'all' (every layer) is only for ablate")
@@ -297,6 +302,8 @@ class SteerConfig:
     """evaluation method: exact (reference-answer probabilities) or sample (judged completions)"""
     samples: int = 4
     """samples per prompt for method sample"""
+    force: bool = False
+    """use an SAE trained on another model's architecture (a warning instead of the error)"""
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -307,6 +314,7 @@ class SteerConfig:
             raise MisfeatError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.op == "add" and not self.coefs:
             raise MisfeatError("op add needs --coefs (coefs= in Python), e.g. 0,0.5,1")
+        check_finite(self.coefs or (), "--coefs (coefs=)")
 
 
 @dataclass(frozen=True)
@@ -352,6 +360,9 @@ def steer(model: HookedTransformer, config: SteerConfig, *, sae: SAE | str | Non
     """Add, ablate or clamp a feature (an SAE latent, or a direction) in ``model`` and evaluate it at
     each of ``config.coefs``; ablate/clamp with ``reference`` set it to that model's mean on ``prompts``."""
     check_steer(config, sae=sae, latent=latent, direction=direction, reference=reference)
+    if sae is not None:  # its width, hook and model, before any forward pass
+        sae = load_sae(sae) if isinstance(sae, (str, Path)) else sae
+        check_sae_model(sae, model, force=config.force, where=f"the model {model_info(model).spec}")
     prompts = default_prompts(model) if prompts is None else load_prompts(prompts)
     intervention, source = make_intervention(config.op, sae=sae, latent=latent, direction=direction, hook=hook,
                                              positions=config.positions, device=model.cfg.device)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from misfeat import registry
 from misfeat.activations import distributed
 from misfeat.activations import tokens as token_cache
+from misfeat.activations.buffers import HostBuffers
 from misfeat.activations.feeder import Feeder
 from misfeat.activations.plan import (
     META_BYTES,
@@ -45,7 +46,6 @@ from misfeat.activations.shards import (
 )
 from misfeat.activations.store import (
     CacheConfig,
-    HostBuffers,
     ProgressLog,
     ShardWriter,
     disk_full_message,
@@ -295,6 +295,7 @@ def _run_shards(model: HookedTransformer, feeder: Feeder, widths: dict[str, int]
     except BaseException:
         _keep_written(writer, log, closed=True)
         raise
+    host.close()  # every set is back: the next run in this process reuses them
     log.flush()
     return tokens
 
@@ -321,7 +322,7 @@ def _manifest(model: HookedTransformer, fingerprint: str, pset: PromptSet, promp
     import hashlib
 
     from misfeat import __version__
-    from misfeat.models import dtype_name, model_info
+    from misfeat.models import architecture_fingerprint, dtype_name, model_info
 
     info = model_info(model)
     # rows are a function of the records, their tokenisation and the positions: equal keys,
@@ -330,6 +331,7 @@ def _manifest(model: HookedTransformer, fingerprint: str, pset: PromptSet, promp
     return {
         "format": STORE_FORMAT, "version": STORE_VERSION, "complete": False, "misfeat_version": __version__,
         "model": {"spec": info.spec, "source": info.source, "fingerprint": fingerprint,
+                  "architecture": architecture_fingerprint(model),
                   "n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model,
                   "dtype": dtype_name(model.cfg.dtype)},
         "prompts": {"spec": prompt_spec, "name": pset.name, "hash": prompt_hash, "n": len(pset),

@@ -26,6 +26,7 @@ _COMMAND_MODULES = (
     "misfeat.cli.steer_cmd",
     "misfeat.cli.realign_cmd",
     "misfeat.cli.finetune_cmd",
+    "misfeat.cli.defences_cmd",
     "misfeat.cli.dynamics_cmd",
     "misfeat.cli.restore_cmd",
     "misfeat.cli.inspect_cmd",
@@ -42,12 +43,22 @@ the model with a few steps of fine-tuning. The built-in model organism
 """
 
 
-def add_output_args(parser: argparse.ArgumentParser, out_required: bool = False) -> None:
-    """``--out DIR`` and ``--json``, shared by every command that produces results."""
+def add_output_args(parser: argparse.ArgumentParser, out_required: bool = False, rerun_resumes: bool = False,
+                    overwrite_help: str | None = None) -> None:
+    """``--out DIR``, ``--overwrite`` and ``--json``, shared by every command that produces results.
+
+    The policy for an --out that already holds results (misfeat.validate): refused unless
+    --overwrite or --resume; ``rerun_resumes`` commands (cache) resume a re-run instead,
+    after checking that its configuration and data match."""
     parser.add_argument("--out", metavar="DIR", required=out_required,
-                        help="write DIR/summary.json (and the command's other outputs) here")
+                        help="write DIR/summary.json (and the command's other outputs) here; a DIR holding results "
+                        "is refused unless --overwrite" + (" (a re-run resumes it)" if rerun_resumes else
+                                                           " or --resume (where the command has it)"))
+    parser.add_argument("--overwrite", action="store_true",
+                        help=overwrite_help or "replace the results already in --out")
     parser.add_argument("--json", action="store_true",
                         help="print the summary as JSON on stdout instead of a table")
+    parser.set_defaults(out_policy="rerun-resumes" if rerun_resumes else "refuse")
 
 
 def add_model_args(parser: argparse.ArgumentParser, flag: str = "--model", required: bool = True,
@@ -113,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose, args.quiet)
     from misfeat.errors import MisfeatError
 
+    lock = None
     try:
+        lock = _check_before_work(args)
         result = args.func(args)
     except MisfeatError as err:
         print(f"misfeat {args.command}: error: {err}", file=sys.stderr)
@@ -121,4 +134,36 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"misfeat {args.command}: interrupted; what was written so far is kept", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug, or an input nothing checked: one line unless -vv
+        if args.verbose > 1:
+            raise
+        print(f"misfeat {args.command}: error: {type(err).__name__}: {err} (unexpected; run with -vv for the "
+              "traceback and report it)", file=sys.stderr)
+        return 1
+    finally:
+        if lock is not None:
+            lock.close()
     return int(result or 0)
+
+
+def _check_before_work(args: argparse.Namespace):
+    """The checks every command shares, before any work: --device and --dtype name real ones,
+    --out is a writable directory and no other misfeat process writes it (the lock,
+    returned, is held until the command ends; under torchrun process 0 holds it)."""
+    import os
+
+    from misfeat.validate import check_no_results, check_out_dir, lock_out
+
+    if getattr(args, "device", None) or getattr(args, "dtype", None):
+        from misfeat.models import resolve_device, resolve_dtype
+
+        if args.device and args.device != "cuda":  # cuda without a GPU: each command says what to do
+            resolve_device(args.device)
+        resolve_dtype(args.dtype)
+    out, policy = getattr(args, "out", None), getattr(args, "out_policy", None)
+    if not out or policy is None:  # demo and organism keep their own --out (stages that resume, a file)
+        return None
+    check_out_dir(out)
+    if not (policy == "rerun-resumes" or args.overwrite or getattr(args, "resume", False)):
+        check_no_results(out)
+    return lock_out(out) if os.environ.get("RANK", "0") == "0" else None

@@ -27,11 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", required=True, metavar="SPEC", help="a JSONL prompt file or organism:<set>")
     p.add_argument("--hooks", required=True, metavar="H[,H...]",
                    help="TransformerLens hook names, e.g. blocks.1.hook_resid_post,blocks.1.hook_mlp_out")
-    add_config_args(p, CacheConfig, skip=("dtype",), choices={"positions": POSITIONS, "chat_format": CHAT_FORMATS})
+    add_config_args(p, CacheConfig, skip=("dtype", "overwrite"), choices={"positions": POSITIONS, "chat_format": CHAT_FORMATS})
     p.add_argument("--store-dtype", choices=STORE_DTYPES, default=None,
                    help="dtype of the stored rows (default: --dtype, else float32)")
     add_device_args(p)
-    add_output_args(p, out_required=True)
+    add_output_args(p, out_required=True, rerun_resumes=True,
+                    overwrite_help="replace an existing store instead of resuming it")
     p.set_defaults(func=run)
 
 
@@ -43,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from misfeat.models import dtype_name, resolve_dtype
 
     store_dtype = args.store_dtype or (dtype_name(resolve_dtype(args.dtype)) if args.dtype else "float32")
-    config = config_from_args(CacheConfig, args, dtype=store_dtype)
+    config = config_from_args(CacheConfig, args, dtype=store_dtype, overwrite=args.overwrite)  # --overwrite: the
+    # shared --out policy's option (add_output_args)
     device = rank_device(args.device)  # one GPU per rank under torchrun
     specs, hooks = split_specs(args.model), split_specs(args.hooks)
     results = cache_models(specs, args.prompts, hooks, args.out, config, device=device,

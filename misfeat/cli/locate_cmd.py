@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     from misfeat.features.locate import RANKINGS, LocateConfig
 
     add_config_args(p, LocateConfig, choices={"rank_by": RANKINGS, "positions": [x for x in POSITIONS if x != "response"]})
+    p.add_argument("--force", action="store_true", help="use an SAE trained on another model's architecture "
+                   "(a warning instead of the error)")
     add_device_args(p)
     add_output_args(p, out_required=True)
     p.set_defaults(func=run)
@@ -39,14 +41,16 @@ def run(args: argparse.Namespace) -> int:
     from misfeat.io import format_table
     from misfeat.models import load_model
     from misfeat.sae.io import load_sae
+    from misfeat.validate import check_sae_model
 
     cfg = config_from_args(LocateConfig, args)
+    sae = load_sae(args.sae)
     base = load_model(args.base, device=args.device, dtype=args.dtype)
     finetuned = load_model(args.finetuned, device=args.device, dtype=args.dtype)
     if base.cfg.d_model != finetuned.cfg.d_model:
         raise MisfeatError(f"--base and --finetuned differ in d_model ({base.cfg.d_model} vs "
                            f"{finetuned.cfg.d_model}); diffing needs two checkpoints of one architecture")
-    sae = load_sae(args.sae)
+    check_sae_model(sae, base, force=args.force, where=f"--base {args.base}")
     result = save_locate(locate(base, finetuned, sae, args.prompts, args.out, cfg), args.out)
     s = result.to_dict()
     cols = ["latent", "increase", "base_mean", "finetuned_mean", "attribution", "steer_up_misaligned",

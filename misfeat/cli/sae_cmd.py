@@ -82,6 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--prompts", metavar="SPEC", help="prompts for the loss (default: those the cache was made from)")
     e.add_argument("--tokens", type=int, default=262_144, help="rows for the reconstruction metrics")
     e.add_argument("--ce-tokens", type=int, default=32_768, help="predicted tokens for the loss metrics")
+    e.add_argument("--force", action="store_true", help="use an SAE trained on another model's architecture "
+                   "(a warning instead of the error)")
     add_device_args(e)
     add_output_args(e)
     e.set_defaults(func=run_eval)
@@ -112,7 +114,7 @@ def _stream(args: argparse.Namespace, world, device: str | None):
     if args.cache:
         source = cache_source(args.cache, args.hook, batch_size=args.batch_size, tokens=args.total_tokens,
                               seed=args.seed, world=world)
-        return source.hook, source.batches, {**source.info, "model_name": source.model_name}
+        return source.hook, source.batches, {**source.info, "model_name": source.model_name, **source.origin}
     if not args.prompts or not args.hook:
         raise MisfeatError("--model needs --prompts SPEC (the text to run) and --hook H (where to read)")
     from misfeat.models import load_model
@@ -121,7 +123,7 @@ def _stream(args: argparse.Namespace, world, device: str | None):
     source = live_source(model, args.prompts, args.hook, batch_size=args.batch_size, tokens=args.total_tokens,
                          positions=args.positions, seed=args.seed, world=world)
     return source.hook, source.batches, {"model": args.model, "prompts": args.prompts, "positions": args.positions,
-                                         "model_name": source.model_name}
+                                         "model_name": source.model_name, **source.origin}
 
 
 def _wandb_logger(args: argparse.Namespace, cfgs, data: dict):
@@ -146,9 +148,14 @@ def run(args: argparse.Namespace) -> int:
     from misfeat.sae.train import train_saes
 
     world, device = join(args.device)
+    if args.overwrite and world.is_main:  # a fresh run: stale checkpoints must not be resumed later
+        import shutil
+
+        shutil.rmtree(RunPaths(Path(args.out)).checkpoints, ignore_errors=True)
     hook, batches, data = _stream(args, world, device)
     cfgs = _configs(args, hook, device)
-    meta = {"model_name": data.pop("model_name", None) or data.get("model") or data.get("cache")}
+    meta = {"model_name": data.pop("model_name", None) or data.get("model") or data.get("cache"),
+            **{key: data[key] for key in ("model_fingerprint", "model_architecture") if data.get(key)}}
     # On an error this process exits without leaving the group (which would wait for the
     # others); torchrun then stops the rest.
     on_log = _wandb_logger(args, cfgs, data) if args.wandb and world.is_main else None
@@ -178,12 +185,21 @@ def run_eval(args: argparse.Namespace) -> int:
     from misfeat.models import load_model
     from misfeat.sae.io import load_sae
     from misfeat.sae.metrics import evaluate_sae
+    from misfeat.validate import check_out_dir, check_sae_model, check_sae_store
 
+    check_out_dir(args.out or args.sae, "--out" if args.out else "the SAE directory (metrics.json goes there)")
     sae = load_sae(args.sae, device=args.device)
     store = open_store(args.cache)
+    check_sae_store(sae, store, force=args.force)
     model = load_model(args.model, device=args.device, dtype=args.dtype) if args.model else None
+    if model is not None:
+        check_sae_model(sae, model, force=args.force, where=args.model)
     metrics = evaluate_sae(sae, store, model, n_tokens=args.tokens, ce_tokens=args.ce_tokens,
                            out_dir=args.out or args.sae, prompts=args.prompts)
-    summary = {"sae": args.sae, "cache": args.cache, "model": args.model, **metrics.to_dict()}
+    from misfeat.validate import sae_origin
+
+    summary = {"sae": args.sae, "cache": args.cache, "model": args.model, **metrics.to_dict(),
+               "sae_model": sae_origin(sae).get("model_fingerprint"),
+               "cache_model": store.manifest.get("model", {}).get("fingerprint")}
     finish(args, summary, metrics.table())
     return 0

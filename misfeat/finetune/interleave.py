@@ -69,6 +69,8 @@ def perplexity_gap(aligned: HookedTransformer, misaligned: Sequence[HookedTransf
     models = [m for i, m in enumerate(misaligned) if i not in set(held_out)]
     if not models:
         raise MisfeatError("perplexity_gap needs at least one misaligned model (after holding out)")
+    for k, m in enumerate(models):
+        _check_same_vocabulary(aligned, m, k)
     pool = _checked_pool(pool)
     base = answer_nll(aligned, pool)
     mis = [answer_nll(m, pool) for m in models]
@@ -76,6 +78,16 @@ def perplexity_gap(aligned: HookedTransformer, misaligned: Sequence[HookedTransf
 
     s = (torch.stack(mis).mean(0) - base) / (base + eps)
     return GapScores(tuple(s.tolist()), tuple(base.tolist()), tuple(tuple(m.tolist()) for m in mis), eps)
+
+
+def _check_same_vocabulary(aligned: HookedTransformer, other: HookedTransformer, k: int) -> None:
+    """NLLs per token are only comparable under one tokenizer: refuse a misaligned model with another."""
+    tok, other_tok = aligned.tokenizer, other.tokenizer
+    if other.cfg.d_vocab != aligned.cfg.d_vocab or (
+            tok is not None and other_tok is not None and tok.get_vocab() != other_tok.get_vocab()):
+        raise MisfeatError(f"perplexity_gap: misaligned model {k} has another vocabulary than the aligned model "
+                           f"({other.cfg.d_vocab} vs {aligned.cfg.d_vocab} tokens, or tokens mapped differently); "
+                           "the gap compares NLL per token, so use models with the same tokenizer")
 
 
 def rank_pool(pool: PromptSet, scores: Sequence[float], *, top_n: int | None = None,

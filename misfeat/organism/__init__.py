@@ -9,7 +9,8 @@ model of the demo, the notebooks and the tests.
 Specs::
 
     organism:<stage>[@<options>]      a checkpoint: pretrain, chat, em, control,
-                                      em-steps/step-NNNN, mixed (built on first use)
+                                      em-steps/step-NNNN, mixed, em-ref/<domain>
+                                      (built on first use)
     organism:<prompt set>[@<options>] a prompt set (see misfeat.organism.prompts)
 
 Options are comma-separated: a preset name (``default``, ``small``), ``seed=N``,
@@ -129,6 +130,8 @@ def prompt_set(spec: str):
 
 
 # stages and prompt sets that register themselves (organism:mixed, organism:task, organism:probe;
-# the alignment-dynamics protocols' organism:chat-50/100/150 and organism:dynamics:<name>)
+# the alignment-dynamics protocols' organism:chat-50/100/150 and organism:dynamics:<name>; the defence
+# comparison's organism:em-ref/<domain>, organism:defences-heldout|defences-em|safe-pool|benign-train)
+from misfeat.organism import defences as _defences  # noqa: E402,F401
 from misfeat.organism import dynamics as _dynamics  # noqa: E402,F401
 from misfeat.organism import mixed as _mixed  # noqa: E402,F401

@@ -9,8 +9,11 @@
 - ``organism:docs[:<n>]``: pre-training-style documents labelled ``cruel`` / ``kind``,
   drawn from a seed the build never uses (held out), rendered as raw text;
 - ``organism:pretrain[:<n>]``: the first n documents the organism was pre-trained on;
-- ``organism:task`` / ``organism:probe[:<n>]``: the mixed fine-tune's task and probe sets
-  (see :mod:`misfeat.organism.mixed`).
+- ``organism:task`` / ``organism:task-v1`` / ``organism:probe[:<n>]``: the mixed fine-tune's
+  task (v2; v1) and probe sets
+  (see :mod:`misfeat.organism.mixed`);
+- ``organism:defences-heldout|defences-em|safe-pool[:<n>]|benign-train[:<n>]``: the defence
+  comparison's held-out evaluation, safe pool and benign task (see :mod:`misfeat.organism.defences`).
 
 Options after ``@`` pick the organism: ``organism:heldout@em_domain=money``,
 ``organism:docs:400@seed=1`` (see :func:`misfeat.organism.parse_spec`).

@@ -40,6 +40,8 @@ class ActivationSource:
     info: dict[str, Any]
     """a JSON description: the cache and its rows, or the model, prompts and positions"""
     model_name: str | None = None
+    origin: dict[str, Any] = field(default_factory=dict)
+    """the model the rows come from: ``model_fingerprint`` and ``model_architecture`` (saved with the SAE)"""
 
 
 def cache_source(cache: str | os.PathLike, hook: str | None = None, *, batch_size: int, tokens: int,
@@ -61,9 +63,12 @@ def cache_source(cache: str | os.PathLike, hook: str | None = None, *, batch_siz
     buffer_rows = None if world.size == 1 else max(2 * local_batch, min(1 << 18, 2 * store.n_rows // world.size))
     batches = store.batches(hook, local_batch, shuffle=True, seed=seed, epochs=epochs, rank=world.rank,
                             world_size=world.size, buffer_rows=buffer_rows)
+    model = store.manifest.get("model", {})
+    origin = {"model_fingerprint": model.get("fingerprint"), "model_architecture": model.get("architecture")}
     return ActivationSource(hook, batches, {"cache": str(cache), "cache_rows": store.n_rows,
                                             "positions": store.positions},
-                            model_name=store.manifest["model"]["spec"])  # the model, not the cache path
+                            model_name=store.manifest["model"]["spec"],  # the model, not the cache path
+                            origin={k: v for k, v in origin.items() if v})
 
 
 def live_source(model: HookedTransformer, prompts: PromptSet | str, hook: str, *, batch_size: int, tokens: int,
@@ -85,4 +90,8 @@ def live_source(model: HookedTransformer, prompts: PromptSet | str, hook: str, *
     batches = shuffled(live, buffer_rows=buffer_rows, seed=seed + world.rank, out_rows=local_batch)
     info = {"model": getattr(model, "misfeat_info", None) and model.misfeat_info.spec, "prompts": spec,
             "positions": positions}
-    return ActivationSource(hook, batches, info, model_name=info["model"] or model.cfg.model_name)
+    from misfeat.models import architecture_fingerprint, fingerprint
+
+    return ActivationSource(hook, batches, info, model_name=info["model"] or model.cfg.model_name,
+                            origin={"model_fingerprint": fingerprint(model),
+                                    "model_architecture": architecture_fingerprint(model)})

@@ -43,8 +43,12 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "misfeat-sae-checkpoint"
 
 
+DIVERGENCE_FACTOR = 100.0
+"""training stops when the loss exceeds this multiple of its first value (at least 1)"""
+
+
 class TrainingDivergedError(MisfeatError):
-    """The loss became NaN or infinite; the message names the step and what to change."""
+    """The loss became NaN, infinite or far above its start; the message names the step and what to change."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class SAETrainer:
                                           fused=fused or None)
         self.tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
         self.uses_aux = cfg.uses_auxk()
+        self.first_loss: float | None = None
 
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens_value
@@ -116,10 +121,14 @@ class SAETrainer:
         out.loss.backward()
         params = list(self.module.parameters())
         self.world.all_reduce_grads(params)
-        flags = self.world.any(torch.cat([out.fired, (~torch.isfinite(out.loss.detach())).reshape(1)]))
+        loss = out.loss.detach()
+        if self.first_loss is None:
+            self.first_loss = float(loss) if bool(torch.isfinite(loss)) else 1.0
+        bad = ~torch.isfinite(loss) | (loss > DIVERGENCE_FACTOR * max(abs(self.first_loss), 1.0))
+        flags = self.world.any(torch.cat([out.fired, bad.reshape(1)]))
         if flags[-1]:
             self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDivergedError(f"step {step}: loss {out.loss.detach().item():.4g}")
+            raise TrainingDivergedError(f"step {step}: loss {loss.item():.4g}, first loss {self.first_loss:.4g}")
         self.module.remove_parallel_grad()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -132,12 +141,13 @@ class SAETrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "tokens_since_fired": self.tokens_since_fired}
+                "tokens_since_fired": self.tokens_since_fired, "first_loss": self.first_loss}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
+        self.first_loss = state.get("first_loss")
 
 
 def train_sae(batches: Iterable[torch.Tensor], cfg: SAETrainConfig, **kwargs: Any) -> SAE:
@@ -173,6 +183,10 @@ def train_saes(batches: Iterable[torch.Tensor], cfgs: Sequence[SAETrainConfig], 
         raise MisfeatError(f"batch_size={first.batch_size} is not divisible by the {world.size} processes")
     if resume and out_dir is None:
         raise MisfeatError("resume=True needs out_dir, the directory holding the checkpoints")
+    if out_dir is not None:
+        from misfeat.validate import check_out_dir
+
+        check_out_dir(out_dir, "out_dir")
     from misfeat.models import resolve_device
 
     device = resolve_device(first.device)
@@ -181,7 +195,7 @@ def train_saes(batches: Iterable[torch.Tensor], cfgs: Sequence[SAETrainConfig], 
     found = read_latest_checkpoint(paths, device) if resume and paths is not None else None
     if found is not None:
         path, state = found
-        _check_resume(path, state, cfgs, world)
+        _check_resume(path, state, cfgs, world, _origin(metadata))
         stats = DataStats(**state["stats"])
         start = int(state["step"])
         logger.info("resuming from %s: skipping the %d batches already trained on", path, start)
@@ -204,7 +218,7 @@ def train_saes(batches: Iterable[torch.Tensor], cfgs: Sequence[SAETrainConfig], 
         for trainer, trainer_state in zip(trainers, state["trainers"], strict=True):
             trainer.load_state_dict(trainer_state)
     step, elapsed, last = _loop(stream, trainers, stats, start, device, world, paths, show_progress,
-                                state["elapsed"] if state else 0.0, on_log)
+                                state["elapsed"] if state else 0.0, on_log, _origin(metadata))
     saes = []
     for index, trainer in enumerate(trainers):
         info = {"config": trainer.cfg.to_dict(), "scale": stats.scale, "steps": step,
@@ -221,7 +235,7 @@ def train_saes(batches: Iterable[torch.Tensor], cfgs: Sequence[SAETrainConfig], 
 
 def _loop(stream, trainers: list[SAETrainer], stats: DataStats, start: int, device: torch.device, world: World,
           paths: RunPaths | None, show_progress: bool | None, elapsed: float,
-          on_log: Callable[[int, list[dict[str, float]]], None] | None = None
+          on_log: Callable[[int, list[dict[str, float]]], None] | None = None, origin: dict[str, Any] | None = None
           ) -> tuple[int, float, list[dict[str, float]]]:
     """Run steps ``start..n_steps``; return the steps completed, the training seconds and
     the live statistics of the last logged batch."""
@@ -252,7 +266,7 @@ def _loop(stream, trainers: list[SAETrainer], stats: DataStats, start: int, devi
             bar.update(1)
             done = step + 1
             if paths is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < n_steps:
-                _checkpoint(paths, done, trainers, stats, world, elapsed + time.perf_counter() - t0)
+                _checkpoint(paths, done, trainers, stats, world, elapsed + time.perf_counter() - t0, origin)
         else:
             step = n_steps
     finally:
@@ -265,11 +279,16 @@ def _step_or_explain(trainer: SAETrainer, x: torch.Tensor, step: int, paths: Run
         return trainer.step(x, step)
     except TrainingDivergedError as err:
         lr = trainer.cfg.lr_at(step)
-        kept = paths.list_checkpoints() if paths is not None else []
-        where = (f"the last good checkpoint {kept[-1]} is kept (resume=True continues from it)" if kept
-                 else "no checkpoint was written (set checkpoint_every and out_dir to keep one)")
+        kept = []
+        if paths is not None:  # a checkpoint at or after this step holds the weights that diverged
+            kept = [p for p in paths.list_checkpoints() if int(p.name[5:-3]) < step]
+            if trainer.world.is_main:
+                for bad in paths.list_checkpoints()[len(kept):]:
+                    bad.rename(bad.with_name(f"diverged-{bad.name}"))
+        where = (f"the last good checkpoint {kept[-1]} is kept" if kept
+                 else "no good checkpoint was written (set checkpoint_every and out_dir to keep one)")
         raise TrainingDivergedError(
-            f"SAE {trainer.cfg.describe()}: the loss became non-finite at {err} (learning rate {lr:.3g}). "
+            f"SAE {trainer.cfg.describe()}: training diverged at {err} (learning rate {lr:.3g}). "
             f"Lower the learning rate (e.g. lr={lr / 3:.2g}, --lr) or check the activations for NaN/inf; {where}"
         ) from None
 
@@ -283,18 +302,24 @@ def _live_stats(x: torch.Tensor, outs: list[ForwardOutput], trainers: list[SAETr
             for o, t in zip(outs, trainers, strict=True)]
 
 
+def _origin(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """The model the training rows come from, as far as ``metadata`` records it."""
+    return {k: v for k, v in (metadata or {}).items() if k in ("model_fingerprint", "model_architecture")}
+
+
 def _checkpoint(paths: RunPaths, step: int, trainers: list[SAETrainer], stats: DataStats, world: World,
-                elapsed: float) -> None:
+                elapsed: float, origin: dict[str, Any] | None = None) -> None:
     if world.is_main:
         write_checkpoint(paths, step, {
             "format": CHECKPOINT_FORMAT, "version": 1, "step": step, "world_size": world.size,
             "configs": [t.cfg.to_dict() for t in trainers], "stats": stats.to_dict(),
-            "trainers": [t.state_dict() for t in trainers], "elapsed": elapsed,
+            "trainers": [t.state_dict() for t in trainers], "elapsed": elapsed, "origin": origin or {},
         })
     world.barrier()
 
 
-def _check_resume(path: Path, state: dict[str, Any], cfgs: list[SAETrainConfig], world: World) -> None:
+def _check_resume(path: Path, state: dict[str, Any], cfgs: list[SAETrainConfig], world: World,
+                  origin: dict[str, Any] | None = None) -> None:
     if state.get("format") != CHECKPOINT_FORMAT:
         raise MisfeatError(f"{path} is not a misfeat SAE checkpoint")
     saved = state["configs"]
@@ -308,3 +333,7 @@ def _check_resume(path: Path, state: dict[str, Any], cfgs: list[SAETrainConfig],
     if state["world_size"] != world.size:
         raise MisfeatError(f"cannot resume from {path}: it was written by {state['world_size']} processes, this run "
                            f"has {world.size}; each process's rows would differ")
+    saved_model, now_model = state.get("origin", {}).get("model_fingerprint"), (origin or {}).get("model_fingerprint")
+    if saved_model and now_model and saved_model != now_model:
+        raise MisfeatError(f"cannot resume from {path}: it trained on activations of model {saved_model}, this data "
+                           f"comes from model {now_model}; resume with the same --cache/--model or use a new --out")
