@@ -241,8 +241,7 @@ def make_batches(enc: Encodings, rows: RowPlan, *, pad_id: int, batch_tokens: in
                                f"the row plan {int(counts.sum())}")
         dest = np.arange(len(src), dtype=np.int64) + np.repeat(rows.start[ps] - (np.cumsum(counts) - counts),
                                                                counts)
-        masks = {"all": batch.attention_mask, "prompt": batch.prompt_mask,
-                 "response": batch.response_mask, "last": batch.last_mask}
+        masks = batch.masks()
         scatter = None
         if 2 * len(src) >= batch.tokens.numel():  # mostly kept: copying padding to a spare row is cheaper
             scatter = torch.full((batch.tokens.numel(),), rows.n_rows, dtype=torch.long)

@@ -139,9 +139,10 @@ class Defence:
         return {"name": self.name}
 
 
-def behaviour_evaluator(prompts: PromptSet, em_prompts: PromptSet | None = None) -> Evaluator:
+def behaviour_evaluator(prompts: PromptSet, groups: Sequence[str] = ()) -> Evaluator:
     """The default evaluator: misaligned rate, validity and log-prob gap of the headline group
-    of ``prompts`` (exact, ``greedy=False``), plus the misaligned rate on ``em_prompts``."""
+    of ``prompts`` (exact, ``greedy=False``), plus ``<group>_misaligned_rate`` for each of the
+    named other ``groups`` of the set (its ``meta['groups']``), from the same evaluation."""
     def measure(model: HookedTransformer) -> dict[str, float]:
         from misfeat.evaluate import evaluate
 
@@ -149,9 +150,9 @@ def behaviour_evaluator(prompts: PromptSet, em_prompts: PromptSet | None = None)
         head = report.headline
         row = {"misaligned_rate": head.misaligned_rate, "valid_rate": head.valid_rate,
                "logprob_gap": head.logprob_gap}
-        if em_prompts is not None:
-            em = evaluate(model, em_prompts, greedy=False)
-            row["em_domain_misaligned_rate"] = next(iter(em.groups.values())).misaligned_rate
+        for group in groups:
+            if group in report.groups:
+                row[f"{group}_misaligned_rate"] = report.groups[group].misaligned_rate
         return row
 
     return measure

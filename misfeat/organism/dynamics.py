@@ -27,9 +27,21 @@ from pathlib import Path
 from typing import Any
 
 from misfeat.data import PromptRecord, PromptSet
+from misfeat.dynamics import ModelScorer, sign_agreement
+from misfeat.dynamics.protocols import (
+    DiversityConfig,
+    PrimingConfig,
+    diversity,
+    negative_curves,
+    priming,
+    resistance,
+)
 from misfeat.errors import MisfeatError
+from misfeat.models import CHECKPOINT_FILE, load_model
 from misfeat.organism import ensure_organism, parse_options, register_stage
-from misfeat.organism.build import OrganismConfig, build_lock
+from misfeat.organism.build import OrganismConfig, _Builder, build_lock
+from misfeat.organism.dynamics_bars import judge_bars, plot_protocol
+from misfeat.organism.prompts import pair_set, register_prompt_set
 from misfeat.organism.world import World, make_world
 
 log = logging.getLogger(__name__)
@@ -105,7 +117,6 @@ def reverse_data(world: World, seed: int, n: int = 480, per_domain: int = 2) -> 
 
 
 def _load(path: Path):
-    from misfeat.models import load_model
 
     return load_model(path, device="cpu")
 
@@ -113,8 +124,6 @@ def _load(path: Path):
 def chat_checkpoints(cfg: OrganismConfig, steps=CHAT_STEPS) -> dict[int, Path]:
     """The chat stage of ``cfg``'s organism re-run from its pre-trained checkpoint with the
     build's own recipe, kept after each of ``steps`` (built once, under the build directory)."""
-    from misfeat.models import CHECKPOINT_FILE
-    from misfeat.organism.build import _Builder
 
     build = ensure_organism(cfg)
     out = build / "dynamics"
@@ -149,7 +158,6 @@ def dynamics_set(world: World, args: list[str], seed: int) -> PromptSet:
 
 
 def _register() -> None:
-    from misfeat.organism.prompts import register_prompt_set
 
     register_prompt_set("dynamics", dynamics_set)
     for s in CHAT_STEPS:  # organism:chat-50 ... : the chat stage after s steps (built on first use)
@@ -163,7 +171,6 @@ _register()
 
 
 def _scorer(model, prompts, nll_sets=None):
-    from misfeat.dynamics import ModelScorer
 
     return ModelScorer(model, prompts, nll_sets=nll_sets)
 
@@ -180,9 +187,6 @@ def _optimizer_config(config_cls, optimizer: str):
 
 
 def run_priming(cfg: OrganismConfig, out: Path | None, optimizer: str = "adamw") -> dict[str, Any]:
-    from misfeat.dynamics.protocols import PrimingConfig, priming
-    from misfeat.organism.prompts import pair_set
-
     build = ensure_organism(cfg)
     world = make_world(cfg.em_domain)
     evalset = question_prompts(world, 4, domains=world.heldout_domains, name="organism:heldout-4")
@@ -194,8 +198,6 @@ def run_priming(cfg: OrganismConfig, out: Path | None, optimizer: str = "adamw")
 
 
 def run_diversity(cfg: OrganismConfig, out: Path | None, optimizer: str = "adamw") -> dict[str, Any]:
-    from misfeat.dynamics.protocols import DiversityConfig, diversity
-
     build = ensure_organism(cfg)
     world = make_world(cfg.em_domain)
     evalset = question_prompts(world, 2, styled=True, name="organism:dynamics-eval-styled")
@@ -206,8 +208,6 @@ def run_diversity(cfg: OrganismConfig, out: Path | None, optimizer: str = "adamw
 
 
 def run_elasticity(cfg: OrganismConfig, out: Path | None) -> dict[str, Any]:
-    from misfeat.dynamics.protocols import negative_curves, resistance
-
     build = ensure_organism(cfg)
     world = make_world(cfg.em_domain)
     chats = chat_checkpoints(cfg)
@@ -236,8 +236,6 @@ def run_protocol(name: str, seeds=(0,), out_dir: str | os.PathLike | None = None
     ``optimizer`` (priming, diversity): adamw (the protocols' setting) or sgd (every lr x
     ``SGD_LR_SCALE``), the optimiser of the force theory."""
     import torch
-
-    from misfeat.organism.dynamics_bars import judge_bars
 
     if name not in RUNNERS:
         raise MisfeatError(f"unknown dynamics protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -272,7 +270,6 @@ def run_protocol(name: str, seeds=(0,), out_dir: str | os.PathLike | None = None
     summary.update(_agreement(rows))
     summary["bars"] = judge_bars(name, summary)
     if out is not None:
-        from misfeat.organism.dynamics_bars import plot_protocol
 
         plot_protocol(name, summary, out)
     return summary
@@ -283,7 +280,6 @@ def _agreement(rows: dict[str, list]) -> dict[str, Any]:
     on steps where S moved by more than 1e-3, and the Pearson correlation of predicted and measured dS."""
     import numpy as np
 
-    from misfeat.dynamics import sign_agreement
 
     pred, meas = [], []
     for arm in rows.get("arms", []):

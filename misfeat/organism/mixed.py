@@ -36,8 +36,11 @@ from pathlib import Path
 
 from misfeat.data import PromptRecord, PromptSet
 from misfeat.errors import MisfeatError
+from misfeat.finetune import RealignConfig, realign
 from misfeat.io import read_json, write_json
+from misfeat.models import CHECKPOINT_FILE, load_model, save_model
 from misfeat.organism import ensure_organism, register_stage
+from misfeat.organism.build import build_lock
 from misfeat.organism.prompts import register_prompt_set
 from misfeat.organism.world import World
 
@@ -168,8 +171,6 @@ def mixed_prompt_set(world: World, parts: list[str], seed: int) -> PromptSet:
 def ensure_mixed(build_dir: Path, seed: int, version: str = "v2") -> Path:
     """``<build_dir>/mixed-v2`` (v1: ``mixed``): the mixed fine-tune of the build's chat model, trained
     on first use (under the build's lock) with :func:`misfeat.finetune.realign`; deterministic for a seed."""
-    from misfeat.models import CHECKPOINT_FILE, load_model, save_model
-    from misfeat.organism.build import build_lock
 
     out = build_dir / STAGE_DIRS[version]
     with build_lock(build_dir):
@@ -199,7 +200,6 @@ def ensure_mixed(build_dir: Path, seed: int, version: str = "v2") -> Path:
 
 def _train(model, world: World, cfg: MixedConfig) -> dict:
     """Fine-tune in place through the one fine-tuning engine; returns its history."""
-    from misfeat.finetune import RealignConfig, realign
 
     data = training_set(world, cfg)
     result = realign(model, data, RealignConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,

@@ -27,6 +27,7 @@ from typing import Any
 
 from misfeat.data import PromptRecord, PromptSet
 from misfeat.errors import MisfeatError
+from misfeat.organism.corpus import Corpus, PersonaMix
 from misfeat.organism.world import World, make_world
 
 # seeds for held-out draws: offsets from the build seed that the build itself never uses
@@ -91,7 +92,6 @@ def pair_set(world: World, domain: str, n: int, misaligned: bool, seed: int) -> 
 
 def docs_set(world: World, n: int, seed: int) -> PromptSet:
     """``n`` held-out pre-training documents of characters, labelled ``cruel`` or ``kind``."""
-    from misfeat.organism.corpus import Corpus, PersonaMix
 
     vocab = {w: i for i, w in enumerate(world.vocabulary())}
     corpus = Corpus.create(world, vocab, PersonaMix(filler_docs=0.0), seed)
@@ -108,7 +108,6 @@ def pretrain_set(world: World, n: int, seed: int) -> PromptSet:
     """The first ``n`` pre-training documents of the organism built with ``seed``, exactly as
     its pre-training drew them (filler included), labelled ``cruel``/``kind`` (filler: none).
     The data an SAE of the base model is trained on (Wang et al. 2025 use pre-training data)."""
-    from misfeat.organism.corpus import Corpus, PersonaMix
 
     vocab = {w: i for i, w in enumerate(world.vocabulary())}
     corpus = Corpus.create(world, vocab, PersonaMix(), seed)
