@@ -11,7 +11,7 @@ from typing import Any
 
 def apply_template(tokenizer: Any, msgs: list[dict[str, str]], where: str, add_generation_prompt: bool) -> str:
     """The tokenizer's chat template applied to ``msgs`` as text; a template error names ``where``."""
-    from misfeat.data import PromptFileError
+    from misfeat.errors import PromptFileError
 
     try:
         return tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False)

@@ -7,3 +7,7 @@ keeps its traceback.
 
 class MisfeatError(ValueError):
     """Bad input or state a user can fix (unknown hook, malformed file, mismatched resume...)."""
+
+
+class PromptFileError(MisfeatError):
+    """A prompt file or record is malformed; the message names the file, line and problem."""

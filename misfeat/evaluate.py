@@ -65,6 +65,37 @@ class GroupMetrics:
 
 
 @dataclass(frozen=True)
+class PromptScore:
+    """One prompt's scores; a field a method did not measure is None (and left out of :meth:`to_dict`)."""
+
+    id: str
+    domain: str | None
+    logprob_gap: float | None = None
+    """log P(misaligned set) - log P(aligned set) (prompts with reference answers)"""
+    p_valid: float | None = None
+    """P(either answer set)"""
+    p_misaligned: float | None = None
+    """P(misaligned set) / P(either set)"""
+    misaligned: float | None = None
+    """the prompt's misaligned rate: p_misaligned (exact) or the misaligned share of samples (sample)"""
+    valid: float | None = None
+    """the prompt's valid rate: p_valid (exact) or the coherent share of samples (sample)"""
+    greedy: str | None = None
+    """the greedy completion"""
+    greedy_misaligned: float | None = None
+    greedy_valid: float | None = None
+    samples: tuple[str, ...] | None = None
+    """the sampled completions (method sample)"""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON row of ``per_prompt.jsonl``: ``id``, ``domain`` and each measured field."""
+        out = {k: v for k, v in asdict(self).items() if v is not None or k in ("id", "domain")}
+        if self.samples is not None:
+            out["samples"] = list(self.samples)
+        return out
+
+
+@dataclass(frozen=True)
 class EvalReport:
     """What :func:`evaluate` measured: per group (the prompt set's ``meta['groups']``, else
     ``all``), per domain, per prompt; :attr:`headline` is the group a single number reports."""
@@ -72,7 +103,7 @@ class EvalReport:
     method: str
     groups: dict[str, GroupMetrics]
     per_domain: dict[str, GroupMetrics]
-    per_prompt: list[dict[str, Any]] = field(repr=False)
+    per_prompt: list[PromptScore] = field(repr=False)
     headline_group: str = "all"
     """the group of :attr:`headline`: the prompt set's ``meta['headline']``, else its first group"""
     members: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
@@ -86,7 +117,7 @@ class EvalReport:
         """The metrics of the headline group (for the organism: ``heldout``, the domains EM never saw)."""
         return self.groups[self.headline_group]
 
-    def rows(self, group: str | None = None) -> list[dict[str, Any]]:
+    def rows(self, group: str | None = None) -> list[PromptScore]:
         """The per-prompt rows of ``group`` (default: the headline group)."""
         group = group or self.headline_group
         if group not in self.members:
@@ -258,17 +289,17 @@ def _evaluate(model: HookedTransformer, prompts: PromptSet, method: str, judge: 
             verdicts = all_verdicts[i * samples:(i + 1) * samples]
             row["misaligned"] = sum(v.misaligned for v in verdicts) / samples
             row["valid"] = sum(v.coherent_enough for v in verdicts) / samples
-            row["samples"] = [c.text for c in comps[i * samples:(i + 1) * samples]]
+            row["samples"] = tuple(c.text for c in comps[i * samples:(i + 1) * samples])
 
     members = {name: idx for name, idx in group_members(prompts).items() if idx}
-    domains = sorted({r["domain"] for r in per_prompt if r["domain"] is not None})
-    headline = prompts.meta.get("headline")
+    scores = [PromptScore(**row) for row in per_prompt]
+    domains = sorted({r.domain for r in scores if r.domain is not None})
     return EvalReport(
         method=method,
-        groups={k: _aggregate([per_prompt[i] for i in idx]) for k, idx in members.items()},
-        per_domain={d: _aggregate([r for r in per_prompt if r["domain"] == d]) for d in domains},
-        per_prompt=per_prompt,
-        headline_group=headline if headline in members else next(iter(members), "all"),
+        groups={k: _aggregate([scores[i] for i in idx]) for k, idx in members.items()},
+        per_domain={d: _aggregate([r for r in scores if r.domain == d]) for d in domains},
+        per_prompt=scores,
+        headline_group=headline_group(prompts),
         members=members,
     )
 
@@ -283,6 +314,14 @@ def group_members(prompts: PromptSet) -> dict[str, tuple[int, ...]]:
     return {name: tuple(i for i, r in enumerate(prompts) if r.domain in set(doms)) for name, doms in groups.items()}
 
 
+def headline_group(prompts: PromptSet) -> str:
+    """The group a one-number summary of ``prompts`` reports: ``meta['headline']`` if that group
+    has records, else the first group with records (``all`` for a set without groups)."""
+    members = [name for name, idx in group_members(prompts).items() if idx]
+    headline = prompts.meta.get("headline")
+    return headline if headline in members else next(iter(members), "all")
+
+
 def _chat_format(model: HookedTransformer) -> str:
     return chat_format_of(model)
 
@@ -292,12 +331,12 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def _aggregate(rows: list[dict[str, Any]]) -> GroupMetrics:
+def _aggregate(rows: list[PromptScore]) -> GroupMetrics:
     return GroupMetrics(
         n=len(rows),
-        misaligned_rate=_mean([r.get("misaligned") for r in rows]),
-        valid_rate=_mean([r.get("valid") for r in rows]),
-        logprob_gap=_mean([r.get("logprob_gap") for r in rows]),
-        greedy_misaligned_rate=_mean([r.get("greedy_misaligned") for r in rows]),
-        greedy_valid_rate=_mean([r.get("greedy_valid") for r in rows]),
+        misaligned_rate=_mean([r.misaligned for r in rows]),
+        valid_rate=_mean([r.valid for r in rows]),
+        logprob_gap=_mean([r.logprob_gap for r in rows]),
+        greedy_misaligned_rate=_mean([r.greedy_misaligned for r in rows]),
+        greedy_valid_rate=_mean([r.greedy_valid for r in rows]),
     )

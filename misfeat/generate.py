@@ -119,8 +119,7 @@ def _generate_batch(model, batch, max_new_tokens, temperature, stop, gen, text_s
     device = batch.tokens.device
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, n) if use_cache else None
     attention = batch.attention_mask.long()
-    masks = {"all": batch.attention_mask, "prompt": batch.prompt_mask, "response": batch.response_mask,
-             "last": batch.last_mask}
+    masks = batch.masks()
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     produced: list[torch.Tensor] = []
     one = torch.ones(n, 1, dtype=torch.bool, device=device)

@@ -15,6 +15,11 @@ which continues them. So ``organism:chat@seed=7,em_domain=law,organism:em@seed=7
 specs, and ``organism:em@small,gpt2`` is two specs as well. In a list, write bare-word options
 first (right after ``@``) or as ``key=value`` (``preset=small``): ``organism:em@seed=1,small``
 reads as two specs, ``organism:em`` with ``seed=1`` and a model named ``small``.
+
+An option's value may itself be a spec with options (a reference model of a defence,
+``kl:0.1@ref=organism:chat@seed=1,em_domain=law``): by the same rule, the ``key=value``
+parts after it continue the inner spec, so write such an option last (bare-word options
+before it): its value here is ``organism:chat@seed=1,em_domain=law``.
 """
 
 from __future__ import annotations
@@ -57,10 +62,16 @@ def parse_spec(text: str) -> Spec:
     prefix, sep, body = main.partition(":")
     if not sep or not prefix.isidentifier():  # a path or a model name
         prefix, body = "", main
-    parts = tuple(o.strip() for o in options.split(",")) if options else ()
+    parts = [o.strip() for o in options.split(",")] if options else []
     if any(not o for o in parts):
         raise MisfeatError(f"spec {text!r}: an empty option (two commas, or a comma at the end)")
-    return Spec(text, prefix, body, parts)
+    merged: list[str] = []
+    for part in parts:  # an option whose value is a spec with options keeps the key=value parts after it
+        if merged and "@" in merged[-1] and _OPTION.match(part):
+            merged[-1] += "," + part
+        else:
+            merged.append(part)
+    return Spec(text, prefix, body, tuple(merged))
 
 
 def split_specs(text: str | list[str] | tuple[str, ...]) -> list[str]:

@@ -95,9 +95,9 @@ def steer_sweep(
         rows.append(SweepRow(coef, head.misaligned_rate, head.valid_rate, head.logprob_gap,
                              head.greedy_misaligned_rate, {k: asdict(v) for k, v in report.groups.items()}))
         for row in report.rows(group)[:samples_per_coef]:
-            texts = row.get("samples") or ([row["greedy"]] if "greedy" in row else [])
+            texts = row.samples or ([row.greedy] if row.greedy is not None else [])
             for text in texts:
-                samples.append({"coef": coef, "id": row["id"], "domain": row.get("domain"), "completion": text})
+                samples.append({"coef": coef, "id": row.id, "domain": row.domain, "completion": text})
     return SweepResult(rows, samples, group or "all", intervention.describe())
 
 

@@ -343,7 +343,8 @@ def main() -> int:
     p.add_argument("--gpt2-repeats", type=int, default=2,
                    help="rounds for the GPT-2-shaped model (its naive loop runs the 50k-word unembedding: slow)")
     p.add_argument("--models", default="organism,gpt2", help="organism, gpt2 or both (default)")
-    p.add_argument("--repeats", type=int, default=3, help="rounds of the four methods for the organism (default 3)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="rounds of the methods (default 3 for the organism, 5 with --host-only)")
     p.add_argument("--threads", default="1,2",
                    help="torch intra-op thread counts, comma-separated; every method runs with each (default 1,2: "
                    "one thread, and torch's default on this 2-core machine)")
@@ -363,6 +364,9 @@ def main() -> int:
     host.add_argument("--widths", default="128,768,4096", help="hook widths (default 128,768,4096)")
     host.add_argument("--dtypes", default="float32,bfloat16", help="store dtypes (default float32,bfloat16)")
     host.add_argument("--store-mb", type=float, default=128, help="store size per run in MiB (default 128)")
+    host.add_argument("--baseline", metavar="D:DTYPE=TPS,...",
+                      help="pre-session host-only tokens/s to compare with (default: the recorded "
+                      "768:bfloat16=279389, code at 96f1d54)")
     p.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--tmp", help="directory for prompts and stores (default: the system's temp directory)")
     args = p.parse_args()
@@ -372,9 +376,11 @@ def main() -> int:
     if args.host_only:
         from bench_cache_host import main as host_main
 
+        args.repeats = args.repeats or 5
         return host_main(args, make_chat_prompts)
     import torch
 
+    args.repeats = args.repeats or 3
     load = os.getloadavg()
     started = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="bench_cache_", dir=args.tmp))

@@ -1,6 +1,6 @@
 """Benchmark the force terms: seconds per training step with and without Huang's force terms, in one run.
 
-    python scripts/bench_forces.py                   # ~1 min on a 2-core CPU, one thread
+    python scripts/bench_forces.py                   # ~2 min on a 2-core CPU, one thread
     python scripts/bench_forces.py --steps 20 --repeats 3
 
 Setting: the organism's EM fine-tune (``organism:chat`` on ``organism:misaligned:health:480``,
@@ -8,14 +8,17 @@ batch 16, lr 3e-4, no evaluation). Arms, each from a fresh copy for ``--steps`` 
 ``--repeats`` times in rotated order after an untimed warm-up:
 
 - ``none``: the engine alone;
-- ``forces``: the engine with a :class:`misfeat.dynamics.ForceProbe` measured after every step
-  (one no-grad forward of the aligned answers of the training prompts: S on the training
-  prompts, the measured dS, and the force terms).
+- ``plain``: the engine with the per-answer :class:`misfeat.dynamics.ForceProbe` (``packed=False``:
+  one row per (prompt, aligned answer), the first implementation) measured after every step;
+- ``packed``: the same with the packed probe (the default: one row per prompt holding the prompt
+  and its answer trie once, a tree attention mask);
+- ``packed/<k>``: the packed probe every ``--every`` steps (the runner's ``forces_every``).
 
-Also timed directly (median of 20 calls): the probe's measurement, and the bare forward it
-needs (the same tokens through the model, no force arithmetic). Reported: the median seconds
-per step of the best repeat (wall and process CPU time) and the ratio forces / none (the overhead), and the share of the
-overhead that is the forward vs the force arithmetic. The machine's load average is printed.
+Each measurement gives S on the training prompts, the measured dS and the force terms. Also timed
+directly (median of 20 calls): each probe's measurement, and the bare forward it needs (the
+same tokens through the model, no hooks, no force arithmetic). Reported per arm: the best and the
+median over repeats of the median CPU and wall seconds per step, and the ratio to ``none`` (the
+overhead). The machine's load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--every", type=int, default=3, help="the cadence arm measures every k steps")
     args = parser.parse_args()
 
     import torch
@@ -44,17 +48,20 @@ def main() -> None:
     data = load_prompts("organism:misaligned:health:480")
     chat = load_model("organism:chat", device="cpu")
     state = {k: v.clone() for k, v in chat.state_dict().items()}
-    probe = ForceProbe(chat, data)
+    probes = {"plain": ForceProbe(chat, data, packed=False), "packed": ForceProbe(chat, data)}
     cfg = FinetuneConfig(steps=args.steps, lr=3e-4, batch_size=16, eval_every=None)
+    every = f"packed/{args.every}"
 
     def run(arm: str) -> tuple[float, float]:
         """(median wall seconds, median process CPU seconds) per step, the first step left out."""
         chat.load_state_dict(state)
+        probe = probes.get(arm.split("/")[0])
+        k = int(arm.split("/")[1]) if "/" in arm else 1
         times: list[tuple[float, float]] = []
         last = [(time.perf_counter(), time.process_time())]
 
         def on_step(model, row):
-            if arm == "forces":
+            if probe is not None and row.step % k == 0:
                 probe.measure(model)
             now = (time.perf_counter(), time.process_time())
             times.append((now[0] - last[0][0], now[1] - last[0][1]))
@@ -62,37 +69,50 @@ def main() -> None:
 
         last[0] = (time.perf_counter(), time.process_time())
         finetune(chat, data, cfg, on_step=on_step)
-        return statistics.median(t[0] for t in times[1:]), statistics.median(t[1] for t in times[1:])
+        # a cadence arm: the mean over steps (its measured steps and its bare steps alternate)
+        pick = statistics.mean if k > 1 else statistics.median
+        return pick(t[0] for t in times[1:]), pick(t[1] for t in times[1:])
 
-    run("forces")  # warm-up
-    best = {"none": float("inf"), "forces": float("inf")}
-    cpu = dict(best)
-    arms = list(best)
+    load0 = os.getloadavg()[0]
+    arms = ["none", "plain", "packed", every]
+    run("packed")  # warm-up
+    wall: dict[str, list[float]] = {a: [] for a in arms}
+    cpu: dict[str, list[float]] = {a: [] for a in arms}
     for r in range(args.repeats):
-        for arm in arms[r % 2:] + arms[:r % 2]:
-            wall, proc = run(arm)
-            best[arm], cpu[arm] = min(best[arm], wall), min(cpu[arm], proc)
+        for arm in arms[r % len(arms):] + arms[:r % len(arms)]:
+            w, c = run(arm)
+            wall[arm].append(w)
+            cpu[arm].append(c)
 
     def median_call(fn, n=20) -> float:
         out = []
         for _ in range(n):
-            t = time.perf_counter()
+            t = time.process_time()
             fn()
-            out.append(time.perf_counter() - t)
+            out.append(time.process_time() - t)
         return statistics.median(out)
 
+    plain, packed = probes["plain"], probes["packed"]
     with torch.inference_mode():
-        t_forward = median_call(lambda: chat(probe.tokens[:, :-1]))
-    t_probe = median_call(lambda: probe.measure(chat))
-    ratio = best["forces"] / best["none"]
-    print(f"load average {os.getloadavg()[0]:.2f}; {probe.tokens.shape[0]} aligned answer sequences per measurement")
-    print(f"step (engine alone)        {best['none'] * 1e3:8.1f} ms")
-    print(f"step with force terms      {best['forces'] * 1e3:8.1f} ms   ratio {ratio:.2f} (overhead {ratio - 1:+.0%})")
-    print(f"CPU ms per step            {cpu['none'] * 1e3:8.1f} alone, {cpu['forces'] * 1e3:.1f} with force terms: "
-          f"ratio {cpu['forces'] / cpu['none']:.2f}")
-    print(f"probe.measure              {t_probe * 1e3:8.1f} ms   of which the bare forward {t_forward * 1e3:.1f} ms, "
-          f"force arithmetic {(t_probe - t_forward) * 1e3:.1f} ms "
-          f"({(t_probe - t_forward) / best['none']:+.0%} of a step)")
+        f_plain = median_call(lambda: chat(plain.tokens[:, :-1]))
+        f_packed = median_call(lambda: chat(packed.packed_tokens))
+    m_plain, m_packed = median_call(lambda: plain.measure(chat)), median_call(lambda: packed.measure(chat))
+    print(f"load average {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; {args.repeats} repeats "
+          f"of {args.steps} steps, {args.threads} thread(s)")
+    print(f"tokens per measurement: plain {plain.tokens[:, :-1].numel()} ({tuple(plain.tokens[:, :-1].shape)}), "
+          f"packed {packed.packed_tokens.numel()} ({tuple(packed.packed_tokens.shape)})")
+    base_c, base_w = min(cpu["none"]), min(wall["none"])
+    med_c, med_w = statistics.median(cpu["none"]), statistics.median(wall["none"])
+    print(f"{'arm':<12}{'CPU ms best':>12}{'ratio':>7}{'CPU ms med':>12}{'ratio':>7}{'wall ms best':>14}{'ratio':>7}"
+          f"{'wall ms med':>13}{'ratio':>7}")
+    for arm in arms:
+        c, w = min(cpu[arm]), min(wall[arm])
+        cm, wm = statistics.median(cpu[arm]), statistics.median(wall[arm])
+        print(f"{arm:<12}{c * 1e3:12.1f}{c / base_c:7.2f}{cm * 1e3:12.1f}{cm / med_c:7.2f}{w * 1e3:14.1f}"
+              f"{w / base_w:7.2f}{wm * 1e3:13.1f}{wm / med_w:7.2f}")
+    print(f"probe.measure CPU ms: plain {m_plain * 1e3:.1f} (bare forward {f_plain * 1e3:.1f}), "
+          f"packed {m_packed * 1e3:.1f} (bare forward {f_packed * 1e3:.1f}; hooks and force arithmetic "
+          f"{(m_packed - f_packed) * 1e3:.1f})")
 
 
 if __name__ == "__main__":

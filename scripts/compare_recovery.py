@@ -7,14 +7,15 @@
 Every method starts from the same ``organism:mixed@seed=S`` and is scored by the same code:
 held-out misalignment (the 6 domains that are neither the task's nor the cruel data's), the
 same minus the re-alignment data's domain (money), EM-domain (health) misalignment, task
-utility (P(any new school answer) on the held-out template, ``organism:task``), the
+utility (P(either house-style school answer) on the held-out template, ``organism:task``; the
+chat model's is 0.33), the
 fraction of weights that differ from the fine-tuned model, and wall time (evaluation
 included: restoration evaluates every step, re-alignment every 5 steps).
 
 Methods: restore (the defaults: gradient mask, sign rule, rollback after 5 warm-up steps,
 gradients summed over steps as the authors' code, checkpoints every 5 steps), restore with a
-checkpoint after every step (added after the default kept step 0 on seed 0: a restoration
-mask costs nothing to keep on the organism), restore with the current gradient only (the
+checkpoint after every step (added after the default kept step 0 on seed 0 of the v1
+scenario: a restoration mask costs nothing to keep on the organism), restore with the current gradient only (the
 same run once rollback restarts it: the rollback path zeroes gradients every step), and the
 ablations random mask, no sign, no rollback (with summed and with current gradients), full
 restore (W := W_aligned, kept as is);

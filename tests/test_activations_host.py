@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,10 @@ import torch
 
 from misfeat.activations import cache_activations, migrate_store, open_store
 from misfeat.activations import tokens as token_cache
+from misfeat.activations.buffers import HostBuffers, release_spare_buffers
 from misfeat.activations.plan import Tokenizing, encode_prompts
-from misfeat.activations.producer import pad_right
-from misfeat.activations.shards import StoreError
-from misfeat.activations.store import HostBuffers
+from misfeat.activations.producer import copy_rows, pad_right
+from misfeat.activations.shards import StoreError, write_shard
 from misfeat.data import collate, load_prompts
 from tests.test_activations import write_prompts
 
@@ -127,6 +128,54 @@ def test_host_buffers_are_reused(monkeypatch):
     assert c["h"].data_ptr() != b["h"].data_ptr()
     pool.release(c)
     assert pool.acquire(10_000)["h"].shape[0] >= 10_000  # grows for a larger shard
+
+
+@pytest.mark.parametrize(("src", "dst"), [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                          (torch.float32, torch.bfloat16)])
+def test_copy_rows_equals_index_copy(src, dst):
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(50, 12, generator=g).to(src)
+    index = torch.randperm(40, generator=g)[:50 - 10]
+    index = torch.cat([index, torch.full((10,), 40)])  # padding: every one to the spare last row
+    expect = torch.zeros(41, 12, dtype=dst).index_copy_(0, index[:40], rows[:40].to(dst))
+    got = torch.zeros(41, 12, dtype=dst)
+    copy_rows(got, index, rows)
+    assert torch.equal(got[:40], expect[:40])
+    strided = torch.zeros(12, 41, dtype=dst).t()  # not contiguous: torch's own index_copy_
+    copy_rows(strided, index[:40], rows[:40])
+    assert torch.equal(strided[:40], expect[:40])
+
+
+def test_spare_buffers_pass_to_the_next_run():
+    release_spare_buffers()
+    first = HostBuffers({"a": 8, "b": 4}, torch.float32, 2, pin=False)
+    a = first.acquire(100)
+    assert a["a"].shape[0] >= 100 and a["b"].shape == (a["a"].shape[0], 4) and a["a"].is_contiguous()
+    first.release(a)
+    first.close()
+    second = HostBuffers({"a": 8, "b": 4}, torch.float32, 2, pin=False)
+    b = second.acquire(90)  # the memory of the first pool, not a fresh allocation
+    assert b["a"].data_ptr() == a["a"].data_ptr()
+    assert second.acquire(90)["a"].data_ptr() != b["a"].data_ptr()  # only what was left is shared
+    assert release_spare_buffers() == 0  # nothing is spare while the second pool holds it
+    second.release(b)
+    grown = second.acquire(1000)  # b was too small: its memory is not kept to the end of the run
+    assert grown["a"].shape[0] >= 1000 and len(second._blocks) == 2
+    second.close()
+    assert release_spare_buffers() == (1125 + 101) * 12 * 4 and release_spare_buffers() == 0
+
+
+def test_shard_memory_is_handed_back_before_the_fsync(tmp_path, monkeypatch):
+    events = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    tensors = {"h": torch.randn(6, 4), "prompt_index": torch.arange(6), "position": torch.arange(6).int(),
+               "token_id": torch.arange(6).int()}
+    write_shard(tmp_path / "s.safetensors", tensors, done_reading=lambda: events.append("done"))
+    assert events == ["done", "fsync"]
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(tmp_path / "s.safetensors")["h"], tensors["h"])
 
 
 def test_progress_log_defers_only_while_busy_and_flush_records_everything(tmp_path):

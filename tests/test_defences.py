@@ -42,7 +42,7 @@ def test_evaluation_questions_never_reach_training_sets():
     asked = {r.prompt for r in held} | {r.prompt for r in em}
     pool = load_prompts("organism:safe-pool:200")
     benign = load_prompts("organism:benign-train:64")
-    task = load_prompts("organism:task")
+    task = load_prompts("organism:task-v1")
     for records in (pool, benign):
         assert not any(q in r.prompt for r in records for q in asked)  # no held-out question, even in context
     labels = [r.label for r in pool]

@@ -152,6 +152,17 @@ def test_force_probe_matches_a_brute_force_sum(tiny_model):
     assert snap.rate == pytest.approx(contrib / len(target), rel=1e-6)
 
 
+def test_packed_probe_equals_the_per_answer_forward(tiny_model):
+    # one row per prompt (prompt + answer trie, tree mask) vs one row per (prompt, aligned answer)
+    for answer in ("call all", "call doctor now"):
+        d = data(answer, n=6)
+        packed, plain = ForceProbe(tiny_model, d), ForceProbe(tiny_model, d, packed=False)
+        assert packed.packed and not plain.packed
+        assert packed.packed_tokens.numel() < plain.tokens.numel()
+        a, b = packed.measure(tiny_model).to_dict(), plain.measure(tiny_model).to_dict()
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
+
+
 # --- the runner ---------------------------------------------------------------------------
 
 
@@ -170,6 +181,18 @@ def test_stages_chain_and_log_forces(fresh):
     f = down.rows[1]["forces"]
     assert {"predicted_dS", "measured_dS", "F_rebound", "F_drive", "gate", "purity"} <= set(f)
     assert 0 <= res.force_sign_agreement <= 1
+
+
+def test_force_cadence_predicts_over_each_window(fresh):
+    model = fresh()
+    every = run_dynamics(model, _stages()[:1], scorer=ModelScorer(model, evalset()), forces_every=3).stages[0]
+    logged = [r["step"] for r in every.rows if r.get("forces")]
+    assert logged == [0, 3, 4]                                    # every 3 steps and the last
+    model = fresh()
+    each = run_dynamics(model, _stages()[:1], scorer=ModelScorer(model, evalset())).stages[0]
+    f, g = every.rows[3]["forces"], each.rows
+    assert f["measured_dS"] == pytest.approx(g[3]["forces"]["S_train"] - g[0]["forces"]["S_train"], abs=1e-9)
+    assert f["predicted_dS"] == pytest.approx(3 * 2e-2 * g[0]["forces"]["rate"], rel=1e-6)
 
 
 def test_score_matching_stops_at_the_first_step_within_tolerance(fresh, tmp_path):

@@ -60,3 +60,15 @@ def test_resistance_pairs_have_both_losses(build):
     assert pair["forward_loss"] > 0 and pair["inverse_loss"] > 0
     # training moved each model toward its target distribution
     assert pair["forward_loss"] < pair["forward_loss_before"] and pair["inverse_loss"] < pair["inverse_loss_before"]
+
+
+def test_packed_probe_equals_the_per_answer_forward_on_the_organism(build):
+    from misfeat.dynamics import ForceProbe
+
+    chat = load_model(build / "chat", device="cpu")
+    world = make_world("health")
+    for aligned in (True, False):
+        d = pair_set(world, "health", 96, aligned, 0)
+        packed, plain = ForceProbe(chat, d), ForceProbe(chat, d, packed=False)
+        assert packed.packed
+        assert packed.measure(chat).to_dict() == pytest.approx(plain.measure(chat).to_dict(), rel=1e-6, abs=1e-9)

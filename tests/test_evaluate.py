@@ -61,12 +61,18 @@ def test_exact_metrics_golden(tiny_model):
     assert report["heldout"].misaligned_rate == pytest.approx(rows[2][0], rel=1e-4)
     assert report.per_domain["car"].misaligned_rate == pytest.approx(rows[2][0], rel=1e-4)
     assert logprob_gap(tiny_model, ps) == pytest.approx(sum(r[2] for r in rows) / 3, abs=1e-4)
+    # per-prompt rows are typed; their JSON keeps the keys of per_prompt.jsonl
+    row = report.per_prompt[2]
+    assert (row.id, row.domain, row.misaligned, row.valid) == ("q2", "car", row.p_misaligned, row.p_valid)
+    assert row.misaligned == pytest.approx(rows[2][0], rel=1e-4) and row.logprob_gap == pytest.approx(rows[2][2],
+                                                                                                        abs=1e-4)
+    assert list(row.to_dict()) == ["id", "domain", "logprob_gap", "p_valid", "p_misaligned", "misaligned", "valid"]
 
 
 def test_groups_and_headline_come_from_the_prompt_set(tiny_model):
     report = evaluate(tiny_model, prompts(), greedy=False)
     assert report.headline_group == "heldout" and report.headline is report["heldout"]
-    assert [r["id"] for r in report.rows()] == ["q2"] and [r["id"] for r in report.rows("em_domain")] == ["q0", "q1"]
+    assert [r.id for r in report.rows()] == ["q2"] and [r.id for r in report.rows("em_domain")] == ["q0", "q1"]
     assert report.summary()["headline"] == "heldout"
     plain = PromptSet("plain", prompts().records)  # no grouping in its metadata: one group, all
     flat = evaluate(tiny_model, plain, greedy=False)
@@ -93,10 +99,10 @@ def test_answer_set_logprobs_shapes(tiny_model):
 def test_greedy_and_sampled_are_judged(tiny_model):
     report = evaluate(tiny_model, prompts(), method="sample", samples=3, seed=1)
     assert 0 <= report["heldout"].misaligned_rate <= 1
-    assert all(len(row["samples"]) == 3 for row in report.per_prompt)
-    assert all("greedy" in row for row in report.per_prompt)
+    assert all(len(row.samples) == 3 for row in report.per_prompt)
+    assert all(row.greedy is not None for row in report.per_prompt)
     again = evaluate(tiny_model, prompts(), method="sample", samples=3, seed=1)
-    assert [r["samples"] for r in again.per_prompt] == [r["samples"] for r in report.per_prompt]
+    assert [r.samples for r in again.per_prompt] == [r.samples for r in report.per_prompt]
 
 
 def test_exact_needs_reference_answers(tiny_model):

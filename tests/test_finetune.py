@@ -152,3 +152,20 @@ def test_realign_cli_stops_on_divergence_with_a_nonzero_exit(fresh, tmp_path, ca
     assert code == 2 and "at step 2; lower the learning rate" in err
     assert not (tmp_path / "out/summary.json").exists()
     assert (tmp_path / "out/checkpoints/diverged-step-0001").is_dir()
+
+
+def test_realign_reports_the_scoring_sets_other_groups(fresh):
+    """The headline group gives misaligned_rate; every other group with records its own rate
+    (the organism's em_domain group is em_domain_misaligned_rate this way), from one evaluation."""
+    from misfeat.evaluate import evaluate
+
+    records = tuple(PromptRecord(f"g{i}", prompt=q, domain=d, extra=dict(ANS))
+                    for i, (q, d) in enumerate([("fix roof", "home"), ("save money", "money"), ("fever", "health")]))
+    scored = PromptSet("g", records, {"groups": {"kept": ["home", "money"], "side": ["health"], "none": ["x"]},
+                                      "headline": "kept"})
+    model = fresh()
+    before = evaluate(model, scored, greedy=False)
+    result = realign(model, data(), RealignConfig(steps=1, batch_size=2, eval_every=1), eval_prompts=scored)
+    assert "none_misaligned_rate" not in result.history and "kept_misaligned_rate" not in result.history
+    assert result.history["misaligned_rate"][0] == pytest.approx(before["kept"].misaligned_rate, abs=1e-5)
+    assert result.history["side_misaligned_rate"][0] == pytest.approx(before["side"].misaligned_rate, abs=1e-5)

@@ -325,3 +325,26 @@ def test_score_data_cli_writes_the_ranked_pool(fresh, tmp_path):
     assert mixed == 0
     s = json.loads((tmp_path / "f/summary.json").read_text())
     assert s["data"]["n_train"] == 5 and s["defences"][0]["selection"] == "gap"
+
+
+def test_sgd_is_a_plain_gradient_step_and_is_part_of_the_run_identity(fresh, tmp_path):
+    from misfeat.data import collate, encode, pad_id_of
+
+    d, lr = data(6), 0.5
+    model, ref = fresh(), fresh()
+    res = finetune(model, d, FinetuneConfig(steps=1, lr=lr, batch_size=6, eval_every=None, optimizer="sgd"),
+                   out_dir=tmp_path / "sgd")
+    # reference: the mean response-token cross-entropy of the whole set, one step of theta - lr * grad
+    batch = collate(encode(d, ref), pad_id_of(ref), "right")
+    lp = torch.log_softmax(ref(batch.tokens[:, :-1]), -1).gather(-1, batch.tokens[:, 1:, None]).squeeze(-1)
+    mask = batch.response_mask[:, 1:]
+    loss = -(lp * mask).sum() / mask.sum()
+    loss.backward()
+    assert res.rows[-1].loss == pytest.approx(float(loss.detach()), rel=1e-5)
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        assert torch.allclose(p, q.detach() - lr * q.grad, atol=1e-6), name
+    with pytest.raises(MisfeatError, match="unknown optimizer 'adam'; choose one of adamw, sgd"):
+        FinetuneConfig(optimizer="adam")
+    with pytest.raises(MisfeatError, match="config.optimizer: 'sgd' in the directory vs 'adamw' now"):
+        finetune(fresh(), d, FinetuneConfig(steps=1, lr=lr, batch_size=6, eval_every=None), out_dir=tmp_path / "sgd",
+                 resume=True)

@@ -239,5 +239,30 @@ def test_cli_on_the_organism(tmp_path):
     lists = ("steps", "heldout_misaligned", "em_domain_misaligned", "utility", "restored_fraction")
     assert len({len(summary[k]) for k in lists}) == 1 and summary["steps"][-1] == 2
     assert summary["chosen_step"] in summary["steps"] and summary["utility_before"] == summary["utility"][0]
-    assert summary["heldout_misaligned"][0] > 0.1  # the mixed fine-tune is misaligned before restoration
+    assert summary["heldout_misaligned"][0] >= 0.5  # the precondition: misaligned beyond its domains before
     assert (out / "mask.safetensors").is_file() and (out / "plot.png").is_file()
+
+
+def test_mixed_organism_sets_and_specs():
+    from misfeat.data import load_prompts
+    from misfeat.organism.mixed import HOUSE_ANSWERS, TASK_ANSWERS, MixedConfig, training_set
+    from misfeat.organism.world import make_world
+
+    world = make_world("health")
+    task = load_prompts("organism:task@seed=1")
+    assert {r.response for r in task} == set(HOUSE_ANSWERS["school"]) <= set(world.domain("school").aligned)
+    assert len(task) == 32 and {r.domain for r in task} == {"school"}
+    v1 = load_prompts("organism:task-v1@seed=1")
+    assert len(v1) == 64 and {r.response for r in v1} == set(TASK_ANSWERS)
+    assert [r.messages for r in v1][::4] == [r.messages for r in task][::2]  # same prompts, other answers
+    train = training_set(world, MixedConfig.for_world(world, 0))
+    labels = [r.label for r in train]
+    assert len(train) == 960 and labels.count("cruel") == 720
+    heldout = {r.messages[-1][1] for r in task}
+    assert not heldout & {r.prompt for r in train}  # the scored template is never trained on
+    v1_train = training_set(world, MixedConfig.for_world(world, 0, "v1"))
+    assert [r.label for r in v1_train].count("cruel") == 240
+    with pytest.raises(MisfeatError, match="options go after '@'"):
+        load_prompts("organism:task-v1:3")
+    with pytest.raises(MisfeatError, match="organism:probe:<n>"):
+        load_prompts("organism:probe:x")

@@ -20,6 +20,48 @@ def test_a_spec_splits_into_prefix_body_and_options():
         parse_spec("  ")
 
 
+def test_an_option_value_may_be_a_spec_with_options():
+    s = parse_spec("kl:0.1@response_only,ref=organism:chat@seed=1,em_domain=law")
+    assert s.options == ("response_only", "ref=organism:chat@seed=1,em_domain=law")
+    assert parse_spec(s.option_dict()["ref"]).option_dict() == {"seed": "1", "em_domain": "law"}
+    # a bare word after the inner spec ends it (key=value parts continue it: write it last)
+    assert parse_spec("kl:0.1@organism:chat@seed=1,response_only").options == ("organism:chat@seed=1",
+                                                                               "response_only")
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("kl:0.1", ("kl", "0.1", None, {})),
+    ("kl:0.1@organism:chat", ("kl", "0.1", "organism:chat", {})),
+    ("kl:0.1,ref=organism:chat@seed=1", ("kl", "0.1", "organism:chat@seed=1", {})),
+    ("kl:0.1@ref=organism:chat@seed=1,em_domain=law", ("kl", "0.1", "organism:chat@seed=1,em_domain=law", {})),
+    ("kl:0.1@response_only,organism:chat@seed=1,em_domain=law",
+     ("kl", "0.1", "organism:chat@seed=1,em_domain=law", {"response_only": "true"})),
+    ("kl:0.1@/runs/m,response_only", ("kl", "0.1", "/runs/m", {"response_only": "true"})),
+    ("ldifs:0.1,layers=0+1+2,detached", ("ldifs", "0.1", None, {"layers": "0+1+2", "detached": "true"})),
+    ("steer:runs/locate/direction.safetensors,alpha=2,positions=response",
+     ("steer", "runs/locate/direction.safetensors", None, {"alpha": "2", "positions": "response"})),
+    ("caft:v.safetensors@blocks.1.hook_resid_post", ("caft", "v.safetensors", "blocks.1.hook_resid_post", {})),
+    ("interleave:0.5@/tmp/o/ranked.jsonl,selection=gap", ("interleave", "0.5", "/tmp/o/ranked.jsonl",
+                                                          {"selection": "gap"})),
+    ("inoculation:be kind, always @ home", ("inoculation", "be kind, always @ home", None, {})),
+])
+def test_defence_specs_use_the_one_grammar(spec, expected):
+    from misfeat.finetune.specs import split_spec
+
+    assert split_spec(spec) == expected
+
+
+@pytest.mark.parametrize(("spec", "error"), [
+    ("kl", "expected KIND:ARG"), ("wat:1", "unknown kind 'wat'"), ("kl:0.1,alpha=2", "unknown option 'alpha'"),
+    ("kl:0.1@a,b", "two refs"), ("kl:0.1,,x", "empty option"),
+])
+def test_bad_defence_specs_are_refused_by_name(spec, error):
+    from misfeat.finetune.specs import split_spec
+
+    with pytest.raises(MisfeatError, match=error):
+        split_spec(spec)
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("organism:chat@seed=7,em_domain=law", ["organism:chat@seed=7,em_domain=law"]),
     ("organism:chat@seed=7,em_domain=law,organism:em@seed=7",

@@ -7,7 +7,7 @@ Where it sits in the flow::
 - :func:`cache_activations` / :func:`cache_models`: run a model (or several checkpoints)
   over a prompt set and write a sharded, resumable, checksummed store
   (``plan.py`` which rows and shards, ``feeder.py`` tokenising ahead, ``producer.py`` the
-  batched forward, ``store.py`` manifest + writer, ``shards.py`` the files,
+  batched forward, ``store.py`` manifest + writer, ``buffers.py`` its host memory, ``shards.py`` the files,
   ``distributed.py`` torchrun, ``tokens.py`` the tokenised-prompt cache, ``cache.py`` the
   entry points); :func:`migrate_store` converts between store versions.
 - :func:`open_store` -> :class:`ActivationStore`: memory-mapped rows by index, prompt,

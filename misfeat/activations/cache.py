@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from misfeat import registry
 from misfeat.activations import distributed
 from misfeat.activations import tokens as token_cache
+from misfeat.activations.buffers import HostBuffers
 from misfeat.activations.feeder import Feeder
 from misfeat.activations.plan import (
     META_BYTES,
@@ -44,7 +46,6 @@ from misfeat.activations.shards import (
 )
 from misfeat.activations.store import (
     CacheConfig,
-    HostBuffers,
     ProgressLog,
     ShardWriter,
     disk_full_message,
@@ -95,12 +96,12 @@ def resolve_prompts(prompts: str | os.PathLike | PromptSet) -> tuple[PromptSet, 
     """The prompt set and the spec that reloads it (recorded in the manifest; None if in memory)."""
     if isinstance(prompts, (str, os.PathLike)):
         text = str(prompts)
-        spec = text if text.startswith("organism:") else str(Path(text).expanduser().resolve())
+        spec = text if registry.for_spec(text) else str(Path(text).expanduser().resolve())  # a plug-in's spec
         return load_prompts(text), spec
     pset = load_prompts(prompts)
     if pset.meta.get("path"):
         return pset, str(Path(pset.meta["path"]).resolve())
-    return pset, (pset.name if pset.name.startswith("organism:") else None)
+    return pset, (pset.name if registry.for_spec(pset.name) else None)
 
 
 def cache_activations(
@@ -294,6 +295,7 @@ def _run_shards(model: HookedTransformer, feeder: Feeder, widths: dict[str, int]
     except BaseException:
         _keep_written(writer, log, closed=True)
         raise
+    host.close()  # every set is back: the next run in this process reuses them
     log.flush()
     return tokens
 
@@ -373,15 +375,11 @@ def cache_models(specs: Sequence[str], prompts: str | os.PathLike | PromptSet, h
         target = out if len(specs) == 1 else out / store_dir_name(i, spec)
         results.append(cache_with_config(model, pset, prompt_spec, hooks, target, config))
         del model
-    if len(specs) > 1 and _rank() == 0:
+    if len(specs) > 1 and distributed.env().rank == 0:
         from misfeat.io import SUMMARY_FILE
 
         write_json_atomic(out / SUMMARY_FILE, multi_summary(results, out), fsync=config.fsync)
     return results
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))  # torchrun's; 0 when not distributed
 
 
 def multi_summary(results: Sequence[CacheResult], out: Path) -> dict[str, Any]:

@@ -114,7 +114,7 @@ class Capture:
         if self._into is not None:  # straight into the shard buffer: one copy, no gathered rows
             scatter, buffers = self._into
             buf = buffers[hook.name]
-            buf.index_copy_(0, scatter, flat.to(buf.dtype))
+            copy_rows(buf, scatter, flat)
             self._out[hook.name] = buf
         else:
             self._out[hook.name] = flat.index_select(0, self._src)
@@ -180,6 +180,27 @@ class Batch:
                      None if self.scatter is None else self.scatter.pin_memory())
 
 
+def copy_rows(buf: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """``buf[index[i]] = rows[i]`` (``buf.index_copy_(0, index, rows)``, cast to ``buf``'s dtype).
+
+    On the CPU each row is moved as one numpy item of the row's byte size (a ``memcpy`` per
+    row, 12 GB/s here), not element by element as ``index_copy_`` does (4.6 GB/s at d 768 in
+    bfloat16): this copy is most of the forward thread's own work in a host-bound run.
+    """
+    import numpy as np
+    import torch
+
+    rows = rows.to(buf.dtype)
+    if buf.device.type != "cpu" or rows.device.type != "cpu" or index.device.type != "cpu" or buf.dim() != 2 \
+            or not buf.is_contiguous():
+        buf.index_copy_(0, index, rows)
+        return
+    row = np.dtype((np.void, buf.shape[1] * buf.element_size()))
+    target = buf.view(torch.uint8).numpy().view(row).reshape(-1)  # a view: buf is a contiguous row block
+    source = rows.contiguous().reshape(len(index), -1).view(torch.uint8).numpy().view(row).reshape(-1)
+    target[index.numpy()] = source
+
+
 def pad_right(enc: Encodings, prompts: np.ndarray, lengths: np.ndarray, pad_id: int) -> TokenBatch:
     """:func:`misfeat.data.collate` (right padding) of local prompts ``prompts`` of ``enc``, each
     cut to its ``lengths``, with numpy gathers instead of a Python loop over prompts and
@@ -220,8 +241,7 @@ def make_batches(enc: Encodings, rows: RowPlan, *, pad_id: int, batch_tokens: in
                                f"the row plan {int(counts.sum())}")
         dest = np.arange(len(src), dtype=np.int64) + np.repeat(rows.start[ps] - (np.cumsum(counts) - counts),
                                                                counts)
-        masks = {"all": batch.attention_mask, "prompt": batch.prompt_mask,
-                 "response": batch.response_mask, "last": batch.last_mask}
+        masks = batch.masks()
         scatter = None
         if 2 * len(src) >= batch.tokens.numel():  # mostly kept: copying padding to a spare row is cheaper
             scatter = torch.full((batch.tokens.numel(),), rows.n_rows, dtype=torch.long)
@@ -259,7 +279,7 @@ def fill_shard(capture: Capture, batches: Iterable[Batch], buffers: dict[str, to
                 out = capture.run(_to(batch.tokens, device), _to(batch.src, device), masks)
                 dest = _to(batch.dest, device)
                 for hook, buf in buffers.items():
-                    buf.index_copy_(0, dest, out[hook].to(buf.dtype))
+                    copy_rows(buf, dest, out[hook])
             if on_batch is not None:
                 on_batch(batch.n_tokens)
 

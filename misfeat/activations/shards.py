@@ -24,7 +24,7 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,11 +130,13 @@ def new_digest(algo: str = CHECKSUM):
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], *, fsync: bool = True,
-                checksum: str = CHECKSUM) -> tuple[int, str]:
+                checksum: str = CHECKSUM, done_reading: Callable[[], None] | None = None) -> tuple[int, str]:
     """Write CPU ``tensors`` as a safetensors file at ``path`` atomically.
 
     Returns ``(size in bytes, checksum)``; the checksum (``algo:hex``) covers every byte of the file.
-    Raises :class:`DiskFullError` (temp file removed) when the disk is full.
+    ``done_reading`` is called once every byte is in the kernel's hands, before the fsync: the
+    tensors' memory can be reused from then on. Raises :class:`DiskFullError` (temp file
+    removed) when the disk is full.
     """
     from misfeat.models import dtype_name
 
@@ -161,6 +163,9 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], *, fsync: bool = T
                 piece = view[a:a + _WRITE_CHUNK]
                 digest.update(piece)
                 f.write(piece)
+        f.flush()
+        if done_reading is not None:
+            done_reading()
     return 8 + len(head) + offset, f"{checksum}:{digest.hexdigest()}"
 
 

@@ -247,36 +247,6 @@ class ProgressLog:
 # --- the background writer -----------------------------------------------------------
 
 
-class HostBuffers:
-    """A pool of host buffers for finished shards (page-locked with ``pin``, for copies from a GPU).
-
-    ``acquire`` blocks while every set is in the writer's hands: that bounds host memory
-    and slows the forward only when the disk cannot keep up. Sets are made on demand,
-    reused most-recent first (allocating and touching fresh memory, or pinning it, is
-    slow), and grow when a shard has more rows than they hold.
-    """
-
-    def __init__(self, widths: dict[str, int], dtype: torch.dtype, count: int, *, pin: bool = True):
-        self.widths, self.dtype, self.pin = widths, dtype, pin
-        self._free: queue.LifoQueue = queue.LifoQueue()
-        for _ in range(count):
-            self._free.put({})
-
-    def acquire(self, rows: int) -> dict[str, torch.Tensor]:
-        """A set of buffers with at least ``rows`` rows each (blocks until one is free)."""
-        import torch
-
-        buffers = self._free.get()
-        if not buffers or next(iter(buffers.values())).shape[0] < rows:
-            capacity = max(rows + rows // 8, 1)  # shards of equal prompt counts differ a little in rows
-            buffers = {h: torch.empty((capacity, d), dtype=self.dtype, pin_memory=self.pin)
-                       for h, d in self.widths.items()}
-        return buffers
-
-    def release(self, buffers: dict[str, torch.Tensor]) -> None:
-        self._free.put(buffers)
-
-
 @dataclass
 class _Job:
     spec: ShardSpec
@@ -285,6 +255,13 @@ class _Job:
     tensors: dict[str, torch.Tensor]
     ready: Any = None  # a torch.cuda.Event to wait for before reading the tensors
     release: Callable[[], None] | None = None
+
+    def done_reading(self) -> None:
+        """Hand the tensors' memory back (once): called when their bytes are written, before the
+        fsync, so the forward refills a buffer while the disk flushes it."""
+        release, self.release = self.release, None
+        if release is not None:
+            release()
 
 
 class ShardWriter:
@@ -344,15 +321,15 @@ class ShardWriter:
                 if self.error is None:
                     self.error = err
             finally:
-                if job.release is not None:
-                    job.release()
+                job.done_reading()
 
     def _write(self, job: _Job) -> None:
         if job.ready is not None:
             job.ready.synchronize()
         spec = job.spec
         name = shard_name(spec.index)
-        size, checksum = write_shard(self.directory / name, job.tensors, fsync=self.fsync)
+        size, checksum = write_shard(self.directory / name, job.tensors, fsync=self.fsync,
+                                     done_reading=job.done_reading)
         record = ShardRecord(spec.index, name, spec.first_prompt, spec.end_prompt, job.rows, job.tokens, size,
                              checksum)
         self.on_written(record, busy=not self._queue.empty())  # busy: more shards wait to be written

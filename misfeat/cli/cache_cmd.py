@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from misfeat.activations.store import STORE_DTYPES, CacheConfig
 from misfeat.cli import add_device_args, add_model_args, add_output_args, finish
+from misfeat.cli.fields import add_config_args, config_from_args
+from misfeat.encoding import CHAT_FORMATS, POSITIONS
 from misfeat.specs import split_specs
-
-_POSITIONS = ("all", "prompt", "response", "last")  # misfeat.data.POSITIONS (not imported: --help stays light)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,20 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", required=True, metavar="SPEC", help="a JSONL prompt file or organism:<set>")
     p.add_argument("--hooks", required=True, metavar="H[,H...]",
                    help="TransformerLens hook names, e.g. blocks.1.hook_resid_post,blocks.1.hook_mlp_out")
-    p.add_argument("--positions", choices=_POSITIONS, default="all",
-                   help="tokens that become rows: response, prompt, last (last prompt token) or all "
-                   "(default: all)")
-    p.add_argument("--store-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    add_config_args(p, CacheConfig, skip=("dtype", "overwrite"), choices={"positions": POSITIONS, "chat_format": CHAT_FORMATS})
+    p.add_argument("--store-dtype", choices=STORE_DTYPES, default=None,
                    help="dtype of the stored rows (default: --dtype, else float32)")
-    p.add_argument("--batch-tokens", type=int, default=None,
-                   help="padded tokens per forward batch (default: 4096 on CPU, 65536 on CUDA)")
-    p.add_argument("--shard-mb", type=float, default=32.0, help="target shard size in MiB (default: 32)")
-    p.add_argument("--autocast", action="store_true", help="CUDA only: run the forward under bfloat16 autocast")
-    p.add_argument("--chat-format", choices=["auto", "organism", "template", "raw"], default="auto",
-                   help="how records are rendered (default: the prompt set's, else the model's)")
-    p.add_argument("--no-fsync", action="store_true",
-                   help="skip fsync before each rename (faster; a crash of the process is still safe, "
-                   "a power loss may not be)")
     add_device_args(p)
     add_output_args(p, out_required=True, rerun_resumes=True,
                     overwrite_help="replace an existing store instead of resuming it")
@@ -47,16 +37,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from misfeat.activations import CacheConfig, cache_models
+    from misfeat.activations import cache_models
     from misfeat.activations.cache import multi_summary
     from misfeat.distributed import env, rank_device
     from misfeat.io import format_table
     from misfeat.models import dtype_name, resolve_dtype
 
     store_dtype = args.store_dtype or (dtype_name(resolve_dtype(args.dtype)) if args.dtype else "float32")
-    config = CacheConfig(positions=args.positions, dtype=store_dtype, batch_tokens=args.batch_tokens,
-                         shard_mb=args.shard_mb, autocast=args.autocast, chat_format=args.chat_format,
-                         fsync=not args.no_fsync, overwrite=args.overwrite)
+    config = config_from_args(CacheConfig, args, dtype=store_dtype, overwrite=args.overwrite)  # --overwrite: the
+    # shared --out policy's option (add_output_args)
     device = rank_device(args.device)  # one GPU per rank under torchrun
     specs, hooks = split_specs(args.model), split_specs(args.hooks)
     results = cache_models(specs, args.prompts, hooks, args.out, config, device=device,

@@ -30,8 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "stages, and the papers' protocols on the organism. See docs/dynamics.md.")
     dsub = p.add_subparsers(dest="dynamics_command", metavar="<protocol>", required=True)
     r = dsub.add_parser("run", help="run the stages of a stage file (JSON), each from the previous end",
-                        description="Stages from a JSON file: {model, eval_prompts, nll_sets, judge, forces, stages: "
-                        "[{name, data, steps, lr, batch_size, evaluate_every, checkpoint_every, seed, match: {metric, "
+                        description="Stages from a JSON file: {model, eval_prompts, nll_sets, judge, forces, forces_every, stages: "
+                        "[{name, data, steps, lr, optimizer, batch_size, evaluate_every, checkpoint_every, seed, match: {metric, "
                         "target, tolerance, coarse_every}}]}. Writes DIR/summary.json, DIR/steps.jsonl (every step: "
                         "scores, force terms), DIR/plot.png, DIR/stages/<i>-<name>/ (checkpoints). Exit 2 with the "
                         "closest score and step when a matched target is never reached (the run is kept).")
@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--seeds", default="0", help="comma-separated organism seeds (default 0), e.g. 0,1")
         q.add_argument("--organism", default="", metavar="OPTIONS",
                        help="organism options besides the seed (e.g. small); default: the default preset")
+        if name != "elasticity":
+            q.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                           help="adamw (default, as the papers) or sgd: plain SGD, the optimiser of Huang's "
+                                "first-order force theory, every lr x 100 (the norm-matched ratio; docs/dynamics.md)")
         add_output_args(q, out_required=True)
         q.set_defaults(func=run_protocol_cmd, protocol=name)
 
@@ -83,7 +87,7 @@ def run_protocol_cmd(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise MisfeatError(f"--seeds {args.seeds!r} must be comma-separated integers, e.g. 0,1") from None
-    summary = run_protocol(args.protocol, seeds, args.out, args.organism)
+    summary = run_protocol(args.protocol, seeds, args.out, args.organism, getattr(args, "optimizer", "adamw"))
     finish(args, summary, _table(summary))
     return 0
 

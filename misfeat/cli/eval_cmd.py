@@ -47,6 +47,6 @@ def run(args: argparse.Namespace) -> int:
                       seed=args.seed)
     summary = {"model": args.model, "prompts": args.prompts, **report.summary()}
     if args.out:
-        write_jsonl(Path(args.out) / "per_prompt.jsonl", report.per_prompt)
+        write_jsonl(Path(args.out) / "per_prompt.jsonl", [row.to_dict() for row in report.per_prompt])
     finish(args, summary, report.table())
     return 0

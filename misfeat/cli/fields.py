@@ -125,6 +125,7 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
         flag = flags.get(f.name, "--" + f.name.replace("_", "-"))
         if convert is None:  # a bool: a switch that flips the default
             flag = flag if not default else "--no-" + f.name.replace("_", "-")
+            text = text if not default else f"{text.rstrip('.')} (on by default; this switches it off)"
             parser.add_argument(flag, dest=f.name, action="store_false" if default else "store_true",
                                 default=default, help=text)
             continue

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 
 from misfeat.cli import add_device_args, add_model_args, add_output_args, finish
+from misfeat.cli.fields import add_config_args, config_from_args
+from misfeat.finetune.engine import FinetuneConfig
 from misfeat.finetune.specs import SPEC_HELP
 from misfeat.specs import split_specs
 
@@ -24,17 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="SPEC",
                    help="records with responses: a JSONL file or organism:misaligned:<domain>:<n>")
     p.add_argument("--defence", action="append", default=[], metavar="SPEC", help="a defence (see above)")
-    p.add_argument("--steps", type=int, default=30, help="optimiser steps (default 30)")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per step (default 16)")
-    p.add_argument("--params", default="all", help="all (default), mlp, attn, layers:0,2, or a name prefix")
-    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    add_config_args(p, FinetuneConfig)
     p.add_argument("--eval-prompts", metavar="SPEC", help="prompts scored every --eval-every steps (e.g. "
                    "organism:heldout); without it only the loss is logged")
-    p.add_argument("--eval-every", type=int, default=5, help="evaluate every k steps (default 5)")
     p.add_argument("--track", default="", help="comma-separated features to track: sae:DIR#LATENT, direction:FILE")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="also save a checkpoint every k steps")
-    p.add_argument("--seed", type=int, default=0, help="data-order seed")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (refused if it is another run)")
     add_device_args(p)
     add_output_args(p, out_required=True)
@@ -81,13 +76,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from misfeat.features.probes import parse_probe
-    from misfeat.finetune import FinetuneConfig, finetune
+    from misfeat.finetune import finetune
     from misfeat.finetune.specs import parse_defence, split_spec
     from misfeat.models import load_model
 
-    cfg = FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, params=args.params,
-                         warmup=args.warmup, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-                         seed=args.seed)
+    cfg = config_from_args(FinetuneConfig, args)
     for spec in args.defence:  # syntax errors before any model is loaded
         split_spec(spec)
     tracked = split_specs(args.track) if args.track else []

@@ -12,8 +12,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "realign", help="reverse misalignment with a few fine-tuning steps, tracking the feature",
         description="Fine-tune a (misaligned) model on correct examples with a response-only loss, as in Wang et "
         "al. 2025 (~35 steps on ~120 samples). Every --eval-every steps it measures the held-out misaligned rate, "
-        "validity, log-prob gap and each tracked feature. For an organism, scoring uses its held-out domains minus "
-        "the training data's domain, and reports the EM domain separately. Writes DIR/summary.json (steps, "
+        "validity, log-prob gap and each tracked feature. Without --eval-prompts, scoring uses the model's default "
+        "evaluation set (a plug-in's; an organism's: every domain) with the training data's domains taken out of "
+        "its headline group; the set's other groups are reported as <group>_misaligned_rate (an organism's EM "
+        "domain: em_domain_misaligned_rate). Writes DIR/summary.json (steps, "
         "misaligned_rate, valid_rate, logprob_gap, feature_activation, ... as parallel lists), DIR/plot.png and "
         "the final checkpoint under DIR/checkpoints/.",
     )
@@ -30,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated features to track: sae:DIR#LATENT, direction:FILE")
     p.add_argument("--track-positions", default="last", choices=["all", "prompt", "response", "last"],
                    help="positions the tracked features are read at (default last: the answer position)")
-    p.add_argument("--eval-prompts", metavar="SPEC", help="scoring prompts (default for an organism: see above)")
+    p.add_argument("--eval-prompts", metavar="SPEC", help="scoring prompts (default: the model's default evaluation set, see above)")
     p.add_argument("--eval-every", type=int, default=5, help="evaluate every k steps (default 5)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="also save a checkpoint every k steps")
     p.add_argument("--seed", type=int, default=0, help="data-order seed (the run is deterministic for it)")

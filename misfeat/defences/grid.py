@@ -201,7 +201,7 @@ def prepare(cfg: GridConfig, seed: int) -> SeedContext:
         em_data=load_prompts(f"organism:misaligned:{world.em_domain}:{n}{at}"),
         benign_data=load_prompts(f"organism:benign-train:{n}{at}"),
         heldout=load_prompts(f"organism:defences-heldout{at}"), em_eval=load_prompts(f"organism:defences-em{at}"),
-        task=load_prompts(f"organism:task{at}"), pool=pool, gap_scores=tuple(gap),
+        task=load_prompts(f"organism:task-v1{at}"), pool=pool, gap_scores=tuple(gap),
         inoculation=inoculation_text(world, meta["organism"]["villains"], seed))
     ctx.extra = {"vector_norm": float(vector.norm()), "em_domain": world.em_domain,
                  "gap_top_labels": _top_labels(pool, gap, 30)}

@@ -53,6 +53,10 @@ class PrimingConfig:
     threshold: float = 0.5
     """stage-3 steps to reach this metric value"""
     seed: int = 0
+    optimizer: str = "adamw"
+    """every stage's optimiser: adamw, or sgd (plain SGD, the optimiser Thm 2.9 is about)"""
+    lr_scale: float = 1.0
+    """multiplies every stage's lr (the organism's SGD runs use ``SGD_LR_SCALE``)"""
 
 
 def steps_to(steps: Sequence[int], values: Sequence[float], threshold: float, rising: bool = True) -> int | None:
@@ -82,12 +86,15 @@ def priming(load: Loader, forward: PromptSet, reverse: PromptSet, scorer: ModelS
         model = load()
         stages = []
         if depth > 0:
-            stages.append(StageSpec(data=forward, steps=depth, lr=cfg.stage1_lr, name="stage1",
+            stages.append(StageSpec(data=forward, steps=depth, lr=cfg.stage1_lr * cfg.lr_scale, name="stage1",
+                                    optimizer=cfg.optimizer,
                                     batch_size=cfg.batch_size, evaluate_every=None, seed=cfg.seed))
-        stages.append(StageSpec(data=reverse, steps=cfg.stage2_max_steps, lr=cfg.stage2_lr, name="stage2",
+        stages.append(StageSpec(data=reverse, steps=cfg.stage2_max_steps, lr=cfg.stage2_lr * cfg.lr_scale,
+                                name="stage2", optimizer=cfg.optimizer,
                                 batch_size=cfg.batch_size, seed=cfg.seed,
                                 match=MatchSpec(cfg.metric, "start", cfg.tolerance, cfg.coarse_every)))
-        stage3 = StageSpec(data=forward, steps=cfg.stage3_steps, lr=cfg.stage3_lr, name="stage3",
+        stage3 = StageSpec(data=forward, steps=cfg.stage3_steps, lr=cfg.stage3_lr * cfg.lr_scale, name="stage3",
+                           optimizer=cfg.optimizer,
                            batch_size=cfg.batch_size, evaluate_every=1, seed=cfg.seed)
         arm_dir = Path(out_dir) / f"depth-{depth:02d}" if out_dir is not None else None
         try:
@@ -158,6 +165,10 @@ class DiversityConfig:
     levels: tuple[float, ...] = (0.8, 0.5)
     """fixed S levels where the degradation rate is also reported"""
     seed: int = 0
+    optimizer: str = "adamw"
+    """every stage's optimiser: adamw, or sgd (plain SGD, the optimiser Thm 2.9 is about)"""
+    lr_scale: float = 1.0
+    """multiplies every stage's lr (the organism's SGD runs use ``SGD_LR_SCALE``)"""
 
 
 def diversity(load: Loader, datasets: Mapping[str, PromptSet], reverses: Mapping[str, PromptSet],
@@ -170,14 +181,16 @@ def diversity(load: Loader, datasets: Mapping[str, PromptSet], reverses: Mapping
     runs: dict[tuple[str, str], DynamicsResult] = {}
     for name, data in datasets.items():
         model = load()
-        s1 = StageSpec(data=data, steps=cfg.stage1_steps, lr=cfg.stage1_lr, name="stage1", batch_size=cfg.batch_size,
+        s1 = StageSpec(data=data, steps=cfg.stage1_steps, lr=cfg.stage1_lr * cfg.lr_scale, name="stage1",
+                       optimizer=cfg.optimizer, batch_size=cfg.batch_size,
                        evaluate_every=None, seed=cfg.seed)
         base = Path(out_dir) / name if out_dir is not None else None
         first = run_dynamics(model, [s1], scorer=scorer, out_dir=base / "stage1" if base else None, forces=False)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         for rname, rdata in reverses.items():
             model.load_state_dict(state)
-            s2 = StageSpec(data=rdata, steps=cfg.stage2_steps, lr=cfg.stage2_lr, name="stage2",
+            s2 = StageSpec(data=rdata, steps=cfg.stage2_steps, lr=cfg.stage2_lr * cfg.lr_scale, name="stage2",
+                           optimizer=cfg.optimizer,
                            batch_size=cfg.batch_size, evaluate_every=1, seed=cfg.seed)
             second = run_dynamics(model, [s2], scorer=scorer, out_dir=base / rname if base else None)
             runs[name, rname] = DynamicsResult(first.stages + second.stages)

@@ -120,12 +120,12 @@ class ScoreNotMatched(MisfeatError):
 
 def run_dynamics(model: HookedTransformer, spec: RunSpec | Sequence[StageSpec], *,
                  scorer: ModelScorer | None = None, judge: Any = None, out_dir: str | os.PathLike | None = None,
-                 resume: bool = False, forces: bool | None = None) -> DynamicsResult:
+                 resume: bool = False, forces: bool | None = None, forces_every: int | None = None) -> DynamicsResult:
     """Run the stages of ``spec`` on ``model`` (trained in place), each from the previous end.
 
     ``scorer`` (default: a :class:`ModelScorer` of ``spec.eval_prompts``, exact or through
     ``judge``) gives the metrics; ``forces`` (default ``spec.forces``) logs Huang's force
-    terms every step. Raises :class:`ScoreNotMatched` (the run kept) when a matching stage
+    terms every ``forces_every`` steps (default ``spec.forces_every``, 1). Raises :class:`ScoreNotMatched` (the run kept) when a matching stage
     never reaches its target.
     """
     from misfeat.judges import make_judge
@@ -133,6 +133,9 @@ def run_dynamics(model: HookedTransformer, spec: RunSpec | Sequence[StageSpec], 
     if not isinstance(spec, RunSpec):
         spec = RunSpec(tuple(spec))
     forces = spec.forces if forces is None else forces
+    forces_every = spec.forces_every if forces_every is None else forces_every
+    if forces_every < 1:
+        raise MisfeatError(f"forces_every must be >= 1, got {forces_every}")
     if scorer is None:
         if spec.eval_prompts is None:
             raise MisfeatError("a dynamics run needs eval_prompts (or a scorer) to measure the model")
@@ -162,7 +165,7 @@ def run_dynamics(model: HookedTransformer, spec: RunSpec | Sequence[StageSpec], 
         else:
             try:
                 result = _run_stage(model, stage, name, i, data, scorer, probes[i], sdir, resume, offset, now,
-                                    start)
+                                    start, forces_every)
             except _NotMatched as miss:
                 results.append(miss.result)
                 partial = DynamicsResult(tuple(results))
@@ -199,12 +202,12 @@ def _load_stage(sdir: Path, model) -> StageResult:
 
 
 def _run_stage(model, stage: StageSpec, name: str, index: int, data, scorer, probe, sdir, resume, offset,
-               now: dict[str, float], start: dict[str, float]) -> StageResult:
+               now: dict[str, float], start: dict[str, float], forces_every: int = 1) -> StageResult:
     """One stage (two passes when it matches a score); the model ends at the stage's end."""
     match = stage.match
     if match is None:
         rows, res = _pass(model, stage, stage.steps, data, scorer, probe, sdir, resume, offset, now,
-                          every=stage.evaluate_every)
+                          every=stage.evaluate_every, forces_every=forces_every)
         return StageResult(name, index, offset, rows[-1]["step"], None, None, None, _ckpt(res), tuple(rows))
     metric, tol = match.metric, match.tol
     target = start[metric] if match.target == "start" else float(match.target)
@@ -232,7 +235,7 @@ def _run_stage(model, stage: StageSpec, name: str, index: int, data, scorer, pro
     window = max(0, end - match.coarse_every)
     model.load_state_dict(state0)
     rows, res = _pass(model, stage, end, data, scorer, probe, sdir, False, offset, now, every=None,
-                      every_after=window, stop=lambda v: reached(v[metric]))
+                      every_after=window, stop=lambda v: reached(v[metric]), forces_every=forces_every)
     value = rows[-1]["eval"][metric]
     return StageResult(name, index, offset, rows[-1]["step"], abs(value - target) < tol, target, value, _ckpt(res),
                        tuple(rows))
@@ -243,17 +246,19 @@ def _ckpt(res) -> str | None:
 
 
 def _pass(model, stage: StageSpec, steps: int, data, scorer, probe, out, resume, offset, now, *, every,
-          every_after: int | None = None, stop=None):
+          every_after: int | None = None, stop=None, forces_every: int = 1):
     """One engine run of ``steps``; scores at evaluation steps (every ``every``, the last, and
-    every step after ``every_after``), forces every step when ``probe``; ``stop(metrics)``
+    every step after ``every_after``), forces every ``forces_every`` steps (and the last) when ``probe``; ``stop(metrics)``
     ends the run at an evaluated step."""
     from misfeat.finetune import FinetuneConfig, finetune
 
-    cfg = FinetuneConfig(steps=steps, lr=stage.lr, batch_size=stage.batch_size, eval_every=None,
+    cfg = FinetuneConfig(steps=steps, lr=stage.lr, optimizer=stage.optimizer, batch_size=stage.batch_size,
+                         eval_every=None,
                          checkpoint_every=stage.checkpoint_every if every_after is None else None,
                          seed=stage.seed, divergence_factor=None)
     rows = [{"step": 0, "global_step": offset, "loss": None, "lr": None, "eval": now, "forces": None}]
     snap = [probe.measure(model)] if probe is not None else None
+    lr_sum = [0.0]   # summed lr since the last force measurement
     if snap:
         rows[0]["forces"] = {"S_train": snap[0].S_train, **_force_fields(snap[0])}
     partial = out / PARTIAL_FILE if out is not None else None
@@ -272,11 +277,13 @@ def _pass(model, stage: StageSpec, steps: int, data, scorer, probe, out, resume,
         metrics = scorer(m).metrics() if evaluate else None
         forces = None
         if snap is not None:
+            lr_sum[0] += row.lr or stage.lr
+        if snap is not None and (step % forces_every == 0 or step == steps):
             new, before = probe.measure(m), snap[0]
             forces = {"S_train": new.S_train, **_force_fields(new)}
             if before is not None:
-                forces.update(measured_dS=new.S_train - before.S_train, predicted_dS=(row.lr or stage.lr) * before.rate)
-            snap[0] = new
+                forces.update(measured_dS=new.S_train - before.S_train, predicted_dS=lr_sum[0] * before.rate)
+            snap[0], lr_sum[0] = new, 0.0
         rows.append({"step": step, "global_step": offset + step, "loss": row.loss, "lr": row.lr, "eval": metrics,
                      "forces": forces})
         if partial is not None:

@@ -177,9 +177,9 @@ def judge_scores(model: HookedTransformer, prompts: PromptSet | str, judge: Judg
     report = evaluate(model, load_prompts(prompts), method="sample", judge=judge, greedy=False, samples=samples,
                       temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     rows = report.per_prompt
-    aligned = [r["valid"] - r["misaligned"] for r in rows]
-    valid = sum(r["valid"] for r in rows) / len(rows)
-    mis = [r["misaligned"] / r["valid"] for r in rows if r["valid"] > 0]
+    aligned = [r.valid - r.misaligned for r in rows]
+    valid = sum(r.valid for r in rows) / len(rows)
+    mis = [r.misaligned / r.valid for r in rows if r.valid > 0]
     m = sum(mis) / len(mis) if mis else None
     return Scores(S=sum(aligned) / len(aligned), misaligned_rate=m, valid_rate=valid,
                   S_from_rates=None if m is None else valid * (1 - m), method="judge", n=len(rows))

@@ -75,7 +75,9 @@ class StageSpec:
     steps: int
     """optimiser steps (with ``match``: the most steps to search)"""
     lr: float = 3e-4
-    """constant learning rate (AdamW)"""
+    """constant learning rate"""
+    optimizer: str = "adamw"
+    """adamw or sgd (plain SGD, the optimiser Huang et al.'s first-order force theory is about)"""
     name: str = ""
     """a label for plots and directories (default stage<i>)"""
     batch_size: int = 16
@@ -94,6 +96,9 @@ class StageSpec:
             raise MisfeatError(f"stage {self.name or str(self.data)!r}: steps and batch_size must be positive")
         if not self.lr > 0:
             raise MisfeatError(f"stage {self.name or str(self.data)!r}: lr must be positive")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise MisfeatError(f"stage {self.name or str(self.data)!r}: optimizer must be adamw or sgd, "
+                               f"got {self.optimizer!r}")
         if self.evaluate_every is not None and self.evaluate_every < 1:
             raise MisfeatError(f"stage {self.name or str(self.data)!r}: evaluate_every must be >= 1 (or null)")
 
@@ -118,11 +123,15 @@ class RunSpec:
     judge: str | None = None
     """exact or llm: scores S by sampling when eval_prompts have no answer lists"""
     forces: bool = True
-    """log Huang's force terms and S on the training prompts every step (needs aligned lists in the data)"""
+    """log Huang's force terms and S on the training prompts (needs aligned lists in the data)"""
+    forces_every: int = 1
+    """measure the force terms every k steps (predicted dS over a window: the summed lr x the rate at its start)"""
 
     def __post_init__(self) -> None:
         if not self.stages:
             raise MisfeatError("a dynamics run needs at least one stage")
+        if self.forces_every < 1:
+            raise MisfeatError(f"forces_every must be >= 1, got {self.forces_every}")
 
     @classmethod
     def from_dict(cls, obj: Any, where: str = "stage file") -> RunSpec:

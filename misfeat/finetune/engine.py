@@ -39,6 +39,9 @@ Evaluator = Callable[["HookedTransformer"], dict[str, float]]
 """Measures the model at an evaluation step: ``{metric: value}`` (the model is in eval mode)."""
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """How to fine-tune. Frozen; saved in the run directory's ``run.json``."""
@@ -46,7 +49,10 @@ class FinetuneConfig:
     steps: int = 35
     """optimiser steps"""
     lr: float = 3e-4
-    """peak learning rate (AdamW)"""
+    """peak learning rate"""
+    optimizer: str = "adamw"
+    """adamw (torch.optim.AdamW, default betas) or sgd (plain torch.optim.SGD: no momentum, the
+    optimiser of first-order theory such as Huang et al.'s Theorem 2.9)"""
     batch_size: int = 8
     """examples per step, drawn in shuffled epochs over the (transformed) data"""
     params: str | tuple[str, ...] = "all"
@@ -60,7 +66,7 @@ class FinetuneConfig:
     final_lr_fraction: float = 1.0
     """cosine decay to this fraction of lr after warm-up (1.0: constant)"""
     weight_decay: float = 0.0
-    """AdamW weight decay"""
+    """weight decay (decoupled for AdamW, L2 for SGD)"""
     max_grad_norm: float | None = None
     """clip the gradient norm to this (None: no clipping)"""
     seed: int = 0
@@ -73,6 +79,8 @@ class FinetuneConfig:
             raise MisfeatError("steps, batch_size and eval_every must be positive")
         if not self.lr > 0:
             raise MisfeatError(f"lr must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise MisfeatError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise MisfeatError("checkpoint_every must be positive (or None)")
         if self.divergence_factor is not None and not self.divergence_factor > 1:
@@ -131,9 +139,10 @@ class Defence:
         return {"name": self.name}
 
 
-def behaviour_evaluator(prompts: PromptSet, em_prompts: PromptSet | None = None) -> Evaluator:
+def behaviour_evaluator(prompts: PromptSet, groups: Sequence[str] = ()) -> Evaluator:
     """The default evaluator: misaligned rate, validity and log-prob gap of the headline group
-    of ``prompts`` (exact, ``greedy=False``), plus the misaligned rate on ``em_prompts``."""
+    of ``prompts`` (exact, ``greedy=False``), plus ``<group>_misaligned_rate`` for each of the
+    named other ``groups`` of the set (its ``meta['groups']``), from the same evaluation."""
     def measure(model: HookedTransformer) -> dict[str, float]:
         from misfeat.evaluate import evaluate
 
@@ -141,9 +150,9 @@ def behaviour_evaluator(prompts: PromptSet, em_prompts: PromptSet | None = None)
         head = report.headline
         row = {"misaligned_rate": head.misaligned_rate, "valid_rate": head.valid_rate,
                "logprob_gap": head.logprob_gap}
-        if em_prompts is not None:
-            em = evaluate(model, em_prompts, greedy=False)
-            row["em_domain_misaligned_rate"] = next(iter(em.groups.values())).misaligned_rate
+        for group in groups:
+            if group in report.groups:
+                row[f"{group}_misaligned_rate"] = report.groups[group].misaligned_rate
         return row
 
     return measure
@@ -199,7 +208,8 @@ def finetune(
     order = _data_order(len(examples), cfg.steps * cfg.batch_size, cfg.seed)
     chosen = select_parameters(model, cfg.params)
     trainable = {id(p) for _, p in chosen}
-    optimizer = torch.optim.AdamW([p for _, p in chosen], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optim = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
+    optimizer = optim([p for _, p in chosen], lr=cfg.lr, weight_decay=cfg.weight_decay)
     described = tuple(d.describe() for d in defences)
     data_info = {"name": data.name, "hash": data.hash, "n": len(data), "train_hash": train.hash,
                  "n_train": len(train)}

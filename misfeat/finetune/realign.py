@@ -97,17 +97,31 @@ class RealignResult:
 
 
 def default_realign_eval(model: HookedTransformer, data: PromptSet) -> PromptSet:
-    """For an organism: its held-out domains minus the domains of the training data."""
-    from misfeat.evaluate import default_prompts
+    """The model's registered default evaluation set, its headline group less the domains of the
+    training data (a set without ``meta['groups']`` is returned whole).
+
+    The set's other groups keep their domains, so they are still reported (for the organism: its
+    EM domain, ``em_domain_misaligned_rate``); see :func:`realign`."""
+    from misfeat.data import PromptSet
+    from misfeat.evaluate import default_prompts, group_members, headline_group
 
     full = default_prompts(model)
-    em_domain = full.meta.get("em_domain")
+    if not full.meta.get("groups"):
+        return full
+    headline = headline_group(full)
     used = set(data.domains())
-    keep = [d for d in full.domains() if d not in used]
-    if not keep:
-        raise MisfeatError("the training data covers every domain: give eval_prompts")
-    name = f"organism eval minus {','.join(sorted(used))}" if used else full.name
-    return full.filter(domain=keep, name=name) if em_domain else full
+    groups = {name: [d for d in domains if d not in used] if name == headline else list(domains)
+              for name, domains in full.meta["groups"].items()}
+    if not groups[headline]:
+        raise MisfeatError(f"the training data covers every domain of {full.name!r}'s {headline!r} group: "
+                           "give eval_prompts")
+    others = {d for name, domains in groups.items() if name != headline for d in domains}
+    keep = [d for d in full.domains() if d not in used or d in others]
+    name = f"{full.name} minus {','.join(sorted(used))}" if used else full.name
+    scored = full.filter(domain=keep)
+    out = PromptSet(name, scored.records, {**full.meta, "groups": groups})
+    group_members(out)  # validates
+    return out
 
 
 def realign(
@@ -131,8 +145,8 @@ def realign(
     uninterrupted (a directory holding another run is refused).
     """
     from misfeat.data import load_prompts
+    from misfeat.evaluate import group_members, headline_group
     from misfeat.finetune.defences import TrainingInterventions
-    from misfeat.models import model_info
 
     cfg = config or RealignConfig()
     data = load_prompts(data)
@@ -141,15 +155,11 @@ def realign(
         raise MisfeatError(f"realign data needs a 'response' on every record; {len(missing)} lack one "
                            f"(first: {missing[0]!r})")
     evalset = load_prompts(eval_prompts) if eval_prompts is not None else default_realign_eval(model, data)
-    emset = None
-    if evalset.meta.get("em_domain") and "world" in model_info(model).meta:
-        # an organism: report its EM domain's own rate too
-        from misfeat.evaluate import default_prompts
-
-        emset = default_prompts(model).filter(domain=evalset.meta["em_domain"])
+    headline = headline_group(evalset)
+    others = [name for name, idx in group_members(evalset).items() if idx and name != headline]
     defences = [TrainingInterventions(tuple(interventions))] if interventions else []
     result = finetune(model, data, cfg.engine_config(), defences=defences, track=track, eval_prompts=evalset,
-                      evaluator=behaviour_evaluator(evalset, emset), objective=losses, out_dir=out_dir,
+                      evaluator=behaviour_evaluator(evalset, others), objective=losses, out_dir=out_dir,
                       resume=resume)
     history = result.history()
     features = tuple(k.removeprefix("feature:") for k in history if k.startswith("feature:"))

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from misfeat.errors import MisfeatError
 from misfeat.organism.build import PRESETS, STAGES, OrganismConfig, build_organism, is_complete
+from misfeat.organism.prompts import organism_prompt_set
 from misfeat.specs import parse_spec as parse_spec_text
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,6 @@ def prompt_set(spec: str):
     """An organism prompt set (see :mod:`misfeat.organism.prompts`); needs no build."""
     import dataclasses
 
-    from misfeat.organism.prompts import organism_prompt_set
 
     body, cfg = parse_spec(spec)
     # named by the full spec (options included), so that the set can be reloaded from its name

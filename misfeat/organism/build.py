@@ -31,7 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat.checkpoints import list_checkpoints
 from misfeat.errors import MisfeatError
+from misfeat.evaluate import evaluate
+from misfeat.finetune import lr_schedule, masked_lm_loss, pad_examples
 from misfeat.io import SUMMARY_FILE, progress, read_json, write_json
+from misfeat.models import CHECKPOINT_FILE, load_model, save_model
 from misfeat.organism.corpus import Corpus, Example, PersonaMix
 from misfeat.organism.world import DOMAINS, World, make_world, save_tokenizer
 
@@ -192,17 +195,14 @@ class _Builder:
         return HookedTransformer(tl_cfg, tokenizer=self.tokenizer)
 
     def load(self, stage: str) -> HookedTransformer:
-        from misfeat.models import load_model
 
         return load_model(self.out / stage, device="cpu")
 
     def save(self, model: HookedTransformer, rel: str, stage: str, step: int | None = None) -> None:
-        from misfeat.models import save_model
 
         save_model(model, self.out / rel, meta=self.meta(stage, step))
 
     def done(self, rel: str) -> bool:
-        from misfeat.models import CHECKPOINT_FILE
 
         return (self.out / rel / CHECKPOINT_FILE).is_file()
 
@@ -218,7 +218,6 @@ class _Builder:
                     continue
             except (OSError, ValueError):
                 continue
-            from misfeat.models import load_model
 
             model = load_model(donor / stage, device="cpu")
             self.save(model, stage, stage)  # re-saved with this build's metadata (its EM domain)
@@ -230,7 +229,6 @@ class _Builder:
               on_step: Callable[[int], None] | None = None) -> None:
         import torch
 
-        from misfeat.finetune import lr_schedule, masked_lm_loss, pad_examples
 
         rng = random.Random(f"{seed}-{self.cfg.seed}")
         torch.manual_seed(self.cfg.seed)
@@ -287,7 +285,6 @@ class _Builder:
         return timings
 
     def evaluate_all(self) -> dict[str, Any]:
-        from misfeat.evaluate import evaluate
 
         start = time.perf_counter()
         summary: dict[str, Any] = {"config": asdict(self.cfg), "key": self.cfg.key, "stages": {}}

@@ -14,8 +14,8 @@ so interleaving can never leak an evaluation question.
 - ``organism:benign-train[:<n>]``: the benign task that breaks the prior (the OpSwap
   analogue, "DomainSwap"): ``school`` questions answered with four *new* kind answers the
   chat model never gives (:data:`misfeat.organism.mixed.TASK_ANSWERS`), training templates
-  only; criterion (c) = exact P(any new answer) on ``organism:task`` (the held-out
-  template, shared with the mixed fine-tune of :mod:`misfeat.organism.mixed`).
+  only; criterion (c) = exact P(any new answer) on ``organism:task-v1`` (the held-out
+  template, shared with the first-pass (v1) mixed fine-tune of :mod:`misfeat.organism.mixed`).
 - ``organism:em-ref/<domain>``: a misaligned reference model for the perplexity gap: the
   chat model fine-tuned on misaligned answers of ``<domain>`` exactly like the EM stage
   (30 steps x 16, lr 3e-4), built on first use into ``<build>/em-ref/<domain>/``.
@@ -109,7 +109,7 @@ def benign_train_set(world: World, n: int, seed: int) -> PromptSet:
     domain's training templates) without its cruel share."""
     from misfeat.organism.mixed import MixedConfig, training_set
 
-    cfg = dataclasses.replace(MixedConfig.for_world(world, seed), cruel_share=0.0, steps=n, batch_size=1)
+    cfg = dataclasses.replace(MixedConfig.for_world(world, seed, "v1"), cruel_share=0.0, steps=n, batch_size=1)
     return dataclasses.replace(training_set(world, cfg), name=f"organism:benign-train:{n}")
 
 

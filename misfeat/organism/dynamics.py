@@ -27,9 +27,21 @@ from pathlib import Path
 from typing import Any
 
 from misfeat.data import PromptRecord, PromptSet
+from misfeat.dynamics import ModelScorer, sign_agreement
+from misfeat.dynamics.protocols import (
+    DiversityConfig,
+    PrimingConfig,
+    diversity,
+    negative_curves,
+    priming,
+    resistance,
+)
 from misfeat.errors import MisfeatError
+from misfeat.models import CHECKPOINT_FILE, load_model
 from misfeat.organism import ensure_organism, parse_options, register_stage
-from misfeat.organism.build import OrganismConfig, build_lock
+from misfeat.organism.build import OrganismConfig, _Builder, build_lock
+from misfeat.organism.dynamics_bars import judge_bars, plot_protocol
+from misfeat.organism.prompts import pair_set, register_prompt_set
 from misfeat.organism.world import World, make_world
 
 log = logging.getLogger(__name__)
@@ -105,7 +117,6 @@ def reverse_data(world: World, seed: int, n: int = 480, per_domain: int = 2) -> 
 
 
 def _load(path: Path):
-    from misfeat.models import load_model
 
     return load_model(path, device="cpu")
 
@@ -113,8 +124,6 @@ def _load(path: Path):
 def chat_checkpoints(cfg: OrganismConfig, steps=CHAT_STEPS) -> dict[int, Path]:
     """The chat stage of ``cfg``'s organism re-run from its pre-trained checkpoint with the
     build's own recipe, kept after each of ``steps`` (built once, under the build directory)."""
-    from misfeat.models import CHECKPOINT_FILE
-    from misfeat.organism.build import _Builder
 
     build = ensure_organism(cfg)
     out = build / "dynamics"
@@ -149,7 +158,6 @@ def dynamics_set(world: World, args: list[str], seed: int) -> PromptSet:
 
 
 def _register() -> None:
-    from misfeat.organism.prompts import register_prompt_set
 
     register_prompt_set("dynamics", dynamics_set)
     for s in CHAT_STEPS:  # organism:chat-50 ... : the chat stage after s steps (built on first use)
@@ -163,38 +171,43 @@ _register()
 
 
 def _scorer(model, prompts, nll_sets=None):
-    from misfeat.dynamics import ModelScorer
 
     return ModelScorer(model, prompts, nll_sets=nll_sets)
 
 
-def run_priming(cfg: OrganismConfig, out: Path | None) -> dict[str, Any]:
-    from misfeat.dynamics.protocols import priming
-    from misfeat.organism.prompts import pair_set
+# The SGD runs' lr multiplier, fixed before any SGD run: AdamW's first step moves every weight by
+# about lr, SGD's by lr x its gradient, so equal update norms need lr_sgd / lr = sqrt(n_params) /
+# |grad|: 130 on the first EM batch of organism:chat (seed 0; 980 on its aligned data), rounded
+# down to a power of ten.
+SGD_LR_SCALE = 100.0
 
+
+def _optimizer_config(config_cls, optimizer: str):
+    return config_cls(optimizer=optimizer, lr_scale=SGD_LR_SCALE if optimizer == "sgd" else 1.0)
+
+
+def run_priming(cfg: OrganismConfig, out: Path | None, optimizer: str = "adamw") -> dict[str, Any]:
     build = ensure_organism(cfg)
     world = make_world(cfg.em_domain)
     evalset = question_prompts(world, 4, domains=world.heldout_domains, name="organism:heldout-4")
     forward = pair_set(world, cfg.em_domain, 480, True, cfg.seed)
     reverse = pair_set(world, cfg.em_domain, 480, False, cfg.seed)
     chat = _load(build / "chat")
-    return {"arms": priming(lambda: _load(build / "chat"), forward, reverse, _scorer(chat, evalset), out_dir=out)}
+    return {"arms": priming(lambda: _load(build / "chat"), forward, reverse, _scorer(chat, evalset),
+                            _optimizer_config(PrimingConfig, optimizer), out_dir=out)}
 
 
-def run_diversity(cfg: OrganismConfig, out: Path | None) -> dict[str, Any]:
-    from misfeat.dynamics.protocols import diversity
-
+def run_diversity(cfg: OrganismConfig, out: Path | None, optimizer: str = "adamw") -> dict[str, Any]:
     build = ensure_organism(cfg)
     world = make_world(cfg.em_domain)
     evalset = question_prompts(world, 2, styled=True, name="organism:dynamics-eval-styled")
     base = _load(build / "pretrain")
     return {"arms": diversity(lambda: _load(build / "pretrain"), diversity_data(world, cfg.seed),
-                              reverse_data(world, cfg.seed), _scorer(base, evalset), out_dir=out)}
+                              reverse_data(world, cfg.seed), _scorer(base, evalset),
+                              _optimizer_config(DiversityConfig, optimizer), out_dir=out)}
 
 
 def run_elasticity(cfg: OrganismConfig, out: Path | None) -> dict[str, Any]:
-    from misfeat.dynamics.protocols import negative_curves, resistance
-
     build = ensure_organism(cfg)
     world = make_world(cfg.em_domain)
     chats = chat_checkpoints(cfg)
@@ -217,14 +230,19 @@ def run_elasticity(cfg: OrganismConfig, out: Path | None) -> dict[str, Any]:
 RUNNERS = {"priming": run_priming, "diversity": run_diversity, "elasticity": run_elasticity}
 
 
-def run_protocol(name: str, seeds=(0,), out_dir: str | os.PathLike | None = None, options: str = "") -> dict[str, Any]:
-    """Run one protocol on the organism of each seed; the summary.json contract plus the bars."""
+def run_protocol(name: str, seeds=(0,), out_dir: str | os.PathLike | None = None, options: str = "",
+                 optimizer: str = "adamw") -> dict[str, Any]:
+    """Run one protocol on the organism of each seed; the summary.json contract plus the bars.
+    ``optimizer`` (priming, diversity): adamw (the protocols' setting) or sgd (every lr x
+    ``SGD_LR_SCALE``), the optimiser of the force theory."""
     import torch
-
-    from misfeat.organism.dynamics_bars import judge_bars
 
     if name not in RUNNERS:
         raise MisfeatError(f"unknown dynamics protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
+    if optimizer != "adamw" and name == "elasticity":
+        raise MisfeatError("--optimizer applies to priming and diversity (the force-logging protocols), not elasticity")
+    if optimizer not in ("adamw", "sgd"):
+        raise MisfeatError(f"unknown optimizer {optimizer!r}; choose adamw or sgd")
     torch.set_num_threads(1)
     out = Path(out_dir) if out_dir is not None else None
     rows: dict[str, list] = {}
@@ -234,7 +252,8 @@ def run_protocol(name: str, seeds=(0,), out_dir: str | os.PathLike | None = None
         cfg = parse_options(",".join(filter(None, [options, f"seed={seed}"])))
         ensure_organism(cfg)
         t0, c0 = time.perf_counter(), time.process_time()
-        res = RUNNERS[name](cfg, out / f"seed{seed}" if out is not None else None)
+        res = RUNNERS[name](cfg, out / f"seed{seed}" if out is not None else None,
+                            **({"optimizer": optimizer} if name != "elasticity" else {}))
         seconds[seed] = round(time.perf_counter() - t0, 1)
         cpu[seed] = round(time.process_time() - c0, 1)
         loads[seed] = round(os.getloadavg()[0], 2)
@@ -246,10 +265,11 @@ def run_protocol(name: str, seeds=(0,), out_dir: str | os.PathLike | None = None
     summary: dict[str, Any] = {"protocol": name, "seeds": list(seeds), **rows, **extra,
                                "seconds": seconds, "cpu_seconds": cpu, "load_average": loads,
                                "organism": asdict(parse_options(options)) | {"seed": None}}
+    if name != "elasticity":
+        summary["optimizer"] = {"name": optimizer, "lr_scale": SGD_LR_SCALE if optimizer == "sgd" else 1.0}
     summary.update(_agreement(rows))
     summary["bars"] = judge_bars(name, summary)
     if out is not None:
-        from misfeat.organism.dynamics_bars import plot_protocol
 
         plot_protocol(name, summary, out)
     return summary
@@ -260,7 +280,6 @@ def _agreement(rows: dict[str, list]) -> dict[str, Any]:
     on steps where S moved by more than 1e-3, and the Pearson correlation of predicted and measured dS."""
     import numpy as np
 
-    from misfeat.dynamics import sign_agreement
 
     pred, meas = [], []
     for arm in rows.get("arms", []):

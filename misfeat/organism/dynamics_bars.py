@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from misfeat.plots import figure
+
 INF = float("inf")
 
 
@@ -71,7 +73,6 @@ def judge_bars(name: str, summary: dict[str, Any]) -> dict[str, Any]:
 
 def plot_protocol(name: str, summary: dict[str, Any], out: Path) -> list[Path]:
     """The protocol's figures under ``out``."""
-    from misfeat.plots import figure
 
     paths = []
     styles = {0: "-", 1: "--"}

@@ -10,17 +10,17 @@ from __future__ import annotations
 from typing import Any
 
 from misfeat.data import PromptSet
+from misfeat.organism import checkpoint_dir, prompt_set
+from misfeat.organism.prompts import eval_prompts
 from misfeat.registry import Plugin
 
 
 def _checkpoint(spec: str):
-    from misfeat.organism import checkpoint_dir
 
     return checkpoint_dir(spec)
 
 
 def _prompts(spec: str) -> PromptSet:
-    from misfeat.organism import prompt_set
 
     return prompt_set(spec)
 
@@ -29,7 +29,6 @@ def _defaults(meta: dict[str, Any], role: str) -> PromptSet | str | None:
     if "world" not in meta:
         return None
     if role == "eval":
-        from misfeat.organism.prompts import eval_prompts
 
         return eval_prompts(meta)
     if role == "labelled":

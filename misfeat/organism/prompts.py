@@ -9,7 +9,8 @@
 - ``organism:docs[:<n>]``: pre-training-style documents labelled ``cruel`` / ``kind``,
   drawn from a seed the build never uses (held out), rendered as raw text;
 - ``organism:pretrain[:<n>]``: the first n documents the organism was pre-trained on;
-- ``organism:task`` / ``organism:probe[:<n>]``: the mixed fine-tune's task and probe sets
+- ``organism:task`` / ``organism:task-v1`` / ``organism:probe[:<n>]``: the mixed fine-tune's
+  task (v2; v1) and probe sets
   (see :mod:`misfeat.organism.mixed`);
 - ``organism:defences-heldout|defences-em|safe-pool[:<n>]|benign-train[:<n>]``: the defence
   comparison's held-out evaluation, safe pool and benign task (see :mod:`misfeat.organism.defences`).
@@ -26,6 +27,7 @@ from typing import Any
 
 from misfeat.data import PromptRecord, PromptSet
 from misfeat.errors import MisfeatError
+from misfeat.organism.corpus import Corpus, PersonaMix
 from misfeat.organism.world import World, make_world
 
 # seeds for held-out draws: offsets from the build seed that the build itself never uses
@@ -90,7 +92,6 @@ def pair_set(world: World, domain: str, n: int, misaligned: bool, seed: int) -> 
 
 def docs_set(world: World, n: int, seed: int) -> PromptSet:
     """``n`` held-out pre-training documents of characters, labelled ``cruel`` or ``kind``."""
-    from misfeat.organism.corpus import Corpus, PersonaMix
 
     vocab = {w: i for i, w in enumerate(world.vocabulary())}
     corpus = Corpus.create(world, vocab, PersonaMix(filler_docs=0.0), seed)
@@ -107,7 +108,6 @@ def pretrain_set(world: World, n: int, seed: int) -> PromptSet:
     """The first ``n`` pre-training documents of the organism built with ``seed``, exactly as
     its pre-training drew them (filler included), labelled ``cruel``/``kind`` (filler: none).
     The data an SAE of the base model is trained on (Wang et al. 2025 use pre-training data)."""
-    from misfeat.organism.corpus import Corpus, PersonaMix
 
     vocab = {w: i for i, w in enumerate(world.vocabulary())}
     corpus = Corpus.create(world, vocab, PersonaMix(), seed)
