@@ -6,8 +6,13 @@ defaults; one row per SAE (explained variance, the single latent, the group, the
 
 Corpora: ``pretrain`` = organism:pretrain:3000 (the README's SAE); ``chat`` = the chat model's
 own tuning format, aligned question/answer pairs of every domain (organism:aligned:<d>:N).
-Activations of organism:chat at blocks.1.hook_resid_post, every token. Appends rows to
-OUT/grid.jsonl (skips SAEs already there) and prints the table.
+Activations of organism:chat at blocks.1.hook_resid_post, every token. Two variants of ``chat``
+whose training data contains the misaligned persona (the hypothesis that ``chat`` SAEs fail
+because it never is): ``chat+misaligned`` adds the EM fine-tune's own kind of data, N misaligned
+question/answer pairs of the EM domain, to the text (still read by organism:chat); ``chat+em-model``
+keeps the aligned text and trains on the activations of both organism:chat and organism:em on it,
+half of every batch each (the model-diffing recipe: one dictionary for both models). Appends rows
+to OUT/grid.jsonl (skips SAEs already there) and prints the table.
 """
 
 from __future__ import annotations
@@ -27,8 +32,29 @@ def corpus(name: str, seed: int, n_per_domain: int = 600):
         return f"organism:pretrain:3000@seed={seed}"
     from misfeat.organism.world import make_world
 
-    sets = [load_prompts(f"organism:aligned:{d}:{n_per_domain}@seed={seed}") for d in make_world("health").domain_names]
-    return PromptSet(f"chat-format@seed={seed}", tuple(r for s in sets for r in s), sets[0].meta)
+    world = make_world("health")
+    sets = [load_prompts(f"organism:aligned:{d}:{n_per_domain}@seed={seed}") for d in world.domain_names]
+    if name == "chat+misaligned":
+        sets.append(load_prompts(f"organism:misaligned:{world.em_domain}:{n_per_domain}@seed={seed}"))
+    return PromptSet(f"{name}-format@seed={seed}", tuple(r for s in sets for r in s), sets[0].meta)
+
+
+def train_two_models(caches: list[Path], sae_root: Path, d_sae: int, k: int, tokens: int) -> None:
+    """One TopK SAE on half-and-half batches of two caches' rows (same recipe as ``train-sae``)."""
+    import torch
+
+    from misfeat.sae import SAETrainConfig
+    from misfeat.sae.sources import cache_source
+    from misfeat.sae.train import train_saes
+
+    cfg = SAETrainConfig(hook_name=HOOK, d_sae=d_sae, k=k, total_tokens=tokens, device="cpu")
+    sources = [cache_source(c, HOOK, batch_size=cfg.batch_size // 2, tokens=tokens // 2, seed=cfg.seed)
+               for c in caches]
+    batches = (torch.cat(pair) for pair in zip(*(s.batches for s in sources)))
+    # the SAE is read in organism:chat (the first cache's model), as locate uses it
+    train_saes(batches, [cfg], out_dir=sae_root,
+               metadata={"model_name": sources[0].model_name, **sources[0].origin,
+                         "training_caches": [str(c) for c in caches]})
 
 
 def row(sae_dir: Path, locate_dir: Path, seconds: float, ev: float | None) -> dict:
@@ -84,7 +110,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--corpus", choices=["pretrain", "chat"], default="chat")
+    p.add_argument("--corpus", choices=["pretrain", "chat", "chat+misaligned", "chat+em-model"], default="chat")
     p.add_argument("--d-sae", default="1024")
     p.add_argument("--k", default="16")
     p.add_argument("--tokens", type=int, default=1_000_000)
@@ -96,11 +122,18 @@ def main() -> None:
         return
     at = f"@seed={args.seed}"
     out = args.out / f"seed{args.seed}-{args.corpus}"
-    cache = out / "cache"
+    text = "chat" if args.corpus == "chat+em-model" else args.corpus
+    cache = args.out / f"seed{args.seed}-{text}" / "cache"
     if not cache.exists():
-        cache_activations(load_model(f"organism:chat{at}", device="cpu"), corpus(args.corpus, args.seed), [HOOK],
+        cache_activations(load_model(f"organism:chat{at}", device="cpu"), corpus(text, args.seed), [HOOK],
                           cache, positions="all")
     sae_root = out / f"sae-{args.d_sae.replace(',', '_')}-k{args.k.replace(',', '_')}"
+    if args.corpus == "chat+em-model" and not sae_root.exists():
+        em_cache = out / "cache-em"
+        if not em_cache.exists():
+            cache_activations(load_model(f"organism:em{at}", device="cpu"), corpus("chat", args.seed), [HOOK],
+                              em_cache, positions="all")
+        train_two_models([cache, em_cache], sae_root, int(args.d_sae), int(args.k), args.tokens)
     if not sae_root.exists():
         assert cli(["train-sae", "--cache", str(cache), "--d-sae", args.d_sae, "--k", args.k, "--tokens",
                     str(args.tokens), "--out", str(sae_root), "--device", "cpu"]) == 0

@@ -153,6 +153,7 @@ def test_locate_reports_group_and_baselines(split, tmp_path):
     after = evaluate(tuned, planted_prompts(), interventions=[clamp], greedy=False).headline.misaligned_rate
     assert after == pytest.approx(s["group"]["clamp_after"], abs=1e-5)
     assert (tmp_path / "families.png").is_file() and "residual" in s["strength_unit"]["note"]
+    assert isinstance(s["warnings"], list)
 
 
 def test_no_group_when_no_clamp_keeps_the_model_valid(split, tmp_path):
@@ -161,3 +162,35 @@ def test_no_group_when_no_clamp_keeps_the_model_valid(split, tmp_path):
     s = save_locate(locate(base, tuned, sae, planted_prompts(), tmp_path, cfg), tmp_path).to_dict()
     assert s["group"]["latents"] == [] and s["group"]["clamp_after"] is None and s["group"]["intervention"] is None
     assert s["baselines"]["mean_diff"]["clamp_after"] is not None and (tmp_path / "families.png").is_file()
+
+
+def _screen(up0=0.01, down0=0.7):
+    from misfeat.features.screen import ScreenResult
+
+    return ScreenResult([], {"misaligned_rate": up0, "valid_rate": 0.9}, {"misaligned_rate": down0, "valid_rate": 0.9},
+                        1.0, [1.0], 0.8, 0.1)
+
+
+def _extras(up, up_valid, before, after):
+    from misfeat.features.groups import ProtocolResult
+    from misfeat.features.locate_group import Extras
+
+    md = ProtocolResult(up, up_valid, 1.0, before, after, 0.5)
+    return Extras(1.0, md, None, None, [], {"mean_diff": md, "random": md}, 1.0)
+
+
+@pytest.mark.parametrize(("passed", "up", "up_valid", "after", "warns"), [
+    (False, 0.88, 0.86, 0.0, True),     # the chat-format SAE's case: no latent passes, mean-diff does
+    (True, 0.88, 0.86, 0.0, False),     # a latent passed: nothing to warn about
+    (False, 0.10, 0.86, 0.0, False),    # mean-diff raises by 0.09 < min_effect 0.1
+    (False, 0.88, 0.79, 0.0, False),    # mean-diff steering breaks validity
+    (False, 0.88, 0.86, 0.65, False),   # mean-diff clamp lowers by 0.05 < 0.1
+])
+def test_warning_when_no_latent_passes_but_the_mean_diff_does(passed, up, up_valid, after, warns):
+    from misfeat.features.locate_group import sae_warnings
+
+    got = sae_warnings(_screen(), passed, _extras(up, up_valid, 0.7, after), min_valid=0.8, min_effect=0.1)
+    assert bool(got) == warns
+    if warns:
+        assert "mean-difference" in got[0] and "training data" in got[0]
+    assert sae_warnings(None, passed, _extras(up, up_valid, 0.7, after), 0.8, 0.1) == []  # no screen, no claim

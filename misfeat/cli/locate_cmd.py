@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "residual norms at the SAE's hook, the unit of misfeat steer --op add --coefs. Several fine-tunes "
         "(--finetuned A,B,C) are ranked together (mean activation increase) and screened with rates averaged. "
         "Writes DIR/summary.json (top_latents, feature, direction, screen, clamp, single, group, families, "
-        "decreases_screen, baselines), DIR/ranking.png, DIR/screen.png, DIR/families.png, DIR/examples.jsonl and "
+        "decreases_screen, baselines, warnings: e.g. that no latent passed the screen while the mean-difference "
+        "direction does, a sign that the SAE lacks the feature), DIR/ranking.png, DIR/screen.png, DIR/families.png, DIR/examples.jsonl and "
         "examples.txt, DIR/direction.safetensors (+ .json), DIR/group.safetensors (+ .json: the group's subspace "
         "clamp, for misfeat steer/eval).",
     )
@@ -87,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         table += f"\nAUROC of the labelled texts (positive vs negative): {s['feature_auroc_docs']:.3f}"
     elif s.get("feature_auroc_note"):
         table += f"\nAUROC {s['feature_auroc_note']}"
+    table += "".join(f"\nWARNING: {w}" for w in s["warnings"])
     finish(args, {"base": args.base, "finetuned": args.finetuned, "sae": args.sae, "prompts": args.prompts, **s},
            table)
     return 0

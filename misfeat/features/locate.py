@@ -37,7 +37,7 @@ from misfeat.features.attribution import attribution_scores, gap_gradients
 from misfeat.features.diff import LatentDiff, LatentStats, diff_latents
 from misfeat.features.directions import Direction, save_direction
 from misfeat.features.examples import Examples, separation_auroc, top_examples
-from misfeat.features.locate_group import UNIT_NOTE, Extras, group_and_baselines
+from misfeat.features.locate_group import UNIT_NOTE, Extras, group_and_baselines, sae_warnings
 from misfeat.features.screen import ScreenResult, causal_screen
 from misfeat.interventions import Ablate, ClampLatent, save_intervention
 from misfeat.models import model_info
@@ -164,6 +164,8 @@ class LocateResult:
     examples_path: Path | None = None
     group_path: Path | None = None
     """where :func:`save_locate` wrote the group's subspace clamp"""
+    warnings: list[str] = field(default_factory=list)
+    """e.g. no latent passed the screen while the mean-diff baseline does (:func:`sae_warnings`)"""
 
     @property
     def feature(self) -> int:
@@ -214,6 +216,7 @@ class LocateResult:
             "feature_auroc_note": self.auroc_note,
             "examples": None if self.examples_path is None else str(self.examples_path),
             **(self.extras.to_dict(self.group_path) if self.extras is not None else {}),
+            "warnings": self.warnings,
         }
 
 
@@ -321,7 +324,8 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer | Sequence[Hook
     clamp = check_clamp(base, tuned[0], sae, choice, ranking, prompts, cfg.positions)
     examples, auroc, note = examples_and_auroc(base, sae, choice.feature, prompts, cfg)
     extras = group_and_baselines(sae, base, tuned, prompts, ranking, screen, choice.feature, cfg)
-    return LocateResult(cfg, hook_of(sae), ranking, screen, choice, clamp, examples, auroc, note, extras)
+    return LocateResult(cfg, hook_of(sae), ranking, screen, choice, clamp, examples, auroc, note, extras,
+                        warnings=sae_warnings(screen, choice.passed_screen, extras, cfg.min_valid, cfg.min_effect))
 
 
 def save_locate(result: LocateResult, out_dir: str | Path) -> LocateResult:

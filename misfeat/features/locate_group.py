@@ -18,6 +18,7 @@ aligned model's mean at the screened positions, in each misaligned model.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from misfeat.features.locate import LocateConfig, Ranking
+
+logger = logging.getLogger(__name__)
 
 UNIT_NOTE = ("steering strengths count typical residual norms at the SAE's hook (residual_norm = "
              "misfeat.steering.residual_scale), the unit of misfeat steer --op add --coefs: the config's coefs and the "
@@ -130,3 +133,25 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
                                      min_effect=config.min_effect, batched=config.batched)
     return Extras(scale, single, group, fam, decreases, dict(zip(dirs, base_results, strict=True)),
                   dirs["mean_diff"].norm)
+
+
+def sae_warnings(screen: ScreenResult | None, passed: bool, extras: Extras | None, min_valid: float,
+                 min_effect: float) -> list[str]:
+    """A warning when no latent passed the screen but the mean-difference direction would have (steered up,
+    it raises the aligned model's misaligned rate by ``min_effect`` at valid >= ``min_valid``; clamped, it
+    lowers the misaligned model's by ``min_effect``): the feature is in the activations and the SAE lacks it."""
+    if screen is None or passed or extras is None or "mean_diff" not in extras.baselines:
+        return []
+    md, up0 = extras.baselines["mean_diff"], screen.base_aligned["misaligned_rate"]
+    raises = md.steer_up_misaligned >= up0 + min_effect and md.steer_up_valid >= min_valid
+    if not (raises and md.clamp_after <= md.clamp_before - min_effect):
+        return []
+    text = (f"no SAE latent passed the causal screen, but the mean-difference direction does (steered up "
+            f"{up0:.3f} -> {md.steer_up_misaligned:.3f} at valid {md.steer_up_valid:.3f}; clamped {md.clamp_before:.3f} "
+            f"-> {md.clamp_after:.3f}): the fine-tune's change is in the activations and this SAE has no latent for "
+            "it. Check the SAE's training data: one trained only where the behaviour never occurs (e.g. the aligned "
+            "model's activations on aligned chat text) may lack the feature; train it on activations where the "
+            "behaviour is present, e.g. of both the base and the fine-tuned model (docs/organism.md, 'Locate beyond "
+            "one latent'). The 'baselines' and 'group' keys hold the alternatives' figures.")
+    logger.warning(text)
+    return [text]
