@@ -50,7 +50,7 @@ def train_two_models(caches: list[Path], sae_root: Path, d_sae: int, k: int, tok
     cfg = SAETrainConfig(hook_name=HOOK, d_sae=d_sae, k=k, total_tokens=tokens, device="cpu")
     sources = [cache_source(c, HOOK, batch_size=cfg.batch_size // 2, tokens=tokens // 2, seed=cfg.seed)
                for c in caches]
-    batches = (torch.cat(pair) for pair in zip(*(s.batches for s in sources)))
+    batches = (torch.cat(pair) for pair in zip(*(s.batches for s in sources), strict=False))
     # the SAE is read in organism:chat (the first cache's model), as locate uses it
     train_saes(batches, [cfg], out_dir=sae_root,
                metadata={"model_name": sources[0].model_name, **sources[0].origin,
