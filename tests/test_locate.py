@@ -61,3 +61,31 @@ def test_examples_and_auroc_follow_the_contrast(planted):
     _, auroc, note = examples_and_auroc(base, sae, PLANTED, prompts(),
                                         LocateConfig(n_examples=2, contrast=("cruel", "evil")))
     assert auroc is None and "lacks texts labelled" in note
+
+
+def test_mean_diff_ranking_passes_over_a_latent_that_rises_off_the_change(planted, tmp_path):
+    """A decoy latent reads the fine-tune's vector v twice as strongly as the planted one but writes
+    an orthogonal direction: it rises most, yet adds nothing along the mean difference."""
+    import copy
+
+    from misfeat.steering import mean_activations
+
+    base, tuned, sae, v = planted
+    sae = copy.deepcopy(sae)
+    decoy = (PLANTED + 1) % 16
+    u = v / v.norm()
+    w = torch.randn(v.shape[0], generator=torch.Generator().manual_seed(3))
+    w = w - (w @ u) * u
+    with torch.no_grad():
+        sae.W_enc[:, decoy] = 2 * u
+        sae.W_dec[decoy] = w / w.norm()
+    by_increase = rank_latents(base, tuned, sae, prompts(), tmp_path / "a", LocateConfig(screen=0))
+    assert by_increase.order[0] == decoy
+    ranking = rank_latents(base, tuned, sae, prompts(), tmp_path / "b", LocateConfig(screen=0, rank_by="mean_diff"))
+    assert ranking.order[0] == PLANTED
+    md = (mean_activations(tuned, prompts(), [HOOK], "last")[HOOK]
+          - mean_activations(base, prompts(), [HOOK], "last")[HOOK])  # by hand
+    want = ranking.diff.increase.clamp_min(0) * (sae.W_dec.detach() @ (md / md.norm()))
+    ranked = want[ranking.order]  # the hand formula's scores, in the ranking's order: non-increasing
+    assert bool((ranked[1:] <= ranked[:-1] + 1e-4 * float(want.abs().max())).all())
+    assert float(want[decoy]) == pytest.approx(0.0, abs=0.05 * float(want[PLANTED]))

@@ -97,3 +97,13 @@ def attribution_scores(gradients: torch.Tensor, increase: torch.Tensor) -> torch
     if gradients.shape != increase.shape:
         raise MisfeatError(f"gradient shape {tuple(gradients.shape)} != increase shape {tuple(increase.shape)}")
     return gradients * increase
+
+
+def mean_diff_scores(sae: SAE, increase: torch.Tensor, mean_diff: torch.Tensor) -> torch.Tensor:
+    """Per latent: its share of the mean-difference direction, the length its mean activation
+    increase adds along that direction through its decoder row (``increase x W_dec[i] . u``, ``u``
+    the unit mean-difference; with unit decoder rows, increase x cosine). Latents that fell score
+    0: steering them up would oppose the change."""
+    w = sae.W_dec.detach().float().cpu()
+    u = mean_diff.detach().float().cpu()
+    return increase.detach().float().cpu().clamp_min(0) * (w @ (u / u.norm().clamp_min(1e-12)))

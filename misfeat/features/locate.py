@@ -33,10 +33,11 @@ from misfeat.activations import cache_activations, open_store
 from misfeat.data import PromptSet, load_prompts
 from misfeat.errors import MisfeatError
 from misfeat.evaluate import GroupMetrics, evaluate
-from misfeat.features.attribution import attribution_scores, gap_gradients
+from misfeat.features.attribution import attribution_scores, gap_gradients, mean_diff_scores
 from misfeat.features.diff import LatentDiff, LatentStats, diff_latents
 from misfeat.features.directions import Direction, save_direction
 from misfeat.features.examples import Examples, separation_auroc, top_examples
+from misfeat.features.groups import baseline_directions
 from misfeat.features.locate_group import UNIT_NOTE, Extras, group_and_baselines, sae_warnings
 from misfeat.features.screen import ScreenResult, causal_screen
 from misfeat.interventions import Ablate, ClampLatent, save_intervention
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 
-RANKINGS = ("increase", "attribution", "effect_size")
+RANKINGS = ("increase", "attribution", "effect_size", "mean_diff")
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class LocateConfig:
     top: int = 20
     """rows of the ranked tables in the summary"""
     rank_by: str = "increase"
-    """candidate ranking: increase (Wang et al.), attribution (gradient x change) or effect_size"""
+    """candidate ranking: increase (Wang et al.), attribution (gradient x change), effect_size, or mean_diff
+    (increase x the decoder row's component along the unit mean-difference direction)"""
     positions: str = "last"
     """token positions read and steered: last = the answer position (the last prompt token)"""
     coefs: tuple[float, ...] = (0.5, 1.0, 2.0)
@@ -97,7 +99,7 @@ class LocateConfig:
 
     def __post_init__(self) -> None:
         if self.rank_by not in RANKINGS:
-            raise MisfeatError(f"rank_by must be increase, attribution or effect_size, not {self.rank_by!r}")
+            raise MisfeatError(f"rank_by must be one of {', '.join(RANKINGS)}, not {self.rank_by!r}")
 
 
 @dataclass(frozen=True)
@@ -238,7 +240,11 @@ def rank_latents(base: HookedTransformer, finetuned: HookedTransformer | Sequenc
     attribution = sum(attribution_scores(gap_gradients(m, sae, prompts, config.positions), d.increase)
                       for m, d in zip(tuned, diffs, strict=True)) / len(tuned)
     diff = diffs[0] if len(diffs) == 1 else _average(diffs)
-    score = {"increase": diff.increase, "attribution": attribution, "effect_size": diff.effect_size}[config.rank_by]
+    scores = {"increase": diff.increase, "attribution": attribution, "effect_size": diff.effect_size}
+    if config.rank_by == "mean_diff":
+        md = baseline_directions(stores["base"], [stores[n] for n in names], hook)["mean_diff"]
+        scores["mean_diff"] = mean_diff_scores(sae, diff.increase, md.vector)
+    score = scores[config.rank_by]
     order = [int(i) for i in torch.argsort(score, descending=True)]
     return Ranking(diff, attribution, order, config.rank_by, {"base": stores["base"], "finetuned":
                    [stores[n] for n in names]}, [d.increase for d in diffs])
