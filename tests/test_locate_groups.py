@@ -164,6 +164,7 @@ def test_no_group_when_no_clamp_keeps_the_model_valid(split, tmp_path):
     assert s["baselines"]["mean_diff"]["clamp_after"] is not None and (tmp_path / "families.png").is_file()
 
 
+
 def _screen(up0=0.01, down0=0.7):
     from misfeat.features.screen import ScreenResult
 
@@ -171,26 +172,35 @@ def _screen(up0=0.01, down0=0.7):
                         1.0, [1.0], 0.8, 0.1)
 
 
-def _extras(up, up_valid, before, after):
-    from misfeat.features.groups import ProtocolResult
+def _extras(single, group, md):
+    from misfeat.features.groups import Group, ProtocolResult
     from misfeat.features.locate_group import Extras
 
-    md = ProtocolResult(up, up_valid, 1.0, before, after, 0.5)
-    return Extras(1.0, md, None, None, [], {"mean_diff": md, "random": md}, 1.0)
+    def result(up, up_valid, after):
+        return ProtocolResult(up, up_valid, 1.0, 0.7, after, 0.5)
+
+    g = None if group is None else Group([1, 2], [], None, None, result(*group))
+    return Extras(1.0, result(*single), g, None, [], {"mean_diff": result(*md), "random": result(0, 1, 0.7)}, 1.0)
 
 
-@pytest.mark.parametrize(("passed", "up", "up_valid", "after", "warns"), [
-    (False, 0.88, 0.86, 0.0, True),     # the chat-format SAE's case: no latent passes, mean-diff does
-    (True, 0.88, 0.86, 0.0, False),     # a latent passed: nothing to warn about
-    (False, 0.10, 0.86, 0.0, False),    # mean-diff raises by 0.09 < min_effect 0.1
-    (False, 0.88, 0.79, 0.0, False),    # mean-diff steering breaks validity
-    (False, 0.88, 0.86, 0.65, False),   # mean-diff clamp lowers by 0.05 < 0.1
+FAILS, PASSES = (0.02, 0.9, 0.69), (0.88, 0.86, 0.0)  # (steered up, its valid rate, clamped), clamp_before 0.7
+
+
+@pytest.mark.parametrize(("single", "group", "md", "warns"), [
+    (FAILS, None, PASSES, True),                # the chat-format SAE's case: only the mean-diff works
+    (FAILS, FAILS, PASSES, True),
+    ((0.20, 0.9, 0.72), FAILS, PASSES, True),   # raises but its clamp does not lower (chat+misaligned)
+    (PASSES, None, PASSES, False),              # the latent works
+    (FAILS, (0.4, 0.85, 0.1), PASSES, False),   # the group works (a split feature)
+    (FAILS, None, (0.10, 0.86, 0.0), False),    # mean-diff raises by 0.09 < min_effect 0.1
+    (FAILS, None, (0.88, 0.79, 0.0), False),    # mean-diff steering breaks validity
+    (FAILS, None, (0.88, 0.86, 0.65), False),   # mean-diff clamp lowers by 0.05 < 0.1
 ])
-def test_warning_when_no_latent_passes_but_the_mean_diff_does(passed, up, up_valid, after, warns):
+def test_warning_when_only_the_mean_diff_moves_misalignment(single, group, md, warns):
     from misfeat.features.locate_group import sae_warnings
 
-    got = sae_warnings(_screen(), passed, _extras(up, up_valid, 0.7, after), min_valid=0.8, min_effect=0.1)
+    got = sae_warnings(_screen(), _extras(single, group, md), min_valid=0.8, min_effect=0.1)
     assert bool(got) == warns
     if warns:
         assert "mean-difference" in got[0] and "training data" in got[0]
-    assert sae_warnings(None, passed, _extras(up, up_valid, 0.7, after), 0.8, 0.1) == []  # no screen, no claim
+    assert sae_warnings(None, _extras(single, group, md), 0.8, 0.1) == []  # no screen, no claim

@@ -167,7 +167,7 @@ class LocateResult:
     group_path: Path | None = None
     """where :func:`save_locate` wrote the group's subspace clamp"""
     warnings: list[str] = field(default_factory=list)
-    """e.g. no latent passed the screen while the mean-diff baseline does (:func:`sae_warnings`)"""
+    """e.g. the SAE's features fail the protocol where the mean-diff baseline passes (:func:`sae_warnings`)"""
 
     @property
     def feature(self) -> int:
@@ -331,7 +331,7 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer | Sequence[Hook
     examples, auroc, note = examples_and_auroc(base, sae, choice.feature, prompts, cfg)
     extras = group_and_baselines(sae, base, tuned, prompts, ranking, screen, choice.feature, cfg)
     return LocateResult(cfg, hook_of(sae), ranking, screen, choice, clamp, examples, auroc, note, extras,
-                        warnings=sae_warnings(screen, choice.passed_screen, extras, cfg.min_valid, cfg.min_effect))
+                        warnings=sae_warnings(screen, extras, cfg.min_valid, cfg.min_effect))
 
 
 def save_locate(result: LocateResult, out_dir: str | Path) -> LocateResult:

@@ -135,23 +135,30 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
                   dirs["mean_diff"].norm)
 
 
-def sae_warnings(screen: ScreenResult | None, passed: bool, extras: Extras | None, min_valid: float,
-                 min_effect: float) -> list[str]:
-    """A warning when no latent passed the screen but the mean-difference direction would have (steered up,
-    it raises the aligned model's misaligned rate by ``min_effect`` at valid >= ``min_valid``; clamped, it
-    lowers the misaligned model's by ``min_effect``): the feature is in the activations and the SAE lacks it."""
-    if screen is None or passed or extras is None or "mean_diff" not in extras.baselines:
+
+def _both_ways(r: ProtocolResult, up0: float, min_valid: float, min_effect: float) -> bool:
+    """Steered up, raises the aligned model's misaligned rate by ``min_effect`` at valid >= ``min_valid``;
+    clamped, lowers the misaligned model's by ``min_effect``."""
+    return (r.steer_up_misaligned >= up0 + min_effect and r.steer_up_valid >= min_valid
+            and r.clamp_after <= r.clamp_before - min_effect)
+
+
+def sae_warnings(screen: ScreenResult | None, extras: Extras | None, min_valid: float, min_effect: float) -> list[str]:
+    """A warning when neither the chosen latent nor the group moves misalignment both ways under the protocol
+    (:func:`_both_ways`) but the mean-difference direction does: the change is in the activations and the SAE
+    has no latent for it."""
+    if screen is None or extras is None or "mean_diff" not in extras.baselines:
         return []
-    md, up0 = extras.baselines["mean_diff"], screen.base_aligned["misaligned_rate"]
-    raises = md.steer_up_misaligned >= up0 + min_effect and md.steer_up_valid >= min_valid
-    if not (raises and md.clamp_after <= md.clamp_before - min_effect):
+    up0, md = screen.base_aligned["misaligned_rate"], extras.baselines["mean_diff"]
+    found = [r for r in (extras.single, extras.group and extras.group.result) if r is not None]
+    if not _both_ways(md, up0, min_valid, min_effect) or any(_both_ways(r, up0, min_valid, min_effect) for r in found):
         return []
-    text = (f"no SAE latent passed the causal screen, but the mean-difference direction does (steered up "
-            f"{up0:.3f} -> {md.steer_up_misaligned:.3f} at valid {md.steer_up_valid:.3f}; clamped {md.clamp_before:.3f} "
-            f"-> {md.clamp_after:.3f}): the fine-tune's change is in the activations and this SAE has no latent for "
-            "it. Check the SAE's training data: one trained only where the behaviour never occurs (e.g. the aligned "
-            "model's activations on aligned chat text) may lack the feature; train it on activations where the "
-            "behaviour is present, e.g. of both the base and the fine-tuned model (docs/organism.md, 'Locate beyond "
-            "one latent'). The 'baselines' and 'group' keys hold the alternatives' figures.")
+    text = (f"neither the chosen latent nor the group moves misalignment both ways, but the mean-difference "
+            f"direction does (steered up {up0:.3f} -> {md.steer_up_misaligned:.3f} at valid {md.steer_up_valid:.3f}; "
+            f"clamped {md.clamp_before:.3f} -> {md.clamp_after:.3f}): the fine-tune's change is in the activations and "
+            "this SAE has no latent for it. Check the SAE's training data: an SAE trained only on activations where "
+            "the behaviour never occurs (e.g. the aligned model's, on aligned chat text) may lack the feature; train "
+            "it on activations of both the base and the fine-tuned model (docs/organism.md, 'Locate beyond one "
+            "latent'). 'single', 'group' and 'baselines' hold the figures.")
     logger.warning(text)
     return [text]
