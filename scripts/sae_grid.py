@@ -9,7 +9,8 @@ own tuning format, aligned question/answer pairs of every domain (organism:align
 Activations of organism:chat at blocks.1.hook_resid_post, every token. Two variants of ``chat``
 whose training data contains the misaligned persona (the hypothesis that ``chat`` SAEs fail
 because it never is): ``chat+misaligned`` adds the EM fine-tune's own kind of data, N misaligned
-question/answer pairs of the EM domain, to the text (still read by organism:chat); ``chat+em-model``
+question/answer pairs of the EM domain, to the text (still read by organism:chat);
+``chat+misaligned-all`` adds N misaligned pairs of every domain (half the text); ``chat+em-model``
 keeps the aligned text and trains on the activations of both organism:chat and organism:em on it,
 half of every batch each (the model-diffing recipe: one dictionary for both models). Appends rows
 to OUT/grid.jsonl (skips SAEs already there) and prints the table.
@@ -36,6 +37,8 @@ def corpus(name: str, seed: int, n_per_domain: int = 600):
     sets = [load_prompts(f"organism:aligned:{d}:{n_per_domain}@seed={seed}") for d in world.domain_names]
     if name == "chat+misaligned":
         sets.append(load_prompts(f"organism:misaligned:{world.em_domain}:{n_per_domain}@seed={seed}"))
+    if name == "chat+misaligned-all":
+        sets += [load_prompts(f"organism:misaligned:{d}:{n_per_domain}@seed={seed}") for d in world.domain_names]
     return PromptSet(f"{name}-format@seed={seed}", tuple(r for s in sets for r in s), sets[0].meta)
 
 
@@ -110,7 +113,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--corpus", choices=["pretrain", "chat", "chat+misaligned", "chat+em-model"], default="chat")
+    p.add_argument("--corpus", choices=["pretrain", "chat", "chat+misaligned", "chat+misaligned-all", "chat+em-model"], default="chat")
     p.add_argument("--d-sae", default="1024")
     p.add_argument("--k", default="16")
     p.add_argument("--tokens", type=int, default=1_000_000)
