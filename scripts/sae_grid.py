@@ -13,7 +13,8 @@ question/answer pairs of the EM domain, to the text (still read by organism:chat
 ``chat+misaligned-all`` adds N misaligned pairs of every domain (half the text); ``chat+em-model``
 keeps the aligned text and trains on the activations of both organism:chat and organism:em on it,
 half of every batch each (the model-diffing recipe: one dictionary for both models). Appends rows
-to OUT/grid.jsonl (skips SAEs already there) and prints the table.
+to OUT/grid.jsonl (skips SAEs already there) and prints the table. ``--rank-by R`` runs locate with
+that candidate ranking instead (into SAE/locate-R, rows in OUT/grid-R.jsonl).
 """
 
 from __future__ import annotations
@@ -118,10 +119,14 @@ def main() -> None:
     p.add_argument("--k", default="16")
     p.add_argument("--tokens", type=int, default=1_000_000)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--rank-by", default="increase", help="locate's --rank-by (other than increase: rows go to "
+                   "OUT/grid-<rank-by>.jsonl, outputs to SAE/locate-<rank-by>)")
     p.add_argument("--table", action="store_true", help="only print OUT/grid.jsonl as a markdown table")
     args = p.parse_args()
+    default = args.rank_by == "increase"
+    rows_file = "grid.jsonl" if default else f"grid-{args.rank_by}.jsonl"
     if args.table:
-        print(table(args.out / "grid.jsonl"))
+        print(table(args.out / rows_file))
         return
     at = f"@seed={args.seed}"
     out = args.out / f"seed{args.seed}-{args.corpus}"
@@ -140,8 +145,8 @@ def main() -> None:
     if not sae_root.exists():
         assert cli(["train-sae", "--cache", str(cache), "--d-sae", args.d_sae, "--k", args.k, "--tokens",
                     str(args.tokens), "--out", str(sae_root), "--device", "cpu"]) == 0
-    done = {json.loads(x)["sae"] for x in (args.out / "grid.jsonl").read_text().splitlines()} \
-        if (args.out / "grid.jsonl").exists() else set()
+    done = {json.loads(x)["sae"] for x in (args.out / rows_file).read_text().splitlines()} \
+        if (args.out / rows_file).exists() else set()
     dirs = [sae_root] if (sae_root / "cfg.json").exists() else sorted(d for d in sae_root.iterdir()
                                                                        if (d / "cfg.json").exists())
     for sae_dir in dirs:
@@ -151,14 +156,14 @@ def main() -> None:
 
         info = load_sae(sae_dir).cfg.metadata.misfeat_training
         ev = (info.get("last_batch") or {}).get("EV")
-        locate_dir = sae_dir / "locate"
+        locate_dir = sae_dir / ("locate" if default else f"locate-{args.rank_by}")
         start, cpu = time.perf_counter(), time.process_time()
         assert cli(["locate", "--base", f"organism:chat{at}", "--finetuned", f"organism:em{at}", "--sae",
                     str(sae_dir), "--prompts", f"organism:heldout{at}", "--out", str(locate_dir), "--device",
-                    "cpu"]) == 0
+                    "cpu", "--rank-by", args.rank_by]) == 0
         r = {"seed": args.seed, "corpus": args.corpus, **row(sae_dir, locate_dir, time.perf_counter() - start, ev),
              "locate_cpu_s": round(time.process_time() - cpu, 1)}
-        with open(args.out / "grid.jsonl", "a") as f:
+        with open(args.out / rows_file, "a") as f:
             f.write(json.dumps(r) + "\n")
         print(json.dumps(r))
 
