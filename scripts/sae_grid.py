@@ -81,26 +81,44 @@ def row(sae_dir: Path, locate_dir: Path, seconds: float, ev: float | None) -> di
             "clamp_before": single["clamp_before"]}
 
 
+CORPORA = ("pretrain", "chat", "chat+misaligned", "chat+misaligned-all", "chat+em-model")
+
+
 def table(path: Path) -> str:
-    """The grid as a markdown table (pass = steer-up >= 0.3 at valid >= 0.8 and clamp cut >= 80%)."""
+    """The grid as the markdown table of docs/organism.md, sorted by corpus, seed, d_sae, k (pass = steer-up
+    >= 0.3 at valid >= 0.8 and clamp cut >= 80%; cut = 1 - clamped / unclamped, the clamped valid rate in
+    brackets)."""
+    import re
+
     def f(x):
         return "-" if x is None else f"{x:.2f}"
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.0f}%"
 
     def ok(up, valid, c):
         return "pass" if up is not None and up >= 0.3 and valid >= 0.8 and c is not None and c >= 0.8 else "fail"
 
-    lines = ["| seed | corpus | d_sae x k | EV | single: latent, up (valid), cut | group: latents, up (valid), cut | "
-             "mean-diff: up (valid), cut | random: up (valid), cut | locate wall / CPU s |", "|" + "---|" * 9]
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        name = Path(r["sae"]).name.replace("sae-", "").replace("topk-", "")
+    def size(r):
+        d, k = re.search(r"(\d+)-k(\d+)$", Path(r["sae"]).name).groups()
+        return int(d), int(k)
+
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows.sort(key=lambda r: (CORPORA.index(r["corpus"]) if r["corpus"] in CORPORA else 99, r["seed"], size(r)))
+    lines = ["| seed | corpus | d_sae x k | EV | single latent: up (valid), cut (valid) | group: up (valid), cut (valid) "
+             "| mean-diff: up (valid), cut | random: up (valid), cut | locate wall / CPU s |", "|" + "---|" * 9]
+    for r in rows:
+        d, k = size(r)
+        group = "no group" if not r["group"] else (
+            f"{r['group']}: {f(r['group_up'])} ({f(r['group_valid'])}), {pct(r['group_cut'])} "
+            f"({f(r.get('group_clamp_valid'))}) **{ok(r['group_up'], r['group_valid'], r['group_cut'])}**")
         lines.append(
-            f"| {r['seed']} | {r['corpus']} | {name} | {f(r['ev'])} | {r['feature']}{'' if r['passed'] else ' (no pass)'}: "
-            f"{f(r['single_up'])} ({f(r['single_valid'])}), {f(r['single_cut'])} ({f(r.get('single_clamp_valid'))}) "
-            f"**{ok(r['single_up'], r['single_valid'], r['single_cut'])}** | {r['group']}: {f(r['group_up'])} "
-            f"({f(r['group_valid'])}), {f(r['group_cut'])} ({f(r.get('group_clamp_valid'))}) **{ok(r['group_up'], r['group_valid'], r['group_cut'])}** | "
-            f"{f(r['md_up'])} ({f(r['md_valid'])}), {f(r['md_cut'])} | {f(r['rand_up'])} ({f(r['rand_valid'])}), "
-            f"{f(r['rand_cut'])} | {r['locate_s']:.0f} / {r.get('locate_cpu_s', '-')} |")
+            f"| {r['seed']} | {r['corpus']} | {d} x {k} | {f(r['ev'])} | {r['feature']}"
+            f"{'' if r['passed'] else ', no latent passed'}: {f(r['single_up'])} ({f(r['single_valid'])}), "
+            f"{pct(r['single_cut'])} ({f(r.get('single_clamp_valid'))}) "
+            f"**{ok(r['single_up'], r['single_valid'], r['single_cut'])}** | {group} | "
+            f"{f(r['md_up'])} ({f(r['md_valid'])}), {pct(r['md_cut'])} | {f(r['rand_up'])} ({f(r['rand_valid'])}), "
+            f"{pct(r['rand_cut'])} | {r['locate_s']:.0f} / {r.get('locate_cpu_s', '-')} |")
     return "\n".join(lines)
 
 
