@@ -43,24 +43,6 @@ def corpus(name: str, seed: int, n_per_domain: int = 600):
     return PromptSet(f"{name}-format@seed={seed}", tuple(r for s in sets for r in s), sets[0].meta)
 
 
-def train_two_models(caches: list[Path], sae_root: Path, d_sae: int, k: int, tokens: int) -> None:
-    """One TopK SAE on half-and-half batches of two caches' rows (same recipe as ``train-sae``)."""
-    import torch
-
-    from misfeat.sae import SAETrainConfig
-    from misfeat.sae.sources import cache_source
-    from misfeat.sae.train import train_saes
-
-    cfg = SAETrainConfig(hook_name=HOOK, d_sae=d_sae, k=k, total_tokens=tokens, device="cpu")
-    sources = [cache_source(c, HOOK, batch_size=cfg.batch_size // 2, tokens=tokens // 2, seed=cfg.seed)
-               for c in caches]
-    batches = (torch.cat(pair) for pair in zip(*(s.batches for s in sources), strict=False))
-    # the SAE is read in organism:chat (the first cache's model), as locate uses it
-    train_saes(batches, [cfg], out_dir=sae_root,
-               metadata={"model_name": sources[0].model_name, **sources[0].origin,
-                         "training_caches": [str(c) for c in caches]})
-
-
 def row(sae_dir: Path, locate_dir: Path, seconds: float, ev: float | None) -> dict:
     s = json.loads((locate_dir / "summary.json").read_text())
     feature = next(r for r in s["top_latents"] if r["latent"] == s["feature"])
@@ -159,7 +141,8 @@ def main() -> None:
         if not em_cache.exists():
             cache_activations(load_model(f"organism:em{at}", device="cpu"), corpus("chat", args.seed), [HOOK],
                               em_cache, positions="all")
-        train_two_models([cache, em_cache], sae_root, int(args.d_sae), int(args.k), args.tokens)
+        assert cli(["train-sae", "--cache", f"{cache},{em_cache}", "--d-sae", args.d_sae, "--k", args.k, "--tokens",
+                    str(args.tokens), "--out", str(sae_root), "--device", "cpu"]) == 0
     if not sae_root.exists():
         assert cli(["train-sae", "--cache", str(cache), "--d-sae", args.d_sae, "--k", args.k, "--tokens",
                     str(args.tokens), "--out", str(sae_root), "--device", "cpu"]) == 0

@@ -162,3 +162,34 @@ def test_torchrun_two_processes(store_dir, tmp_path):
     ddp, single = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "single.pt")
     for name, tensor in single.items():
         torch.testing.assert_close(ddp[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_train_sae_on_two_models_caches_fills_each_batch_half_and_half(tiny_model, store_dir, tmp_path):
+    """--cache A,B (the model-diffing recipe): every batch's first half are rows of A, the second rows of B."""
+    import copy
+
+    from misfeat.activations import cache_activations, open_store
+    from misfeat.errors import MisfeatError
+    from misfeat.sae.sources import caches_source
+
+    tuned = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        tuned.blocks[0].mlp.b_out += 3.0  # every row of its store differs from the base store's
+    other = tmp_path / "tuned"
+    cache_activations(tuned, str(store_dir.parent / "prompts.jsonl"), [HOOK], other)
+    rows = [open_store(d).rows(HOOK, slice(0, open_store(d).n_rows)) for d in (store_dir, other)]
+
+    def source_of(batch):  # 0 / 1: the store holding each row exactly
+        return torch.stack([torch.cdist(batch, r).min(dim=1).values for r in rows]).argmin(dim=0)
+
+    source = caches_source([store_dir, other], batch_size=64, tokens=640, seed=1)
+    for _, batch in zip(range(5), source.batches, strict=False):
+        assert batch.shape[0] == 64 and source_of(batch).tolist() == [0] * 32 + [1] * 32
+    assert source.info["cache_rows"] == sum(r.shape[0] for r in rows)
+    with pytest.raises(MisfeatError, match="not divisible"):
+        caches_source([store_dir, other], batch_size=63, tokens=640)
+    out = tmp_path / "sae"
+    assert main(["train-sae", "--cache", f"{store_dir},{other}", "--d-sae", "32", "--k", "4", "--tokens", "2048",
+                 "--batch-size", "128", "--out", str(out)]) == 0
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["data"]["caches"][1]["cache"] == str(other) and saved["saes"][0]["steps"] == 16

@@ -36,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "`torchrun --nproc_per_node N -m misfeat train-sae ...` the processes train data-parallel, each on "
         "its own rows.")
     src = p.add_argument_group("data (one of --cache or --model with --prompts)")
-    src.add_argument("--cache", metavar="DIR", help="activation store written by `misfeat cache`")
+    src.add_argument("--cache", metavar="DIR[,DIR...]", help="activation store written by `misfeat cache`; several "
+                     "(e.g. the base and the fine-tuned model's activations on the same text, for model diffing) fill "
+                     "every batch in equal shares")
     src.add_argument("--model", metavar="SPEC", help="produce activations on the fly with this model (no disk): "
                      "a checkpoint dir, a local Hugging Face dir or organism:<stage>; needs --prompts")
     src.add_argument("--prompts", metavar="SPEC", help="prompt set for --model: JSONL file or organism:<set> "
@@ -107,13 +109,14 @@ def _configs(args: argparse.Namespace, hook: str, device: str | None):
 def _stream(args: argparse.Namespace, world, device: str | None):
     """(hook, batches, data description) for --cache or --model/--prompts."""
     from misfeat.errors import MisfeatError
-    from misfeat.sae.sources import cache_source, live_source
+    from misfeat.sae.sources import caches_source, live_source
 
     if bool(args.cache) == bool(args.model):
         raise MisfeatError("give exactly one data source: --cache DIR, or --model SPEC with --prompts SPEC")
     if args.cache:
-        source = cache_source(args.cache, args.hook, batch_size=args.batch_size, tokens=args.total_tokens,
-                              seed=args.seed, world=world)
+        caches = [c for c in args.cache.split(",") if c]
+        source = caches_source(caches, args.hook, batch_size=args.batch_size, tokens=args.total_tokens,
+                               seed=args.seed, world=world)
         return source.hook, source.batches, {**source.info, "model_name": source.model_name, **source.origin}
     if not args.prompts or not args.hook:
         raise MisfeatError("--model needs --prompts SPEC (the text to run) and --hook H (where to read)")

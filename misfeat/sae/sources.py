@@ -4,8 +4,9 @@ Both give an :class:`ActivationSource`, whose ``batches`` is the iterator :func:
 trains on. In a data-parallel run (``world`` from :func:`misfeat.distributed.join`) each process
 reads its own rows: its share of the cache's chunks, or its share of the prompts::
 
-    from misfeat.sae.sources import cache_source, live_source
+    from misfeat.sae.sources import cache_source, caches_source, live_source
     source = cache_source("cache/", batch_size=4096, tokens=2_000_000)
+    source = caches_source(["cache-base/", "cache-tuned/"], batch_size=4096, tokens=2_000_000)  # half each
     source = live_source(model, "organism:docs:20000", "blocks.1.hook_resid_post", batch_size=4096, tokens=2_000_000)
     saes = train_saes(source.batches, cfgs, out_dir="sae/", metadata={"model_name": source.model_name})
 """
@@ -13,7 +14,7 @@ reads its own rows: its share of the cache's chunks, or its share of the prompts
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,33 @@ def cache_source(cache: str | os.PathLike, hook: str | None = None, *, batch_siz
                                             "positions": store.positions},
                             model_name=store.manifest["model"]["spec"],  # the model, not the cache path
                             origin={k: v for k, v in origin.items() if v})
+
+
+def caches_source(caches: Sequence[str | os.PathLike], hook: str | None = None, *, batch_size: int, tokens: int,
+                  seed: int = 0, world: World | None = None) -> ActivationSource:
+    """Every batch in equal shares from several activation stores of one hook, e.g. the base and the
+    fine-tuned model's activations on the same text: one dictionary for both models (the model-diffing
+    recipe; an SAE trained on the base model's activations alone may have no latent for what the
+    fine-tune added). The SAE's origin is the first store's model."""
+    import torch
+
+    if len(caches) == 1:
+        return cache_source(caches[0], hook, batch_size=batch_size, tokens=tokens, seed=seed, world=world)
+    if batch_size % len(caches):
+        raise MisfeatError(f"batch_size={batch_size} is not divisible by the {len(caches)} caches; give a multiple")
+    sources = [cache_source(c, hook, batch_size=batch_size // len(caches), tokens=-(-tokens // len(caches)),
+                            seed=seed, world=world) for c in caches]
+    if len({s.hook for s in sources}) > 1:
+        raise MisfeatError(f"the caches hold different hooks ({', '.join(s.hook for s in sources)}); choose one (--hook)")
+    archs = {s.origin.get("model_architecture") for s in sources} - {None}
+    if len(archs) > 1:
+        raise MisfeatError(f"the caches {', '.join(map(str, caches))} come from models of different architectures; "
+                           "one SAE needs activations of one architecture")
+    batches = (torch.cat(parts) for parts in zip(*(s.batches for s in sources), strict=False))
+    info = {"cache": ",".join(map(str, caches)), "cache_rows": sum(s.info["cache_rows"] for s in sources),
+            "positions": sources[0].info["positions"], "caches": [s.info for s in sources],
+            "models": [s.model_name for s in sources]}
+    return ActivationSource(sources[0].hook, batches, info, model_name=sources[0].model_name, origin=sources[0].origin)
 
 
 def live_source(model: HookedTransformer, prompts: PromptSet | str, hook: str, *, batch_size: int, tokens: int,
