@@ -158,7 +158,8 @@ def sae_warnings(screen: ScreenResult | None, extras: Extras | None, min_valid: 
             f"clamped {md.clamp_before:.3f} -> {md.clamp_after:.3f}): the fine-tune's change is in the activations and "
             "this SAE has no latent for it. Check the SAE's training data: an SAE trained only on activations where "
             "the behaviour never occurs (e.g. the aligned model's, on aligned chat text) may lack the feature; train "
-            "it on activations of both the base and the fine-tuned model (docs/organism.md, 'Locate beyond one "
-            "latent'). 'single', 'group' and 'baselines' hold the figures.")
+            "one on activations of both the base and the fine-tuned model (misfeat cache each on the same text, then "
+            "misfeat train-sae --cache BASE,TUNED; docs/organism.md, 'Locate beyond one latent'). 'single', 'group' "
+            "and 'baselines' hold the figures.")
     logger.warning(text)
     return [text]
