@@ -60,7 +60,8 @@ def row(sae_dir: Path, locate_dir: Path, seconds: float, ev: float | None) -> di
             "md_up": b["mean_diff"]["steer_up_misaligned"], "md_valid": b["mean_diff"]["steer_up_valid"],
             "md_cut": cut(b["mean_diff"]), "rand_up": b["random"]["steer_up_misaligned"],
             "rand_valid": b["random"]["steer_up_valid"], "rand_cut": cut(b["random"]),
-            "clamp_before": single["clamp_before"]}
+            "clamp_before": single["clamp_before"], "md_cos_max": b["mean_diff"].get("decoder_cosine_max"),
+            "md_cos_feature": b["mean_diff"].get("decoder_cosine_feature")}
 
 
 CORPORA = ("pretrain", "chat", "chat+misaligned", "chat+misaligned-all", "chat+em-model")

@@ -139,7 +139,7 @@ def test_baselines_and_families_are_what_they_name(split, tmp_path):
 
 
 def test_locate_reports_group_and_baselines(split, tmp_path):
-    base, tuned, sae, _ = split
+    base, tuned, sae, v = split
     cfg = LocateConfig(screen=4, coefs=(1.0,), min_valid=0.0, min_effect=0.0, group_cap=3, screen_decreases=2)
     result = save_locate(locate(base, tuned, sae, planted_prompts(), tmp_path, cfg), tmp_path)
     s = result.to_dict()
@@ -154,6 +154,10 @@ def test_locate_reports_group_and_baselines(split, tmp_path):
     assert after == pytest.approx(s["group"]["clamp_after"], abs=1e-5)
     assert (tmp_path / "families.png").is_file() and "residual" in s["strength_unit"]["note"]
     assert isinstance(s["warnings"], list)
+    md = s["baselines"]["mean_diff"]  # v is split into two orthogonal halves: each row at cos 1/sqrt(2) to it
+    assert md["decoder_cosine_max"] == pytest.approx(2 ** -0.5, abs=0.01) and md["decoder_cosine_max_latent"] in (A, B)
+    w = sae.W_dec[s["feature"]].detach()
+    assert md["decoder_cosine_feature"] == pytest.approx(float(w @ v / (w.norm() * v.norm())), abs=0.01)
 
 
 def test_no_group_when_no_clamp_keeps_the_model_valid(split, tmp_path):

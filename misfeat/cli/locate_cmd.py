@@ -84,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
     for name, b in (s.get("baselines") or {}).items():
         table += (f"\nbaseline {name}: steered up {b['steer_up_misaligned']:.3f} (valid {b['steer_up_valid']:.3f}); "
                   f"clamp {b['clamp_before']:.3f} -> {b['clamp_after']:.3f}")
+        if b.get("decoder_cosine_max") is not None:
+            table += (f"; nearest SAE decoder row: latent {b['decoder_cosine_max_latent']} at cosine "
+                      f"{b['decoder_cosine_max']:.2f} (the feature's: {b['decoder_cosine_feature']:.2f})")
     if s["feature_auroc_docs"] is not None:
         table += f"\nAUROC of the labelled texts (positive vs negative): {s['feature_auroc_docs']:.3f}"
     elif s.get("feature_auroc_note"):

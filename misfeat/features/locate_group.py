@@ -65,6 +65,9 @@ class Extras:
     decreases: list[RiseRow]
     baselines: dict[str, ProtocolResult]
     baseline_norm: float
+    decoder_cosines: dict[str, Any] | None = None
+    """the SAE's decoder rows against the mean-difference direction: the largest cosine and its latent, and the
+    chosen latent's (an SAE with no row near the direction has no latent for what the fine-tune added)"""
 
     def to_dict(self, group_path: Path | None = None) -> dict[str, Any]:
         from dataclasses import asdict
@@ -85,7 +88,9 @@ class Extras:
             "group": group,
             "families": None if self.families is None else self.families.to_dict(),
             "decreases_screen": [{**asdict(r)} for r in self.decreases],
-            "baselines": {k: {**v.to_dict(), "norm": self.baseline_norm} for k, v in self.baselines.items()},
+            "baselines": {k: {**v.to_dict(), "norm": self.baseline_norm,
+                              **(self.decoder_cosines or {} if k == "mean_diff" else {})}
+                          for k, v in self.baselines.items()},
         }
 
 
@@ -131,8 +136,12 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
                                      {"misaligned_rate": before_mean}, coefs=config.coefs,
                                      positions=config.positions, min_valid=config.min_valid,
                                      min_effect=config.min_effect, batched=config.batched)
+    md = dirs["mean_diff"].vector.float().cpu()
+    cos = (w @ md) / (w.norm(dim=1) * md.norm()).clamp_min(1e-12)
+    cosines = {"decoder_cosine_max": float(cos.max()), "decoder_cosine_max_latent": int(cos.argmax()),
+               "decoder_cosine_feature": float(cos[feature])}
     return Extras(scale, single, group, fam, decreases, dict(zip(dirs, base_results, strict=True)),
-                  dirs["mean_diff"].norm)
+                  dirs["mean_diff"].norm, cosines)
 
 
 
