@@ -87,6 +87,12 @@ def table(path: Path) -> str:
         return int(d), int(k)
 
     rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in rows:  # rows written before the clamped valid rates were kept: read them from the run
+        summary = Path(r["sae"]) / "locate" / "summary.json"
+        if r.get("single_clamp_valid") is None and path.name == "grid.jsonl" and summary.exists():
+            s = json.loads(summary.read_text())
+            r["single_clamp_valid"], r["group_clamp_valid"] = (s["single"]["clamp_valid_after"],
+                                                               s["group"]["clamp_valid_after"])
     rows.sort(key=lambda r: (CORPORA.index(r["corpus"]) if r["corpus"] in CORPORA else 99, r["seed"], size(r)))
     lines = ["| seed | corpus | d_sae x k | EV | single latent: up (valid), cut (valid) | group: up (valid), cut (valid) "
              "| mean-diff: up (valid), cut | random: up (valid), cut | locate wall / CPU s |", "|" + "---|" * 9]
