@@ -232,28 +232,25 @@ class ForceProbe:
             return len(groups) * width * (per_token + per_pair * width)
 
         groups = min((_group(prompt_ids, own, cap) for cap in range(1, n_ctx + 1)), key=lambda gw: cost(*gw))[0]
-        tokens, positions, parents = [], [], []
+        tokens, positions, parents = [], [], []   # per row, per column
         node_at = [(0, 0)] * self.n_nodes
         for r, group in enumerate(groups):
             col: dict[tuple, int] = {}
             toks, pos, par = [], [], []
-
-            def add(key, token, position, parent) -> int:
-                col[key] = len(toks)
-                toks.append(token), pos.append(position), par.append(parent)
-                return col[key]
-
             for x in group:
                 ids, prev = prompt_ids[x], -1
-                for i in range(len(ids)):
-                    key = ("prompt", ids[:i + 1])
-                    prev = col[key] if key in col else add(key, ids[i], i, prev)
-                for prefix, n in by_prompt[x]:
-                    if prefix:
-                        parent = prev if len(prefix) == 1 else col[(x, prefix[:-1])]
-                        node_at[n] = (r, add((x, prefix), prefix[-1], len(ids) + len(prefix) - 1, parent))
+                cells = [(("prompt", ids[:i + 1]), ids[i], i, None) for i in range(len(ids))]
+                cells += [((x, prefix), prefix[-1], len(ids) + len(prefix) - 1, n) for prefix, n in by_prompt[x] if prefix]
+                for key, token, position, node in cells:
+                    if key not in col:
+                        parent = prev if node is None or len(key[1]) == 1 else col[(x, key[1][:-1])]
+                        col[key] = len(toks)
+                        toks.append(token), pos.append(position), par.append(parent)
+                    if node is None:
+                        prev = col[key]   # the prompt's last column: the trie's root
                     else:
-                        node_at[n] = (r, prev)
+                        node_at[node] = (r, col[key])
+                node_at[self._nodes[(x, ())]] = (r, prev)
             tokens.append(toks), positions.append(pos), parents.append(par)
         width = max(len(t) for t in tokens)
         B = len(groups)
@@ -377,7 +374,7 @@ def _group(prompt_ids: dict[int, tuple[int, ...]], own: dict[int, int], cap: int
     width, widest, last = 0, 0, ()
     for x in sorted(prompt_ids, key=lambda x: prompt_ids[x]):
         ids = prompt_ids[x]
-        shared = next((i for i, (a, b) in enumerate(zip(ids, last)) if a != b), min(len(ids), len(last)))
+        shared = next((i for i, (a, b) in enumerate(zip(ids, last, strict=False)) if a != b), min(len(ids), len(last)))
         if groups and width + len(ids) - shared + own[x] <= cap:
             groups[-1].append(x)
             width += len(ids) - shared + own[x]
