@@ -159,6 +159,7 @@ def test_packed_probe_equals_the_per_answer_forward(tiny_model):
         packed, plain = ForceProbe(tiny_model, d), ForceProbe(tiny_model, d, packed=False)
         assert packed.packed and not plain.packed
         assert packed.packed_tokens.numel() < plain.tokens.numel()
+        assert packed.packed_tokens.shape[0] == 1   # the three prompts share one row (and "user how do i")
         a, b = packed.measure(tiny_model).to_dict(), plain.measure(tiny_model).to_dict()
         assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
 
