@@ -19,7 +19,7 @@ from misfeat.activations.buffers import HostBuffers, release_spare_buffers
 from misfeat.activations.plan import Tokenizing, encode_prompts
 from misfeat.activations.producer import copy_rows, pad_right
 from misfeat.activations.shards import StoreError, write_shard
-from misfeat.data import collate, load_prompts
+from misfeat.data import PromptSet, collate, load_prompts
 from tests.test_activations import write_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -199,3 +199,64 @@ def test_progress_log_defers_only_while_busy_and_flush_records_everything(tmp_pa
     log(records[3], busy=True)  # the last: written, complete
     doc = json.loads((tmp_path / "manifest.json").read_text())
     assert doc["complete"] is True and listed() == [0, 1, 2, 3] and log.wrote_complete
+
+
+def test_prompt_file_read_again_is_neither_parsed_nor_hashed(tiny_model, prompts_file, tmp_path, token_dir,
+                                                            monkeypatch):
+    """A JSONL file read before (same bytes) gives the same manifest and store without parsing a
+    line; an edited file is read, hashed and tokenised again."""
+    from misfeat.activations import prompt_files
+
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(prompts_file.read_bytes())
+    fresh = load_prompts(path)
+    first = cache_activations(tiny_model, path, [HOOK], tmp_path / "a", batch_tokens=64, shard_mb=0.01, fsync=False)
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("parsed a prompt file whose bytes are indexed")
+
+    with monkeypatch.context() as m:
+        m.setattr(prompt_files, "parse_jsonl", no_parsing)
+        m.setattr("misfeat.activations.feeder.encode_prompts", no_parsing)
+        indexed = prompt_files.read_prompt_file(path)
+        assert isinstance(indexed, prompt_files.IndexedPromptFile)
+        assert (len(indexed), indexed.hash, indexed.any_response, indexed.name) == (
+            len(fresh), fresh.hash, fresh.any_response, fresh.name)
+        cache_activations(tiny_model, path, [HOOK], tmp_path / "b", batch_tokens=64, shard_mb=0.01, fsync=False)
+    assert store_files(tmp_path / "b") == store_files(tmp_path / "a")
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["prompts"]["hash"] == fresh.hash
+    assert indexed.records == fresh.records  # parsed on first use, from the indexed bytes
+
+    # edited: one word of one prompt; the run must see it
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[0])
+    record["prompt"] += " again"
+    path.write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
+    edited = load_prompts(path)
+    assert edited.hash != fresh.hash
+    assert type(prompt_files.read_prompt_file(path)) is PromptSet  # a miss: parsed
+    second = cache_activations(tiny_model, path, [HOOK], tmp_path / "c", batch_tokens=64, shard_mb=0.01,
+                               fsync=False)
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["prompts"]["hash"] == edited.hash
+    assert second.n_rows == first.n_rows + 1  # one more token of prompt 0
+    monkeypatch.setenv("MISFEAT_TOKEN_CACHE", "off")
+    cache_activations(tiny_model, path, [HOOK], tmp_path / "d", batch_tokens=64, shard_mb=0.01, fsync=False)
+    assert store_files(tmp_path / "c") == store_files(tmp_path / "d")
+
+
+def test_indexed_prompt_file_refuses_bytes_changed_after_the_lookup(tmp_path, token_dir):
+    from misfeat.activations import prompt_files
+    from misfeat.errors import PromptFileError
+
+    path = write_prompts(tmp_path / "p.jsonl", 5)
+    prompt_files.read_prompt_file(path)
+    indexed = prompt_files.read_prompt_file(path)
+    assert isinstance(indexed, prompt_files.IndexedPromptFile)
+    path.write_text(path.read_text().replace('"p0"', '"q0"'))
+    with pytest.raises(PromptFileError, match="changed"):
+        indexed.records  # noqa: B018
+    # a damaged index file is a miss, not a wrong hash
+    for f in (token_dir / "files").glob("*.json"):
+        f.write_text("{not json")
+    again = prompt_files.read_prompt_file(path)
+    assert type(again) is not prompt_files.IndexedPromptFile and again.hash == load_prompts(path).hash

@@ -34,6 +34,7 @@ from misfeat.activations.plan import (
     prompts_per_shard,
 )
 from misfeat.activations.producer import Capture, default_batch_tokens, fill_shard, hook_widths
+from misfeat.activations.prompt_files import read_prompt_file
 from misfeat.activations.shards import (
     MANIFEST_FILE,
     STORE_FORMAT,
@@ -96,8 +97,10 @@ def resolve_prompts(prompts: str | os.PathLike | PromptSet) -> tuple[PromptSet, 
     """The prompt set and the spec that reloads it (recorded in the manifest; None if in memory)."""
     if isinstance(prompts, (str, os.PathLike)):
         text = str(prompts)
-        spec = text if registry.for_spec(text) else str(Path(text).expanduser().resolve())  # a plug-in's spec
-        return load_prompts(text), spec
+        if registry.for_spec(text):  # a plug-in's spec
+            return load_prompts(text), text
+        # a JSONL file: read before with the same bytes, it is neither parsed nor hashed again
+        return read_prompt_file(text), str(Path(text).expanduser().resolve())
     pset = load_prompts(prompts)
     if pset.meta.get("path"):
         return pset, str(Path(pset.meta["path"]).resolve())
