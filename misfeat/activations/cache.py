@@ -269,11 +269,9 @@ def _run_shards(model: HookedTransformer, feeder: Feeder, widths: dict[str, int]
 
     try:
         for work in feeder:
-            meta = {k: torch.from_numpy(v) for k, v in work.meta.items()}
-            pinned = host.acquire(work.rows + 1)  # + the spare row that takes the padding
-            views = {h: pinned[h][:work.rows] for h in widths}
-            if copier is None:
-                fill_shard(capture, work.batches, {h: pinned[h][:work.rows + 1] for h in widths}, on_batch=on_batch)
+            image = host.acquire(work.rows)  # the shard file laid out in memory
+            if copier is None:  # the rows go straight into the image
+                fill_shard(capture, work.batches, image.hooks, spares=image.spares, on_batch=on_batch)
                 ready = None
             else:
                 buffers = {h: torch.empty((work.rows + 1, d), dtype=dtype, device=device) for h, d in widths.items()}
@@ -281,13 +279,13 @@ def _run_shards(model: HookedTransformer, feeder: Feeder, widths: dict[str, int]
                 copier.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(copier):
                     for h in widths:
-                        views[h].copy_(buffers[h][:work.rows], non_blocking=True)
+                        image.hooks[h][:work.rows].copy_(buffers[h][:work.rows], non_blocking=True)
                         buffers[h].record_stream(copier)  # not reused before the copy is done
                     ready = torch.cuda.Event()
                     ready.record(copier)
             tokens += work.tokens
-            writer.submit(work.spec, {**views, **meta}, rows=work.rows, tokens=work.tokens, ready=ready,
-                          release=lambda p=pinned: host.release(p))
+            writer.submit(work.spec, image, work.meta, rows=work.rows, tokens=work.tokens, ready=ready,
+                          release=lambda i=image: host.release(i))
     except BaseException:
         _keep_written(writer, log, closed=False)  # queued shards are still written whole, and recorded
         raise
