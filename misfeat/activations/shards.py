@@ -25,6 +25,7 @@ import errno
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -230,12 +231,22 @@ def _write_image(path: Path, image: memoryview, size: int, *, fsync: bool, check
                  done_reading: Callable[[], None] | None, direct: bool) -> str:
     digest = new_digest(checksum)
     end = size + (-size % ALIGN) if direct else size
+    # O_DIRECT: the disk reads the memory while the CPU hashes it (on a thread of its own: both
+    # release the GIL); buffered: each chunk is hashed, then copied while it is in the CPU cache
+    hasher = threading.Thread(target=digest.update, args=(image[:size],), daemon=True) if direct else None
     with atomic_file(path, fsync=fsync, sync_dir=False, direct=direct) as f:
-        for a in range(0, end, _WRITE_CHUNK):
-            b = min(end, a + _WRITE_CHUNK)
-            digest.update(image[a:min(b, size)])
-            while a < b:  # a raw file: a write may be short
-                a += f.write(image[a:b])
+        if hasher is not None:
+            hasher.start()
+        try:
+            for a in range(0, end, _WRITE_CHUNK):
+                b = min(end, a + _WRITE_CHUNK)
+                if hasher is None:
+                    digest.update(image[a:b])
+                while a < b:  # a raw file: a write may be short
+                    a += f.write(image[a:b])
+        finally:
+            if hasher is not None:
+                hasher.join()  # before the memory is handed back, even on an error
         if end != size:
             os.ftruncate(f.fileno(), size)
         if done_reading is not None:
