@@ -174,7 +174,6 @@ def _cache(model: HookedTransformer, pset: PromptSet, prompt_spec: str | None, w
            dist: distributed.Dist, started: float, prompt_hash: str) -> CacheResult:
     from misfeat.models import fingerprint
 
-    manifest = _manifest(model, fingerprint(model), pset, prompt_spec, widths, cfg, how, batch_tokens, prompt_hash)
     if old is not None and old.get("prompts_per_shard"):
         shard_mb, per_shard = float(old["shard_mb"]), int(old["prompts_per_shard"])
     else:
@@ -183,6 +182,10 @@ def _cache(model: HookedTransformer, pset: PromptSet, prompt_spec: str | None, w
         shard_mb = cfg.shard_mb
         per_shard = prompts_per_shard(len(pset), feeder.mean_rows, row_bytes, int(shard_mb * 2**20))
     specs = plan_shards(len(pset), per_shard)
+    mine = [s for s in specs if s.index % dist.world_size == dist.rank]
+    if old is None:  # a fresh store, nothing to resume: the feeder pads the first shard while this
+        feeder.set_shards(mine)  # thread fingerprints the model and clears the directory
+    manifest = _manifest(model, fingerprint(model), pset, prompt_spec, widths, cfg, how, batch_tokens, prompt_hash)
     manifest.update(shard_mb=shard_mb, prompts_per_shard=per_shard, n_shards=len(specs))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -202,8 +205,10 @@ def _cache(model: HookedTransformer, pset: PromptSet, prompt_spec: str | None, w
             logger.info("removed %d leftover file(s) from %s", len(removed), out)
     dist.barrier()
 
-    todo = [s for s in specs if s.index not in done and s.index % dist.world_size == dist.rank]
-    feeder.set_shards(todo)
+    if old is None and done:
+        raise StoreError(f"another run wrote a store into {out} meanwhile; run again")
+    if old is not None:
+        feeder.set_shards([s for s in mine if s.index not in done])
     log = ProgressLog(out, manifest, done, rank=dist.rank, world_size=dist.world_size, fsync=cfg.fsync)
     tokens = 0
     try:
