@@ -214,7 +214,7 @@ def test_direct_io_writes_the_bytes_of_a_buffered_write(tiny_model, prompts_file
     lies outside the file), every shard loads in safetensors and verifies."""
     from safetensors.torch import load_file
 
-    from misfeat.activations import shards
+    from misfeat.activations import image as shards
     from tests.test_activations import HOOKS
 
     if not _o_direct_works(tmp_path):
@@ -242,7 +242,7 @@ def test_direct_io_writes_the_bytes_of_a_buffered_write(tiny_model, prompts_file
 def test_direct_io_refused_falls_back_to_buffered_writes(tiny_model, prompts_file, tmp_path, monkeypatch):
     import errno
 
-    from misfeat.activations import shards
+    from misfeat.activations import image as shards
 
     monkeypatch.setitem(shards._DIRECT, "ok", True)
     real_open = os.open

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from misfeat.activations.shards import ALIGN, ShardLayout, shard_layout
+from misfeat.activations.image import ShardImage, image_plan
+from misfeat.activations.shards import ALIGN
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
 # Unpinned shard buffers a finished run leaves to the next one in this process (other hooks,
@@ -32,51 +31,6 @@ def release_spare_buffers() -> int:
         freed = sum(t.numel() for t in _SPARE)
         _SPARE.clear()
     return freed
-
-
-@dataclass(frozen=True)
-class ShardImage:
-    """A shard file laid out in page-aligned host memory exactly as on disk
-    (:func:`~misfeat.activations.shards.shard_layout`): the forward copies each hook's rows
-    into ``hooks[h][:rows]`` in place, the writer puts the header and the row metadata in
-    and writes ``block[:layout.size]`` as it is (``O_DIRECT``: no other copy).
-
-    ``hooks[h]`` is ``[spares[h] + 1, d]``: row ``spares[h]`` lies past the end of the file's
-    bytes and takes the padding of batches that copy every position."""
-
-    block: torch.Tensor  # uint8, page-aligned, at least the file's size rounded up to a page
-    layout: ShardLayout
-    rows: int
-    hooks: dict[str, torch.Tensor]
-    spares: dict[str, int]
-
-    def put_head_and_meta(self, meta: dict[str, np.ndarray]) -> None:
-        """Write the header and the ``[rows]`` metadata arrays into their places."""
-        import numpy as np
-
-        raw = self.block.numpy()
-        raw[:len(self.layout.head)] = np.frombuffer(self.layout.head, dtype=np.uint8)
-        for name, values in meta.items():
-            a, b = self.layout.spans[name]
-            raw[a:b] = np.ascontiguousarray(values).view(np.uint8)
-
-    def file_bytes(self) -> memoryview:
-        return memoryview(self.block.numpy())
-
-
-def image_plan(rows: int, widths: dict[str, int], dtype: torch.dtype) -> tuple[ShardLayout, dict[str, int], int]:
-    """``(layout, spares, bytes)``: a shard of ``rows`` rows, each hook's spare row (the first
-    whole row past the file's page-rounded end) and the memory its image needs (a bound
-    that grows with ``rows``: each spare row ends within two rows of that end)."""
-    from misfeat.models import dtype_name
-
-    name, itemsize = dtype_name(dtype), dtype.itemsize
-    tensors = {"prompt_index": ("int64", (rows,)), "position": ("int32", (rows,)), "token_id": ("int32", (rows,))}
-    tensors.update({h: (name, (rows, d)) for h, d in widths.items()})
-    layout = shard_layout(tensors)
-    size = layout.size + (-layout.size % ALIGN)
-    spares = {h: -(-(size - layout.spans[h][0]) // (d * itemsize)) for h, d in widths.items()}
-    return layout, spares, size + 2 * max(widths.values()) * itemsize
 
 
 class HostBuffers:

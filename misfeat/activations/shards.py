@@ -25,7 +25,6 @@ import errno
 import hashlib
 import json
 import os
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ STORE_VERSION = 2  # 1: sha256 checksums (misfeat <= 0.1 reads only those); 2: b
 # capped a writer thread at ~0.5M rows/s, below the disk. Version 1 stores (sha256) still verify.
 CHECKSUM = "blake3"
 CHECKSUMS = ("blake3", "sha256")
-_WRITE_CHUNK = 1 << 20  # hashed then written while it is still in the CPU cache
+WRITE_CHUNK = 1 << 20  # hashed then written while it is still in the CPU cache
 META_TENSORS = ("prompt_index", "position", "token_id")
 TMP_SUFFIX = ".tmp"
 _HEADER_LIMIT = 100 << 20  # a header larger than this is corruption, not a store
@@ -191,67 +190,14 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], *, fsync: bool = T
     with atomic_file(path, fsync=fsync, sync_dir=False) as f:
         for chunk in chunks:
             view = memoryview(chunk)
-            for a in range(0, len(view), _WRITE_CHUNK):
-                piece = view[a:a + _WRITE_CHUNK]
+            for a in range(0, len(view), WRITE_CHUNK):
+                piece = view[a:a + WRITE_CHUNK]
                 digest.update(piece)
                 f.write(piece)
         f.flush()
         if done_reading is not None:
             done_reading()
     return layout.size, f"{checksum}:{digest.hexdigest()}"
-
-
-_DIRECT = {"ok": hasattr(os, "O_DIRECT")}  # False once a filesystem refused it: buffered from then on
-
-
-def write_image(path: Path, image: memoryview, size: int, *, fsync: bool = True, checksum: str = CHECKSUM,
-                done_reading: Callable[[], None] | None = None) -> str:
-    """Write the first ``size`` bytes of ``image`` (a whole shard file laid out in memory,
-    page-aligned, at least ``size`` rounded up to :data:`ALIGN` long) at ``path`` atomically;
-    returns the checksum of those bytes, hashed as they are written.
-
-    With ``fsync`` (the bytes must reach the disk anyway) and where the filesystem allows it,
-    the file is written with ``O_DIRECT`` from ``image`` itself, the tail rounded up to
-    :data:`ALIGN` and cut back by ``ftruncate``; otherwise (``fsync=False``, tmpfs, no
-    ``O_DIRECT``) with plain writes. The bytes are the same either way.
-    """
-    if fsync and _DIRECT["ok"]:
-        try:
-            return _write_image(path, image, size, fsync=fsync, checksum=checksum, done_reading=done_reading,
-                                direct=True)
-        except OSError as err:
-            if err.errno != errno.EINVAL:
-                raise
-            _DIRECT["ok"] = False  # this filesystem (or alignment) refuses O_DIRECT: the temp file is gone
-    return _write_image(path, image, size, fsync=fsync, checksum=checksum, done_reading=done_reading,
-                        direct=False)
-
-
-def _write_image(path: Path, image: memoryview, size: int, *, fsync: bool, checksum: str,
-                 done_reading: Callable[[], None] | None, direct: bool) -> str:
-    digest = new_digest(checksum)
-    end = size + (-size % ALIGN) if direct else size
-    # O_DIRECT: the disk reads the memory while the CPU hashes it (on a thread of its own: both
-    # release the GIL); buffered: each chunk is hashed, then copied while it is in the CPU cache
-    hasher = threading.Thread(target=digest.update, args=(image[:size],), daemon=True) if direct else None
-    with atomic_file(path, fsync=fsync, sync_dir=False, direct=direct) as f:
-        if hasher is not None:
-            hasher.start()
-        try:
-            for a in range(0, end, _WRITE_CHUNK):
-                b = min(end, a + _WRITE_CHUNK)
-                if hasher is None:
-                    digest.update(image[a:b])
-                while a < b:  # a raw file: a write may be short
-                    a += f.write(image[a:b])
-        finally:
-            if hasher is not None:
-                hasher.join()  # before the memory is handed back, even on an error
-        if end != size:
-            os.ftruncate(f.fileno(), size)
-        if done_reading is not None:
-            done_reading()
-    return f"{checksum}:{digest.hexdigest()}"
 
 
 class atomic_file:  # noqa: N801 - used like open()

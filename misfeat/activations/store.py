@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from misfeat.activations.image import write_image
 from misfeat.activations.shards import (
     MANIFEST_FILE,
     STORE_FORMAT,
@@ -32,7 +33,6 @@ from misfeat.activations.shards import (
     read_json_file,
     shard_name,
     verify_shard,
-    write_image,
     write_json_atomic,
 )
 from misfeat.data import POSITIONS
@@ -41,7 +41,7 @@ from misfeat.errors import MisfeatError
 if TYPE_CHECKING:
     import numpy as np
 
-    from misfeat.activations.buffers import ShardImage
+    from misfeat.activations.image import ShardImage
     from misfeat.activations.plan import ShardSpec
 
 logger = logging.getLogger(__name__)
