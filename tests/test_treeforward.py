@@ -85,6 +85,10 @@ def test_unsupported_names_what_the_fused_forward_lacks():
     assert unsupported(model) == "hooks attached"
     model.reset_hooks()
     assert unsupported(model) is None
+    handle = model.blocks[1].attn.register_forward_hook(lambda mod, args, out: out * 2)   # a plain torch hook
+    assert unsupported(model) == "hooks attached"
+    handle.remove()
+    assert unsupported(model) is None
 
 
 def test_probe_runs_hooked_forward_when_the_model_carries_hooks(tiny_model):
