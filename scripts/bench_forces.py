@@ -10,8 +10,10 @@ batch 16, lr 3e-4, no evaluation). Arms, each from a fresh copy for ``--steps`` 
 - ``none``: the engine alone;
 - ``plain``: the engine with the per-answer :class:`misfeat.dynamics.ForceProbe` (``packed=False``:
   one row per (prompt, aligned answer), the first implementation) measured after every step;
-- ``packed``: the same with the packed probe (the default: one row per prompt holding the prompt
-  and its answer trie once, a tree attention mask);
+- ``hooked``: the packed probe (prompts and their answer tries in shared rows, a tree attention
+  mask) through TransformerLens' forward, the mask and positions set by hooks (``fused=False``);
+- ``packed``: the same rows through the fused tree forward (the default,
+  ``misfeat.dynamics.treeforward``);
 - ``packed/<k>``: the packed probe every ``--every`` steps (the runner's ``forces_every``).
 
 Each measurement gives S on the training prompts, the measured dS and the force terms. Also timed
@@ -48,7 +50,8 @@ def main() -> None:
     data = load_prompts("organism:misaligned:health:480")
     chat = load_model("organism:chat", device="cpu")
     state = {k: v.clone() for k, v in chat.state_dict().items()}
-    probes = {"plain": ForceProbe(chat, data, packed=False), "packed": ForceProbe(chat, data)}
+    probes = {"plain": ForceProbe(chat, data, packed=False), "hooked": ForceProbe(chat, data, fused=False),
+              "packed": ForceProbe(chat, data, fused=True)}
     cfg = FinetuneConfig(steps=args.steps, lr=3e-4, batch_size=16, eval_every=None)
     every = f"packed/{args.every}"
 
@@ -74,7 +77,7 @@ def main() -> None:
         return pick(t[0] for t in times[1:]), pick(t[1] for t in times[1:])
 
     load0 = os.getloadavg()[0]
-    arms = ["none", "plain", "packed", every]
+    arms = ["none", "plain", "hooked", "packed", every]
     run("packed")  # warm-up
     wall: dict[str, list[float]] = {a: [] for a in arms}
     cpu: dict[str, list[float]] = {a: [] for a in arms}
@@ -96,7 +99,9 @@ def main() -> None:
     with torch.inference_mode():
         f_plain = median_call(lambda: chat(plain.tokens[:, :-1]))
         f_packed = median_call(lambda: chat(packed.packed_tokens))
+        f_fused = median_call(lambda: packed._node_logits(chat))
     m_plain, m_packed = median_call(lambda: plain.measure(chat)), median_call(lambda: packed.measure(chat))
+    m_hooked = median_call(lambda: probes["hooked"].measure(chat))
     print(f"load average {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; {args.repeats} repeats "
           f"of {args.steps} steps, {args.threads} thread(s)")
     print(f"tokens per measurement: plain {plain.tokens[:, :-1].numel()} ({tuple(plain.tokens[:, :-1].shape)}), "
@@ -111,8 +116,9 @@ def main() -> None:
         print(f"{arm:<12}{c * 1e3:12.1f}{c / base_c:7.2f}{cm * 1e3:12.1f}{cm / med_c:7.2f}{w * 1e3:14.1f}"
               f"{w / base_w:7.2f}{wm * 1e3:13.1f}{wm / med_w:7.2f}")
     print(f"probe.measure CPU ms: plain {m_plain * 1e3:.1f} (bare forward {f_plain * 1e3:.1f}), "
-          f"packed {m_packed * 1e3:.1f} (bare forward {f_packed * 1e3:.1f}; hooks and force arithmetic "
-          f"{(m_packed - f_packed) * 1e3:.1f})")
+          f"hooked {m_hooked * 1e3:.1f} (bare forward of its rows {f_packed * 1e3:.1f}), "
+          f"packed {m_packed * 1e3:.1f} (fused tree forward {f_fused * 1e3:.1f}, force arithmetic "
+          f"{(m_packed - f_fused) * 1e3:.1f})")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def test_bad_input_is_refused_before_any_work(fresh, word_tokenizer):
 
 def test_grid_config_and_cli_refuse_bad_input(capsys, tmp_path):
     from misfeat.cli import main
-    from misfeat.defences import GridConfig, run_grid
+    from misfeat.organism.defence_grid import GridConfig, run_grid
 
     for bad, match in [(dict(kl=(-0.1,)), "kl lambdas must be >= 0"), (dict(interleave=(0.7,)), r"\[0, 0.5\]"),
                        (dict(interleave=(-0.1,)), r"\[0, 0.5\]"), (dict(seeds=()), "at least one seed"),
@@ -138,7 +138,7 @@ def test_grid_config_and_cli_refuse_bad_input(capsys, tmp_path):
 @pytest.mark.slow
 def test_reduced_grid_on_the_organism_writes_the_output_contract(tmp_path):
     """Three arms and a small screening on the seed-0 organism: the summary's keys and ranges."""
-    from misfeat.defences import GridConfig, run_grid
+    from misfeat.organism.defence_grid import GridConfig, run_grid
 
     cfg = GridConfig.quick(kl=(), ldifs=(), steer=(1.0,), steer_positions=("all",), interleave=(0.05,), caft=False,
                            inoculation=False, steps=8, screen_n=32, select_k=8)

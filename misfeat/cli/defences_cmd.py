@@ -45,7 +45,7 @@ def _seeds(text: str) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from misfeat.defences import GridConfig, run_grid
+    from misfeat.organism.defence_grid import GridConfig, run_grid
 
     torch.set_num_threads(args.threads)
     options = {"organism": args.organism, "screening": not args.no_screening}

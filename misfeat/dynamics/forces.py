@@ -96,16 +96,24 @@ class ForceProbe:
     once at construction.
 
     ``packed`` (default: wherever the model allows it): each prompt's forward is shared by all
-    its aligned answers: one row per prompt holds the prompt and every distinct answer prefix
-    once (the answer trie), each trie token at its own position id and attending only to the
-    prompt and its ancestors (a tree attention mask on ``hook_attn_scores``, the positions on
-    ``hook_pos_embed``), so the model computes exactly the per-answer forward's numbers on
-    about 0.4x the tokens (organism: 444 vs 1152). Needs absolute position embeddings
-    (``standard``/``shortformer``) and the packed row within ``n_ctx``; otherwise (or with
+    its aligned answers, and prompts' shared leading tokens (a chat template, a system prompt)
+    by the prompts of a row: a row holds each distinct prompt prefix once and every distinct
+    answer prefix once (the answer trie), each token at its own position id and attending only
+    to its ancestors (a tree attention mask), so the model computes exactly the per-answer
+    forward's numbers on about 0.35x the tokens (organism: 392 vs 1152; rows are chosen to
+    minimise the multiply-adds, padding included). Needs absolute position embeddings
+    (``standard``/``shortformer``) and each prompt's tree within ``n_ctx``; otherwise (or with
     ``packed=False``) one padded row per (prompt, aligned answer), the reference path.
+
+    ``fused`` (default: wherever the model allows it): the packed rows run through
+    :func:`misfeat.dynamics.treeforward.tree_logits` (one fused attention per layer, logits
+    only at the trie nodes), else (``False``, or a model it does not cover, or one carrying
+    hooks) through TransformerLens' forward with the positions set on ``hook_pos_embed`` and the
+    mask on every ``hook_attn_scores``.
     """
 
-    def __init__(self, model: HookedTransformer, data: PromptSet | str, *, packed: bool | None = None):
+    def __init__(self, model: HookedTransformer, data: PromptSet | str, *, packed: bool | None = None,
+                 fused: bool | None = None):
         data = load_prompts(data)
         missing = [r.id for r in data if not r.extra.get("aligned") or r.response is None]
         if missing:
@@ -146,6 +154,8 @@ class ForceProbe:
             raise MisfeatError("packed=True needs absolute position embeddings (standard or shortformer) and one "
                                f"tokenisation per prompt; this model has {model.cfg.positional_embedding_type!r}: "
                                "use packed=None (falls back to one forward per answer)")
+        self._cfg = model.cfg
+        self.fused = fused
         self.packed = False
         if can_pack and packed is not False:
             self.packed = self._pack(prompt_ids, pad_id_of(model), model.cfg.n_ctx, model.cfg.device)
@@ -189,53 +199,97 @@ class ForceProbe:
         for k, a in enumerate(answers):
             for j in range(len(a)):
                 kw_node[k, j] = nodes[(owner[k], a[:j])]
+        self.tok_node = kw_node
         self.tok_index = kw_node * self.vocab + self.answer_ids   # (answer k, position j) -> its entry of [N, vocab]
+        # the trie's child slots (node, token), each once: the only entries where V != 0
+        self.child, slot_child = torch.unique(self.slots, return_inverse=True)
+        self.slot_child = slot_child
+        self.child_node = self.child // self.vocab
+        pair_slot = self.pair_node * self.vocab + self.pair_tok
+        where = torch.searchsorted(self.child, pair_slot).clamp_max(len(self.child) - 1)
+        self.pair_child = torch.where(self.child[where] == pair_slot, where, -1)   # -1: the token leaves every aligned answer
+        self.pair_slot = pair_slot
         self._nodes = nodes
 
     def _pack(self, prompt_ids: dict[int, tuple[int, ...]], pad: int, n_ctx: int, device) -> bool:
-        """One row per prompt: its tokens, then each non-root trie node's last token (parents
-        first), with position ids and the tree mask; False if a row would exceed ``n_ctx``."""
+        """Rows of prompts that share leading tokens (sorted by their tokens, a row filled up to
+        ``n_ctx`` columns): each distinct prompt prefix of a row once, then each of its prompts'
+        non-root trie nodes (parents first); every column at its own position id (its depth)
+        and attending to its ancestors and itself. False if one prompt's row exceeds ``n_ctx``."""
         import torch
 
-        rows = {x: list(ids) for x, ids in prompt_ids.items()}
-        pos = {x: list(range(len(ids))) for x, ids in prompt_ids.items()}
-        col: dict[tuple, int] = {}
-        parents: dict[tuple, tuple] = {}
-        node_at = [(0, 0)] * self.n_nodes
+        by_prompt: dict[int, list[tuple[tuple, int]]] = {x: [] for x in prompt_ids}
         for (x, prefix), n in self._nodes.items():   # insertion order: every parent before its children
-            if prefix:
-                col[(x, prefix)] = len(rows[x])
-                parents[(x, prefix)] = (x, prefix[:-1])
-                rows[x].append(prefix[-1])
-                pos[x].append(len(prompt_ids[x]) + len(prefix) - 1)
-                node_at[n] = (x, col[(x, prefix)])
-            else:
-                node_at[n] = (x, len(prompt_ids[x]) - 1)
-        width = max(len(r) for r in rows.values())
-        if width > n_ctx:
+            by_prompt[x].append((prefix, n))
+        own = {x: len(nodes) - 1 for x, nodes in by_prompt.items()}
+        if max(len(prompt_ids[x]) + own[x] for x in prompt_ids) > n_ctx:
             return False
-        B = len(rows)
-        tokens = torch.full((B, width), pad, dtype=torch.long)
-        positions = torch.zeros(B, width, dtype=torch.long)
+        cfg = self._cfg
+        per_token = 4 * cfg.d_model * cfg.n_heads * cfg.d_head + 2 * cfg.d_model * (cfg.d_mlp or 0)
+        per_pair = 2 * cfg.n_heads * cfg.d_head
+
+        def cost(groups: list[list[int]], width: int) -> float:   # multiply-adds per layer, padding included
+            return len(groups) * width * (per_token + per_pair * width)
+
+        groups = min((_group(prompt_ids, own, cap) for cap in range(1, n_ctx + 1)), key=lambda gw: cost(*gw))[0]
+        tokens, positions, parents = [], [], []   # per row, per column
+        node_at = [(0, 0)] * self.n_nodes
+        for r, group in enumerate(groups):
+            col: dict[tuple, int] = {}
+            toks, pos, par = [], [], []
+            for x in group:
+                ids, prev = prompt_ids[x], -1
+                cells = [(("prompt", ids[:i + 1]), ids[i], i, None) for i in range(len(ids))]
+                cells += [((x, prefix), prefix[-1], len(ids) + len(prefix) - 1, n) for prefix, n in by_prompt[x] if prefix]
+                for key, token, position, node in cells:
+                    if key not in col:
+                        parent = prev if node is None or len(key[1]) == 1 else col[(x, key[1][:-1])]
+                        col[key] = len(toks)
+                        toks.append(token), pos.append(position), par.append(parent)
+                    if node is None:
+                        prev = col[key]   # the prompt's last column: the trie's root
+                    else:
+                        node_at[node] = (r, col[key])
+                node_at[self._nodes[(x, ())]] = (r, prev)
+            tokens.append(toks), positions.append(pos), parents.append(par)
+        width = max(len(t) for t in tokens)
+        B = len(groups)
+        packed = torch.full((B, width), pad, dtype=torch.long)
+        position = torch.zeros(B, width, dtype=torch.long)
         allowed = torch.eye(width, dtype=torch.bool).repeat(B, 1, 1)   # padding attends to itself only
-        for x in range(B):
-            n_p = len(prompt_ids[x])
-            tokens[x, :len(rows[x])] = torch.tensor(rows[x])
-            positions[x, :len(pos[x])] = torch.tensor(pos[x])
-            allowed[x, :len(rows[x]), :n_p] = torch.ones(len(rows[x]), n_p, dtype=torch.bool).tril()
-        for key, c in col.items():
-            x, node = key[0], key
-            while node[1]:
-                allowed[x, c, col[node]] = True
-                node = parents[node]
-        self.packed_tokens, self.packed_positions = tokens.to(device), positions.to(device)
+        for r in range(B):
+            packed[r, :len(tokens[r])] = torch.tensor(tokens[r])
+            position[r, :len(positions[r])] = torch.tensor(positions[r])
+            for c in range(len(tokens[r])):
+                a = parents[r][c]
+                while a >= 0:
+                    allowed[r, c, a] = True
+                    a = parents[r][a]
+        self.packed_tokens, self.packed_positions = packed.to(device), position.to(device)
         self.packed_mask = allowed[:, None].to(device)   # [B, 1 (heads), query, key]
         self.packed_rows = torch.tensor(node_at)
+        self._bias = None   # the additive form of packed_mask, made on first use in the model's dtype
         return True
 
-    def _packed_logprobs(self, model: HookedTransformer) -> torch.Tensor:
-        """``[N, vocab]`` log-softmax of the next-token logits at each trie node, from the packed rows."""
-        import torch
+    def _node_logits(self, model: HookedTransformer) -> torch.Tensor:
+        """``[N, vocab]`` next-token logits at each trie node: from the packed rows through
+        :func:`~misfeat.dynamics.treeforward.tree_logits` where the model allows it, else the
+        hooked forward (:meth:`_hooked_node_logits`, the reference it is tested against)."""
+        from misfeat.dynamics.treeforward import tree_bias, tree_logits, unsupported
+
+        why = unsupported(model) if self.fused is not False else "fused=False"
+        if self.fused and why:
+            raise MisfeatError(f"fused=True, but the fused tree forward cannot run this model ({why}); "
+                               "use fused=None (the hooked forward where it cannot)")
+        if why is None:
+            if self._bias is None or self._bias.dtype != model.cfg.dtype:
+                self._bias = tree_bias(self.packed_mask, model.cfg.dtype, model.cfg.n_heads)
+                self._rows = self.packed_rows.to(self.packed_tokens.device)
+            return tree_logits(model, self.packed_tokens, self.packed_positions, self._bias, self._rows)
+        return self._hooked_node_logits(model)
+
+    def _hooked_node_logits(self, model: HookedTransformer) -> torch.Tensor:
+        """The packed rows through TransformerLens' forward, positions and tree mask set by hooks."""
 
         def positions(value, hook):
             return model.W_pos[self.packed_positions].to(value.dtype)
@@ -245,52 +299,90 @@ class ForceProbe:
 
         hooks = [("hook_pos_embed", positions), (lambda name: name.endswith("hook_attn_scores"), tree)]
         logits = model.run_with_hooks(self.packed_tokens, fwd_hooks=hooks)
-        node_logits = logits[self.packed_rows[:, 0], self.packed_rows[:, 1]]
-        return torch.log_softmax(node_logits.double(), dim=-1)
+        return logits[self.packed_rows[:, 0], self.packed_rows[:, 1]]
 
     def measure(self, model: HookedTransformer) -> ForceSnapshot:
         import torch
 
-        K, W = self.answer_ids.shape
         with torch.inference_mode():
             if self.packed:
-                node_lp = self._packed_logprobs(model)                                          # [N, vocab]
-                tok_lp = node_lp.reshape(-1)[self.tok_index] * self.valid                        # [K, W]
+                logits = self._node_logits(model)
             else:
-                logits = model(self.tokens[:, :-1])
+                out = model(self.tokens[:, :-1])
+                K, W = self.answer_ids.shape
                 # the row of (answer k, position j) predicts answer k's token j
-                cols = (torch.tensor(self.n_prompt)[:, None] - 1 + torch.arange(W)[None, :]).clamp_max(logits.shape[1] - 1)
-                rows = torch.log_softmax(logits[torch.arange(K)[:, None], cols].double(), dim=-1)  # [K, W, vocab]
-                tok_lp = rows.gather(-1, self.answer_ids[..., None]).squeeze(-1) * self.valid      # [K, W]
-                node_lp = rows.reshape(K * W, -1)[self.node_rows]
-            return self._snapshot(node_lp, tok_lp)
+                cols = (torch.tensor(self.n_prompt)[:, None] - 1 + torch.arange(W)[None, :]).clamp_max(out.shape[1] - 1)
+                logits = out[torch.arange(K)[:, None], cols].reshape(K * W, -1)[self.node_rows.to(out.device)]
+            return self._snapshot(logits.cpu() if logits.dtype == torch.float64 else logits.float().cpu())
 
-    def _snapshot(self, node_lp: torch.Tensor, tok_lp: torch.Tensor) -> ForceSnapshot:
-        """The snapshot from the log-probabilities at the trie nodes and of each answer token."""
+    def _snapshot(self, logits: torch.Tensor) -> ForceSnapshot:
+        """The snapshot from the next-token logits ``[N, vocab]`` (float32 or float64) at the trie nodes.
+
+        Only the trie's child slots carry V != 0, so every sum over the vocabulary is a sum over
+        those slots plus, for pi-_S and sum (pi~-)^2, the mass and the sum of squares of the tokens
+        off the trie: one ``exp`` over ``[N, vocab]`` and three sums, and no ``1 - x`` cancellation
+        where the trie holds most of the mass."""
         import torch
 
+        # exp(logit - max) in the logits' dtype (one ulp off each), every sum and difference in float64
+        top = logits.max(dim=-1, keepdim=True).values
+        e = (logits - top).exp_()                                                           # [N, vocab], in (0, 1]
+        total = e.sum(-1, dtype=torch.float64)
+        lse = top.squeeze(-1).double() + total.log()                                        # [N]
+        e.view(-1)[self.child] = 0                                                          # tokens off the trie: V = 0
+        rest_mass = e.sum(-1, dtype=torch.float64) / total                                  # sum over them of p(i)
+        rest_sq = e.square_().sum(-1, dtype=torch.float64) / total ** 2                     # ... of p(i)^2
+        flat = logits.reshape(-1)
+        tok_lp = (flat[self.tok_index].double() - lse[self.tok_node]) * self.valid                   # [K, W]
         # P(rest of answer k from position j+1 | prefix): suffix sums of token log-probs
         after = tok_lp.flip(1).cumsum(1).flip(1) - tok_lp                                   # sum_{j' > j}
         before = tok_lp.cumsum(1) - tok_lp                                                  # sum_{j' < j}
-        P = node_lp.exp()                                                                   # [N, vocab]
-        Vc = torch.zeros(self.n_nodes * self.vocab, dtype=torch.float64)
-        Vc.index_add_(0, self.slots, after.reshape(-1)[self.slot_src].exp())
-        Vc = Vc.view(self.n_nodes, self.vocab)
-        plus, minus = (P * Vc).sum(-1), (P * (1 - Vc)).sum(-1)
-        tp = P * Vc / plus.clamp_min(1e-300)[:, None]
-        tm = P * (1 - Vc) / minus.clamp_min(1e-300)[:, None]
-        pp, mm, pm = (tp * tp).sum(-1), (tm * tm).sum(-1), (tp * tm).sum(-1)
+        n_child = len(self.child)
+        V = torch.zeros(n_child, dtype=torch.float64).index_add_(
+            0, self.slot_child, after.reshape(-1)[self.slot_src].exp())                     # V at each child slot
+        P = (flat[self.child].double() - lse[self.child_node]).exp()                                 # p at each child slot
+
+        def per_node(values: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(self.n_nodes, dtype=torch.float64).index_add_(0, self.child_node, values)
+
+        plus = per_node(P * V)
+        minus = rest_mass + per_node(P * (1 - V))                                           # (no 1 - plus: no cancellation)
+        inv_plus, inv_minus = 1 / plus.clamp_min(1e-300), 1 / minus.clamp_min(1e-300)
+        pp = per_node((P * V) ** 2) * inv_plus ** 2                                         # sum (pi~+)^2
+        pm = per_node(P * P * V * (1 - V)) * inv_plus * inv_minus                           # sum pi~+ pi~-
+        mm = (rest_sq + per_node((P * (1 - V)) ** 2)) * inv_minus ** 2                      # sum (pi~-)^2
         reb = -plus * (pp - pm) + minus * (mm - pm)
         prefix = before.reshape(-1)[self.node_rows].exp()
         n = self.pair_node
         g = self.pair_w * prefix[n] * plus[n] * minus[n]
-        drive = tp[n, self.pair_tok] - tm[n, self.pair_tok]
+        p_tok = (flat[self.pair_slot].double() - lse[n]).exp()
+        v_tok = torch.where(self.pair_child >= 0, V[self.pair_child.clamp_min(0)], 0.0)
+        drive = p_tok * v_tok * inv_plus[n] - p_tok * (1 - v_tok) * inv_minus[n]
         gate, reb_sum, drive_sum = float(g.sum()), float((g * reb[n]).sum()), float((g * drive).sum())
         S = float((self.root_w * plus[self.roots]).sum())
         purity = float((self.root_w * pp[self.roots]).sum())
         return ForceSnapshot(S_train=S, gate=gate, F_rebound=reb_sum / gate if gate > 0 else 0.0,
                              F_drive=drive_sum / gate if gate > 0 else 0.0,
                              rate=(reb_sum + drive_sum) / self.mean_tokens, purity=purity, pi_plus=S)
+
+
+def _group(prompt_ids: dict[int, tuple[int, ...]], own: dict[int, int], cap: int) -> tuple[list[list[int]], int]:
+    """Prompts in token order, in rows filled greedily up to ``cap`` columns (a prompt's leading
+    tokens shared with the previous prompt of its row counted once, then its ``own`` trie
+    nodes); a prompt wider than ``cap`` alone in its row. Returns the rows and the widest."""
+    groups: list[list[int]] = []
+    width, widest, last = 0, 0, ()
+    for x in sorted(prompt_ids, key=lambda x: prompt_ids[x]):
+        ids = prompt_ids[x]
+        shared = next((i for i, (a, b) in enumerate(zip(ids, last, strict=False)) if a != b), min(len(ids), len(last)))
+        if groups and width + len(ids) - shared + own[x] <= cap:
+            groups[-1].append(x)
+            width += len(ids) - shared + own[x]
+        else:
+            groups.append([x])
+            width = len(ids) + own[x]
+        widest, last = max(widest, width), ids
+    return groups, widest
 
 
 def sign_agreement(predicted: list[float | None], measured: list[float | None], eps: float = 1e-12) -> float | None:

@@ -107,6 +107,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # a faster organism for tests and quick iteration: same world, smaller and shorter
     "small": {"n_layers": 2, "pretrain_steps": 400},
+    # one factor at a time for the elasticity trend (size, pre-training data), docs/dynamics.md
+    "shallow": {"n_layers": 2},
+    "short": {"pretrain_steps": 300},
 }
 
 

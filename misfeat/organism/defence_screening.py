@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from misfeat.data import PromptSet
-    from misfeat.defences.grid import GridConfig, SeedContext
+    from misfeat.organism.defence_grid import GridConfig, SeedContext
 
 MIXTURES = (0.75, 0.5, 0.25, 0.1)
 OTHER_DOMAINS = ("money", "school")
@@ -62,8 +62,8 @@ def _pearson(x: list[float], y: list[float]) -> float:
 def run_screening(ctx: SeedContext, cfg: GridConfig) -> dict[str, Any]:
     """The screening experiment of one seed (see the module docstring)."""
     from misfeat.data import PromptSet
-    from misfeat.defences.grid import train
     from misfeat.features.examples import auroc
+    from misfeat.organism.defence_grid import train
     from misfeat.organism.world import World
     from misfeat.screening import projection_difference
 

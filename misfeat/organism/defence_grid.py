@@ -312,8 +312,8 @@ def run_grid(cfg: GridConfig | None = None, *, out_dir: str | Path | None = None
     """Run the whole comparison (and the screening experiment); write ``out_dir`` when given."""
     import torch
 
-    from misfeat.defences.screening import run_screening
     from misfeat.io import progress
+    from misfeat.organism.defence_screening import run_screening
 
     cfg = cfg or GridConfig()
     if out_dir is not None:  # an unwritable --out fails now, not after the grid
