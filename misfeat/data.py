@@ -182,7 +182,8 @@ def parse_jsonl(data: bytes, path: str | os.PathLike) -> PromptSet:
     path = Path(path)
     records: list[PromptRecord] = []
     seen: dict[str, int] = {}
-    for lineno, line in enumerate(io.StringIO(data.decode("utf-8"), newline=None), start=1):
+    # decoded as it is read, with universal newlines: as iterating over open(path) does
+    for lineno, line in enumerate(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
