@@ -183,14 +183,7 @@ def parse_jsonl(data: bytes, path: str | os.PathLike) -> PromptSet:
     records: list[PromptRecord] = []
     seen: dict[str, int] = {}
     # decoded as it is read, with universal newlines: as iterating over open(path) does
-    for lineno, line in enumerate(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PromptFileError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+    for lineno, where, obj in json_lines(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"), path):
         record = parse_record(obj, where)
         if record.id in seen:
             raise PromptFileError(f"{where}: duplicate id {record.id!r} (first on line {seen[record.id]})")
@@ -199,6 +192,19 @@ def parse_jsonl(data: bytes, path: str | os.PathLike) -> PromptSet:
     if not records:
         raise PromptFileError(f"{path}: the prompt file is empty; it needs one JSON record per line")
     return PromptSet(path.stem, tuple(records), {"path": str(path)})
+
+
+def json_lines(lines: Iterable[str], path: str | os.PathLike) -> Iterator[tuple[int, str, Any]]:
+    """``(line number, "path:line", decoded object)`` for each non-blank line of a JSONL file;
+    a line that is not JSON raises :class:`PromptFileError` naming it."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            yield lineno, where, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromptFileError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
 
 
 def parse_record(obj: Any, where: str = "<record>") -> PromptRecord:
