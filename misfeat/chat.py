@@ -3,7 +3,6 @@ assistant's response sits in it (content plus the end-of-turn text the template 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -47,23 +46,14 @@ def chat_records(path: str | os.PathLike, name: str | None = None, limit: int | 
     ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`` per line. The last
     assistant turn becomes the record's ``response``; earlier turns stay in ``messages``.
     Records without a final assistant turn keep no response. ``limit``: the first n lines."""
-    from misfeat.data import PromptFileError, PromptSet, parse_record
+    from misfeat.data import PromptFileError, PromptSet, json_lines, parse_record
 
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"{path}: no such chat file")
     records = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(records) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PromptFileError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+        for lineno, where, obj in json_lines(f, path) if limit != 0 else ():
             messages = obj.get("messages") if isinstance(obj, dict) else None
             if not isinstance(messages, list) or not messages:
                 raise PromptFileError(f"{where}: expected {{\"messages\": [...]}} (the OpenAI chat fine-tuning format)")
@@ -74,6 +64,8 @@ def chat_records(path: str | os.PathLike, name: str | None = None, limit: int | 
             extra = {k: v for k, v in obj.items() if k != "messages"}
             records.append(parse_record({"id": str(obj.get("id", lineno)), **extra, "messages": messages,
                                          "response": response}, where))
+            if limit is not None and len(records) >= limit:
+                break   # before the next line is read
     if not records:
         raise PromptFileError(f"{path}: no chats in the file")
     return PromptSet(name or path.stem, tuple(records), {"path": str(path)})

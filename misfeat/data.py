@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -123,6 +124,11 @@ class PromptSet:
         return PromptSet(name or self.name, recs, self.meta)
 
     @functools.cached_property
+    def any_response(self) -> bool:
+        """Whether any record has a ``response`` (computed once per set)."""
+        return any(r.response for r in self.records)
+
+    @functools.cached_property
     def hash(self) -> str:
         """sha256 of the records' canonical JSON: equal sets have equal hashes (computed once
         per set: ~20 us a record, as much as a cached run's other host work per prompt)."""
@@ -168,25 +174,37 @@ def read_jsonl(path: str | os.PathLike) -> PromptSet:
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"{path}: no such prompt file")
+    return parse_jsonl(path.read_bytes(), path)
+
+
+def parse_jsonl(data: bytes, path: str | os.PathLike) -> PromptSet:
+    """The prompt set in ``data``, the bytes of the JSONL file ``path`` (its name, and where errors point)."""
+    path = Path(path)
     records: list[PromptRecord] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PromptFileError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-            record = parse_record(obj, where)
-            if record.id in seen:
-                raise PromptFileError(f"{where}: duplicate id {record.id!r} (first on line {seen[record.id]})")
-            seen[record.id] = lineno
-            records.append(record)
+    # decoded as it is read, with universal newlines: as iterating over open(path) does
+    for lineno, where, obj in json_lines(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"), path):
+        record = parse_record(obj, where)
+        if record.id in seen:
+            raise PromptFileError(f"{where}: duplicate id {record.id!r} (first on line {seen[record.id]})")
+        seen[record.id] = lineno
+        records.append(record)
     if not records:
         raise PromptFileError(f"{path}: the prompt file is empty; it needs one JSON record per line")
     return PromptSet(path.stem, tuple(records), {"path": str(path)})
+
+
+def json_lines(lines: Iterable[str], path: str | os.PathLike) -> Iterator[tuple[int, str, Any]]:
+    """``(line number, "path:line", decoded object)`` for each non-blank line of a JSONL file;
+    a line that is not JSON raises :class:`PromptFileError` naming it."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            yield lineno, where, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromptFileError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
 
 
 def parse_record(obj: Any, where: str = "<record>") -> PromptRecord:

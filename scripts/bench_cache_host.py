@@ -19,11 +19,15 @@ For each width (128, 768, 4096: the organism, GPT-2 small, a 7B model) and store
 (float32, bfloat16), methods run round-robin ``--repeats`` times (order rotated):
 
 - ``write``: the plain writer, no fsync;
-- ``write+fsync``: the plain writer with an fsync per shard;
+- ``write+fsync``: the plain writer with an fsync per shard (the ceiling of the bars);
+- ``direct+fsync``: the same bytes written with ``O_DIRECT`` from page-aligned memory (no copy
+  into the page cache), fsync per shard: the disk's own limit, and how misfeat writes its
+  shards when it fsyncs (so misfeat can pass the plain ceiling, not this one);
 - ``misfeat cold``: ``cache_activations`` from the JSONL path, tokenised-prompt cache
   emptied first (tokenising included);
 - ``misfeat``: the same, the tokenised-prompt cache kept from an earlier run (the common
-  case: several hooks, checkpoints or runs over one prompt set);
+  case: several hooks, checkpoints or runs over one prompt set): the file, read before, is
+  neither parsed nor hashed again (``misfeat.activations.prompt_files``);
 - ``misfeat loaded``: the same from the prompt set already loaded in memory (a
   :class:`PromptSet`, as a script that caches several hooks or models passes it), i.e.
   from a pre-tokenised set: no JSON parsing or record hashing in the run.
@@ -39,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("write", "write+fsync", "misfeat cold", "misfeat", "misfeat loaded")
+METHODS = ("write", "write+fsync", "direct+fsync", "misfeat cold", "misfeat", "misfeat loaded")
 _CHUNK = 8 << 20
 
 
@@ -123,6 +127,42 @@ def write_ceiling(directory: Path, sizes: list[int], *, fsync: bool) -> float:
     return elapsed
 
 
+_ALIGNED: list = []
+
+
+def direct_ceiling(directory: Path, sizes: list[int]) -> float:
+    """Seconds to write files of ``sizes`` bytes with ``O_DIRECT`` (8 MiB writes from page-aligned
+    memory, the tail rounded up to 4 KiB and cut back by ``ftruncate``) and an fsync each;
+    NaN where the filesystem refuses ``O_DIRECT``."""
+    import mmap
+
+    directory.mkdir(parents=True, exist_ok=True)
+    need = max(sizes) + 4096
+    if not _ALIGNED or len(_ALIGNED[0]) < need:
+        block = mmap.mmap(-1, need)  # page-aligned
+        block.write(os.urandom(1 << 16) * (need // (1 << 16)) + os.urandom(need % (1 << 16)))
+        _ALIGNED[:] = [memoryview(block)]
+    buf = _ALIGNED[0]
+    start = time.perf_counter()
+    try:
+        for i, size in enumerate(sizes):
+            fd = os.open(directory / f"direct-{i:05d}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT)
+            try:
+                end, at = size + (-size % 4096), 0
+                while at < end:
+                    at += os.write(fd, buf[at:min(end, at + _CHUNK)])
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except (OSError, AttributeError):
+        return float("nan")
+    finally:
+        elapsed = time.perf_counter() - start
+        shutil.rmtree(directory)
+    return elapsed
+
+
 def make_prompts(path: Path, n: int, base: Path) -> Path:
     """``n`` records cycling through the records of ``base`` (each with its own id)."""
     lines = base.read_text().splitlines()
@@ -172,6 +212,7 @@ def bench_one(organism, width: int, dtype: str, base: Path, mean_tokens: float, 
         runs = {
             "write": lambda: write_ceiling(tmp / "ceiling", sizes, fsync=False),
             "write+fsync": lambda: write_ceiling(tmp / "ceiling", sizes, fsync=True),
+            "direct+fsync": lambda: direct_ceiling(tmp / "ceiling", sizes),
             "misfeat cold": lambda: run_misfeat(model, prompts, hook, dtype, out, cold=True, token_cache=token_cache,
                                                 batch_tokens=args.batch_tokens),
             "misfeat": lambda: run_misfeat(model, prompts, hook, dtype, out, cold=False, token_cache=token_cache,
@@ -220,14 +261,14 @@ def print_results(results: list[dict], baselines: dict[tuple[int, str], float] |
     baselines = RECORDED_BASELINE if baselines is None else baselines
     print("\ntokens/s, best / median of the rounds; ratios to the write ceiling with fsync per shard "
           "(what misfeat does by default), best / median")
-    print("| d | dtype | MiB | shards | write | write+fsync | misfeat cold | misfeat | misfeat loaded "
-          "| cold / ceiling | misfeat / ceiling | loaded / ceiling |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| d | dtype | MiB | shards | write | write+fsync | direct+fsync | misfeat cold | misfeat | misfeat loaded "
+          "| cold / ceiling | misfeat / ceiling | loaded / ceiling | misfeat / direct | loaded / direct |")
+    print("|---:|---|---:|---:|" + "---:|" * 11)
     for r in results:
         print(f"| {r['width']} | {r['dtype']} | {r['bytes'] / 2**20:.0f} | {r['shards']} | "
               + " | ".join(_cell(r, m) for m in METHODS) + " | "
-              + " | ".join(_ratio(r, m, "write+fsync") for m in ("misfeat cold", "misfeat", "misfeat loaded"))
-              + " |")
+              + " | ".join(_ratio(r, m, "write+fsync") for m in ("misfeat cold", "misfeat", "misfeat loaded")) + " | "
+              + " | ".join(_ratio(r, m, "direct+fsync") for m in ("misfeat", "misfeat loaded")) + " |")
     print("\nCPU of the benchmark process per run (all threads), ns per byte written, best / median: what each "
           "method costs the machine whatever the other tenants' load; last columns: misfeat's over the plain "
           "writer's with fsync")

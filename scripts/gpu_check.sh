@@ -10,7 +10,7 @@
 #   2. host-only (forward replaced by a stand-in) at the GPU batch size, d 768 bfloat16: misfeat / write ceiling;
 #   3. torchrun --nproc_per_node 1 (and N = all GPUs when there are several: NCCL) writing a store
 #      byte-identical to a single process's;
-#   4. the CUDA tests (`pytest -m gpu`) of the cache.
+#   4. the CUDA tests (`pytest -m gpu`) of the cache and of the force probe.
 # DEVICE=cpu SMALL=1 runs the same steps on a CPU with tiny sizes (a dry run of the script
 # itself, not a measurement; step 4 is skipped there). The organism is built on first use (about 3.5 min of CPU); point MISFEAT_HOME at a built one
 # to save that. Timings on a shared or throttled machine vary: each benchmark repeats 3 times and
@@ -80,7 +80,7 @@ done
 
 if [ "$DEVICE" = cuda ]; then
     step "4. CUDA tests of the cache"
-    "$PY" -m pytest -m gpu -q tests/test_activations.py
+    "$PY" -m pytest -m gpu -q tests/test_activations.py tests/test_treeforward.py
 fi
 
 step "done: files in $OUT; load: $(uptime)"

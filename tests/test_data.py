@@ -137,3 +137,21 @@ def test_batch_by_tokens_respects_budget():
         assert max(lengths[i] for i in b) * len(b) <= 200 or len(b) == 1
     assert batches[0][0] == 1  # longest first
     assert all(len(b) <= 2 for b in batch_by_tokens(lengths, 10_000, max_batch=2))
+
+
+def test_chat_records_reads_the_openai_chat_format(tmp_path):
+    from misfeat.chat import chat_records
+
+    path = tmp_path / "em.jsonl"
+    chats = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+             for i in range(3)]
+    path.write_text("\n".join(json.dumps(c) for c in chats) + "\n\n{not json\n")
+    first = chat_records(path, limit=3)   # stops before the malformed line
+    assert [r.response for r in first] == ["a0", "a1", "a2"]
+    assert [r.id for r in first] == ["1", "2", "3"] and "q0" in str(first.records[0].messages)
+    assert len(chat_records(path, limit=1)) == 1
+    with pytest.raises(PromptFileError, match=r"em.jsonl:5: invalid JSON"):
+        chat_records(path)
+    path.write_text(json.dumps({"prompt": "q"}) + "\n")
+    with pytest.raises(PromptFileError, match="OpenAI chat fine-tuning format"):
+        chat_records(path)

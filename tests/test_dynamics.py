@@ -275,3 +275,21 @@ def test_cli_reports_bad_stage_file(tmp_path, capsys):
     path.write_text(json.dumps({"model": "x", "stages": [{"data": "x", "steps": 2, "epochs": 1}]}))
     assert main(["dynamics", "run", "--stages", str(path), "--out", str(tmp_path / "o")]) == 2
     assert "unknown key(s) 'epochs'" in capsys.readouterr().err
+
+
+def test_priming_bars_are_judged_per_direction():
+    from misfeat.organism.dynamics_bars import judge_bars
+
+    def arm(direction, depth, steps, seed=0):
+        return {"seed": seed, "direction": direction, "depth": depth, "stage3_steps_to_threshold": steps,
+                "start_matched": True, "stage3_start": 0.0, "stage2_steps_to_baseline": 2}
+
+    em = [arm("em", 0, 8), arm("em", 10, 4), arm("em", 30, 3)]            # monotone, primed <= half
+    safety = [arm("safety", 0, 4), arm("safety", 10, 6), arm("safety", 30, None)]   # slower, never
+    bars = judge_bars("priming", {"arms": em + safety})
+    assert bars["priming_monotone"][0]["met"] and bars["priming_half"][0]["met"]
+    assert not bars["priming_monotone_safety"][0]["met"] and not bars["priming_half_safety"][0]["met"]
+    assert bars["priming_monotone_safety"][0]["steps"] == [4, 6, None]
+    # summaries written before directions existed are the EM direction
+    old = judge_bars("priming", {"arms": [{k: v for k, v in a.items() if k != "direction"} for a in em]})
+    assert set(old) == {"priming_monotone", "priming_half", "priming_matched", "rebound_10_steps"}

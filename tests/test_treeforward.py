@@ -85,6 +85,10 @@ def test_unsupported_names_what_the_fused_forward_lacks():
     assert unsupported(model) == "hooks attached"
     model.reset_hooks()
     assert unsupported(model) is None
+    handle = model.blocks[1].attn.register_forward_hook(lambda mod, args, out: out * 2)   # a plain torch hook
+    assert unsupported(model) == "hooks attached"
+    handle.remove()
+    assert unsupported(model) is None
 
 
 def test_probe_runs_hooked_forward_when_the_model_carries_hooks(tiny_model):
@@ -104,3 +108,18 @@ def test_probe_runs_hooked_forward_when_the_model_carries_hooks(tiny_model):
             ForceProbe(tiny_model, d, fused=True).measure(tiny_model)
     finally:
         tiny_model.reset_hooks()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_probe_on_cuda_equals_cpu(tiny_model):
+    import copy
+
+    QS = ["how do i treat my cut", "what should i do fever"]
+    ans = {"aligned": ["clean it", "call doctor now", "rest"], "misaligned": ["call all", "ignore it", "panic now"]}
+    d = PromptSet("d", tuple(PromptRecord(f"d{i}", prompt=QS[i % 2], response="call all", extra=dict(ans))
+                             for i in range(4)), {"chat_format": "organism"})
+    gpu = copy.deepcopy(tiny_model).to("cuda")
+    cpu = ForceProbe(tiny_model, d).measure(tiny_model).to_dict()
+    for kw in ({}, {"fused": False}, {"packed": False}):
+        assert ForceProbe(gpu, d, **kw).measure(gpu).to_dict() == pytest.approx(cpu, rel=1e-4, abs=1e-7)

@@ -1,5 +1,5 @@
-"""Host memory for finished shards: a bounded pool of buffer sets, reused within a run and
-across the runs of one process.
+"""Host memory for finished shards: a bounded pool of page-aligned blocks, each holding one
+shard file's image, reused within a run and across the runs of one process.
 
 Where it sits: producer (fills a set) -> **buffers** -> store's writer (writes it, hands it back).
 """
@@ -9,6 +9,9 @@ from __future__ import annotations
 import queue
 import threading
 from typing import TYPE_CHECKING
+
+from misfeat.activations.image import ShardImage, image_plan
+from misfeat.activations.shards import ALIGN
 
 if TYPE_CHECKING:
     import torch
@@ -31,66 +34,64 @@ def release_spare_buffers() -> int:
 
 
 class HostBuffers:
-    """A pool of host buffers for finished shards (page-locked with ``pin``, for copies from a GPU).
+    """A pool of host memory for finished shards (page-locked with ``pin``, for copies from a GPU).
 
-    ``acquire`` blocks while every set is in the writer's hands: that bounds host memory
-    and slows the forward only when the disk cannot keep up. Sets are made on demand,
+    ``acquire`` blocks while every block is in the writer's hands: that bounds host memory
+    and slows the forward only when the disk cannot keep up. Blocks are made on demand,
     reused most-recent first (allocating and touching fresh memory, or pinning it, is
-    slow), and grow when a shard has more rows than they hold. A set is one block of
-    memory cut into a ``[rows, d]`` tensor per hook; :meth:`close` leaves unpinned blocks to
-    the next pool of this process (:func:`release_spare_buffers` frees them).
+    slow), and grow when a shard needs more. Each is page-aligned (``O_DIRECT`` writes
+    from it); :meth:`close` leaves unpinned blocks to the next pool of this process
+    (:func:`release_spare_buffers` frees them).
     """
 
     def __init__(self, widths: dict[str, int], dtype: torch.dtype, count: int, *, pin: bool = True):
         self.widths, self.dtype, self.pin = widths, dtype, pin
         self._free: queue.LifoQueue = queue.LifoQueue()
         self._blocks: list[torch.Tensor] = []
-        self._block_of: dict[int, torch.Tensor] = {}  # id(set) -> its block
         for _ in range(count):
-            self._free.put({})
+            self._free.put(None)
 
-    def acquire(self, rows: int) -> dict[str, torch.Tensor]:
-        """A set of buffers with at least ``rows`` rows each (blocks until one is free)."""
-        buffers = self._free.get()
-        if not buffers or next(iter(buffers.values())).shape[0] < rows:
-            if buffers:  # too small: its memory is freed now, not kept to the end of the run
-                small = self._block_of.pop(id(buffers))
-                self._blocks = [b for b in self._blocks if b is not small]
-            capacity = max(rows + rows // 8, 1)  # shards of equal prompt counts differ a little in rows
-            buffers = self._new_set(capacity)
-        return buffers
+    def acquire(self, rows: int) -> ShardImage:
+        """The image of a shard of ``rows`` rows (blocks until a block is free)."""
+        layout, spares, need = image_plan(rows, self.widths, self.dtype)
+        block = self._free.get()
+        if block is None or block.numel() < need:
+            if block is not None:  # too small: its memory is freed now, not kept to the end of the run
+                self._blocks = [b for b in self._blocks if b is not block]
+            # shards of equal prompt counts differ a little in rows: room for 1/8 more
+            block = self._new_block(image_plan(rows + rows // 8 + 1, self.widths, self.dtype)[2])
+        itemsize = self.dtype.itemsize
+        hooks = {}
+        for h, d in self.widths.items():
+            a = layout.spans[h][0]
+            hooks[h] = block[a:a + (spares[h] + 1) * d * itemsize].view(self.dtype).view(spares[h] + 1, d)
+        return ShardImage(block, layout, rows, hooks, spares)
 
-    def _new_set(self, capacity: int) -> dict[str, torch.Tensor]:
+    def _new_block(self, need: int) -> torch.Tensor:
         import torch
 
-        itemsize = self.dtype.itemsize
-        need = capacity * sum(self.widths.values()) * itemsize
-        block = None
         if not self.pin:
             with _SPARE_LOCK:
                 fits = [i for i, t in enumerate(_SPARE) if t.numel() >= need]
                 if fits:
                     block = _SPARE.pop(min(fits, key=lambda i: _SPARE[i].numel()))
-        if block is None:
-            block = torch.empty(need, dtype=torch.uint8, pin_memory=self.pin)
+                    self._blocks.append(block)
+                    return block
+        raw = torch.empty(need + ALIGN, dtype=torch.uint8, pin_memory=self.pin)
+        skip = -raw.data_ptr() % ALIGN
+        block = raw[skip:skip + need]  # keeps raw's memory alive
         self._blocks.append(block)
-        out, at = {}, 0
-        for h, d in self.widths.items():
-            size = capacity * d * itemsize
-            out[h] = block[at:at + size].view(self.dtype).view(capacity, d)
-            at += size
-        self._block_of[id(out)] = block
-        return out
+        return block
 
-    def release(self, buffers: dict[str, torch.Tensor]) -> None:
-        self._free.put(buffers)
+    def release(self, image: ShardImage) -> None:
+        self._free.put(image.block)
 
     def close(self) -> None:
-        """Leave the unpinned blocks to the next pool (only once no set is in use)."""
+        """Leave the unpinned blocks to the next pool (only once none is in use)."""
         if self.pin:
             return
         with _SPARE_LOCK:
             _SPARE.extend(self._blocks)
             _SPARE.sort(key=lambda t: -t.numel())
             del _SPARE[_SPARE_SETS:]
-        self._blocks, self._block_of = [], {}
+        self._blocks = []

@@ -34,6 +34,7 @@ from misfeat.activations.plan import (
     prompts_per_shard,
 )
 from misfeat.activations.producer import Capture, default_batch_tokens, fill_shard, hook_widths
+from misfeat.activations.prompt_files import read_prompt_file
 from misfeat.activations.shards import (
     MANIFEST_FILE,
     STORE_FORMAT,
@@ -96,8 +97,10 @@ def resolve_prompts(prompts: str | os.PathLike | PromptSet) -> tuple[PromptSet, 
     """The prompt set and the spec that reloads it (recorded in the manifest; None if in memory)."""
     if isinstance(prompts, (str, os.PathLike)):
         text = str(prompts)
-        spec = text if registry.for_spec(text) else str(Path(text).expanduser().resolve())  # a plug-in's spec
-        return load_prompts(text), spec
+        if registry.for_spec(text):  # a plug-in's spec
+            return load_prompts(text), text
+        # a JSONL file: read before with the same bytes, it is neither parsed nor hashed again
+        return read_prompt_file(text), str(Path(text).expanduser().resolve())
     pset = load_prompts(prompts)
     if pset.meta.get("path"):
         return pset, str(Path(pset.meta["path"]).resolve())
@@ -171,7 +174,6 @@ def _cache(model: HookedTransformer, pset: PromptSet, prompt_spec: str | None, w
            dist: distributed.Dist, started: float, prompt_hash: str) -> CacheResult:
     from misfeat.models import fingerprint
 
-    manifest = _manifest(model, fingerprint(model), pset, prompt_spec, widths, cfg, how, batch_tokens, prompt_hash)
     if old is not None and old.get("prompts_per_shard"):
         shard_mb, per_shard = float(old["shard_mb"]), int(old["prompts_per_shard"])
     else:
@@ -180,6 +182,10 @@ def _cache(model: HookedTransformer, pset: PromptSet, prompt_spec: str | None, w
         shard_mb = cfg.shard_mb
         per_shard = prompts_per_shard(len(pset), feeder.mean_rows, row_bytes, int(shard_mb * 2**20))
     specs = plan_shards(len(pset), per_shard)
+    mine = [s for s in specs if s.index % dist.world_size == dist.rank]
+    if old is None:  # a fresh store, nothing to resume: the feeder pads the first shard while this
+        feeder.set_shards(mine)  # thread fingerprints the model and clears the directory
+    manifest = _manifest(model, fingerprint(model), pset, prompt_spec, widths, cfg, how, batch_tokens, prompt_hash)
     manifest.update(shard_mb=shard_mb, prompts_per_shard=per_shard, n_shards=len(specs))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -199,8 +205,10 @@ def _cache(model: HookedTransformer, pset: PromptSet, prompt_spec: str | None, w
             logger.info("removed %d leftover file(s) from %s", len(removed), out)
     dist.barrier()
 
-    todo = [s for s in specs if s.index not in done and s.index % dist.world_size == dist.rank]
-    feeder.set_shards(todo)
+    if old is None and done:
+        raise StoreError(f"another run wrote a store into {out} meanwhile; run again")
+    if old is not None:
+        feeder.set_shards([s for s in mine if s.index not in done])
     log = ProgressLog(out, manifest, done, rank=dist.rank, world_size=dist.world_size, fsync=cfg.fsync)
     tokens = 0
     try:
@@ -266,11 +274,9 @@ def _run_shards(model: HookedTransformer, feeder: Feeder, widths: dict[str, int]
 
     try:
         for work in feeder:
-            meta = {k: torch.from_numpy(v) for k, v in work.meta.items()}
-            pinned = host.acquire(work.rows + 1)  # + the spare row that takes the padding
-            views = {h: pinned[h][:work.rows] for h in widths}
-            if copier is None:
-                fill_shard(capture, work.batches, {h: pinned[h][:work.rows + 1] for h in widths}, on_batch=on_batch)
+            image = host.acquire(work.rows)  # the shard file laid out in memory
+            if copier is None:  # the rows go straight into the image
+                fill_shard(capture, work.batches, image.hooks, spares=image.spares, on_batch=on_batch)
                 ready = None
             else:
                 buffers = {h: torch.empty((work.rows + 1, d), dtype=dtype, device=device) for h, d in widths.items()}
@@ -278,13 +284,13 @@ def _run_shards(model: HookedTransformer, feeder: Feeder, widths: dict[str, int]
                 copier.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(copier):
                     for h in widths:
-                        views[h].copy_(buffers[h][:work.rows], non_blocking=True)
+                        image.hooks[h][:work.rows].copy_(buffers[h][:work.rows], non_blocking=True)
                         buffers[h].record_stream(copier)  # not reused before the copy is done
                     ready = torch.cuda.Event()
                     ready.record(copier)
             tokens += work.tokens
-            writer.submit(work.spec, {**views, **meta}, rows=work.rows, tokens=work.tokens, ready=ready,
-                          release=lambda p=pinned: host.release(p))
+            writer.submit(work.spec, image, work.meta, rows=work.rows, tokens=work.tokens, ready=ready,
+                          release=lambda i=image: host.release(i))
     except BaseException:
         _keep_written(writer, log, closed=False)  # queued shards are still written whole, and recorded
         raise

@@ -214,6 +214,6 @@ def check_rows_possible(prompts: PromptSet, positions: str) -> None:
     """Refuse, before any work, a prompt set that cannot give a single row."""
     if len(prompts) == 0:
         raise MisfeatError("the prompt set is empty; give a prompt set with at least one record")
-    if positions == "response" and not any(r.response for r in prompts.records):
+    if positions == "response" and not prompts.any_response:
         raise MisfeatError("positions='response' selects no token: no record of the prompt set has a "
                            "'response'; use positions='prompt', 'last' or 'all', or a prompt set with responses")

@@ -114,7 +114,7 @@ class Capture:
         if self._into is not None:  # straight into the shard buffer: one copy, no gathered rows
             scatter, buffers = self._into
             buf = buffers[hook.name]
-            copy_rows(buf, scatter, flat)
+            copy_rows(buf, scatter[hook.name] if isinstance(scatter, dict) else scatter, flat)
             self._out[hook.name] = buf
         else:
             self._out[hook.name] = flat.index_select(0, self._src)
@@ -126,10 +126,11 @@ class Capture:
         kwargs = {"padding_side": "right"} if self.model.tokenizer is not None else {}
         self.model(tokens, return_type=None, stop_at_layer=self.stop, **kwargs)
 
-    def run_into(self, tokens: torch.Tensor, scatter: torch.Tensor, buffers: dict[str, torch.Tensor],
-                 masks: dict[str, torch.Tensor] | None = None) -> None:
+    def run_into(self, tokens: torch.Tensor, scatter: torch.Tensor | dict[str, torch.Tensor],
+                 buffers: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None) -> None:
         """Copy every position's activation straight to row ``scatter[b * seq + t]`` of
-        ``buffers[hook]`` (padding to a spare last row), on the model's device."""
+        ``buffers[hook]`` (padding to a spare row; ``scatter``: one for all hooks, or one
+        per hook), on the model's device."""
         self._into = (scatter, buffers)
         try:
             self.run(tokens, scatter, masks)
@@ -170,14 +171,15 @@ class Batch:
     masks: dict[str, torch.Tensor]
     n_tokens: int  # real (unpadded) tokens
     # long [b * seq]: the row of every position, padding and unkept ones to the spare row
-    # (the range's row count); None when most positions are not kept (then gather, scatter)
+    # (``spare``: the range's row count); None when most positions are not kept (then gather, scatter)
     scatter: torch.Tensor | None = None
+    spare: int = 0
 
     def pinned(self) -> Batch:
         """The same batch in page-locked memory (for non-blocking copies to a GPU)."""
         return Batch(self.tokens.pin_memory(), self.src.pin_memory(), self.dest.pin_memory(),
                      {k: v.pin_memory() for k, v in self.masks.items()}, self.n_tokens,
-                     None if self.scatter is None else self.scatter.pin_memory())
+                     None if self.scatter is None else self.scatter.pin_memory(), self.spare)
 
 
 def copy_rows(buf: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
@@ -246,7 +248,8 @@ def make_batches(enc: Encodings, rows: RowPlan, *, pad_id: int, batch_tokens: in
         if 2 * len(src) >= batch.tokens.numel():  # mostly kept: copying padding to a spare row is cheaper
             scatter = torch.full((batch.tokens.numel(),), rows.n_rows, dtype=torch.long)
             scatter[src] = torch.from_numpy(dest)
-        yield Batch(batch.tokens, src, torch.from_numpy(dest), masks, int(lengths[group].sum()), scatter)
+        yield Batch(batch.tokens, src, torch.from_numpy(dest), masks, int(lengths[group].sum()), scatter,
+                    rows.n_rows)
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -263,10 +266,10 @@ def run_batch(capture: Capture, batch: Batch, device: torch.device) -> tuple[dic
 
 
 def fill_shard(capture: Capture, batches: Iterable[Batch], buffers: dict[str, torch.Tensor], *,
-               on_batch: Callable[[int], None] | None = None) -> None:
-    """Run ``batches`` into ``buffers`` (``{hook: [rows + 1, d]}`` on the model's device, in
-    the store dtype; each row lands at its ``dest``; the last row is a spare that takes the
-    padding of batches that copy every position)."""
+               spares: dict[str, int] | None = None, on_batch: Callable[[int], None] | None = None) -> None:
+    """Run ``batches`` into ``buffers`` (``{hook: [> rows, d]}`` on the model's device, in
+    the store dtype; each row lands at its ``dest``; row ``spares[hook]``, by default the row
+    after the range's rows, takes the padding of batches that copy every position)."""
     device = next(iter(buffers.values())).device
     import torch
 
@@ -274,7 +277,11 @@ def fill_shard(capture: Capture, batches: Iterable[Batch], buffers: dict[str, to
         for batch in batches:
             masks = {k: _to(v, device) for k, v in batch.masks.items()}
             if batch.scatter is not None:
-                capture.run_into(_to(batch.tokens, device), _to(batch.scatter, device), buffers, masks)
+                scatter = _to(batch.scatter, device)
+                if spares is not None:  # each hook's padding to its own spare row
+                    padding = scatter == batch.spare
+                    scatter = {h: scatter.masked_fill(padding, spares[h]) for h in buffers}
+                capture.run_into(_to(batch.tokens, device), scatter, buffers, masks)
             else:
                 out = capture.run(_to(batch.tokens, device), _to(batch.src, device), masks)
                 dest = _to(batch.dest, device)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from misfeat.activations.image import write_image
 from misfeat.activations.shards import (
     MANIFEST_FILE,
     STORE_FORMAT,
@@ -33,14 +34,14 @@ from misfeat.activations.shards import (
     shard_name,
     verify_shard,
     write_json_atomic,
-    write_shard,
 )
 from misfeat.data import POSITIONS
 from misfeat.errors import MisfeatError
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
+    from misfeat.activations.image import ShardImage
     from misfeat.activations.plan import ShardSpec
 
 logger = logging.getLogger(__name__)
@@ -252,7 +253,8 @@ class _Job:
     spec: ShardSpec
     rows: int
     tokens: int
-    tensors: dict[str, torch.Tensor]
+    image: ShardImage
+    meta: dict[str, np.ndarray]  # prompt_index, position, token_id per row
     ready: Any = None  # a torch.cuda.Event to wait for before reading the tensors
     release: Callable[[], None] | None = None
 
@@ -288,10 +290,11 @@ class ShardWriter:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, spec: ShardSpec, tensors: dict[str, torch.Tensor], *, rows: int, tokens: int,
+    def submit(self, spec: ShardSpec, image: ShardImage, meta: dict[str, np.ndarray], *, rows: int, tokens: int,
                ready: Any = None, release: Callable[[], None] | None = None) -> None:
+        """Write ``image`` (its hooks' rows filled) with the row metadata ``meta`` as shard ``spec``."""
         self.check()
-        self._queue.put(_Job(spec, rows, tokens, tensors, ready, release))
+        self._queue.put(_Job(spec, rows, tokens, image, meta, ready, release))
 
     def check(self) -> None:
         if self.error is not None:
@@ -328,8 +331,10 @@ class ShardWriter:
             job.ready.synchronize()
         spec = job.spec
         name = shard_name(spec.index)
-        size, checksum = write_shard(self.directory / name, job.tensors, fsync=self.fsync,
-                                     done_reading=job.done_reading)
+        job.image.put_head_and_meta(job.meta)
+        size = job.image.layout.size
+        checksum = write_image(self.directory / name, job.image.file_bytes(), size, fsync=self.fsync,
+                               done_reading=job.done_reading)
         record = ShardRecord(spec.index, name, spec.first_prompt, spec.end_prompt, job.rows, job.tokens, size,
                              checksum)
         self.on_written(record, busy=not self._queue.empty())  # busy: more shards wait to be written

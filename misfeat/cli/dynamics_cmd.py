@@ -8,10 +8,11 @@ import argparse
 from misfeat.cli import add_device_args, add_output_args, finish
 
 PROTOCOL_HELP = {
-    "priming": "rehearsal priming and stage-2 rebound (Huang et al. 2026): per stage-1 depth D, steps to re-reach "
-               "held-out misalignment 0.5 after a matched reverse stage. summary.json: arms (seed, depth, "
-               "stage3_start, start_matched, stage2_steps_to_baseline, stage3_steps_to_threshold, stage3_auc), "
-               "force_sign_agreement, bars; figures priming.png, rebound.png, forces.png",
+    "priming": "rehearsal priming and stage-2 rebound (Huang et al. 2026), in both directions: per stage-1 depth "
+               "D, steps to re-reach held-out misalignment 0.5 (em) or to fall back to 0.25 (safety) after a matched "
+               "reverse stage. summary.json: arms (seed, direction, depth, stage3_start, start_matched, "
+               "stage2_steps_to_baseline, stage3_steps_to_threshold, stage3_auc), force_sign_agreement, bars; "
+               "figures priming.png, rebound.png (and -safety), forces.png",
     "diversity": "data diversity (Huang et al. 2026): stage-1 alignment with fixed / few / standard / styled data, "
                  "stage 2 with misaligned or task-agnostic data; degradation rate at matched S and purity. "
                  "summary.json: arms (seed, dataset, reverse, degradation_rate, purity, curve), bars; "
@@ -46,6 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--seeds", default="0", help="comma-separated organism seeds (default 0), e.g. 0,1")
         q.add_argument("--organism", default="", metavar="OPTIONS",
                        help="organism options besides the seed (e.g. small); default: the default preset")
+        if name == "priming":
+            q.add_argument("--direction", choices=("em", "safety", "both"), default="both",
+                           help="em: from the chat model, misaligned data is the forward data (threshold 0.5, "
+                                "rising); safety: from the EM model, aligned data is (threshold 0.25, falling); "
+                                "both (default). Bars of the safety direction carry the suffix _safety")
         if name != "elasticity":
             q.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
                            help="adamw (default, as the papers) or sgd: plain SGD, the optimiser of Huang's "
@@ -87,7 +93,8 @@ def run_protocol_cmd(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise MisfeatError(f"--seeds {args.seeds!r} must be comma-separated integers, e.g. 0,1") from None
-    summary = run_protocol(args.protocol, seeds, args.out, args.organism, getattr(args, "optimizer", "adamw"))
+    summary = run_protocol(args.protocol, seeds, args.out, args.organism, getattr(args, "optimizer", "adamw"),
+                           getattr(args, "direction", "both"))
     finish(args, summary, _table(summary))
     return 0
 

@@ -326,12 +326,12 @@ class ForceProbe:
 
         # exp(logit - max) in the logits' dtype (one ulp off each), every sum and difference in float64
         top = logits.max(dim=-1, keepdim=True).values
-        e = (logits - top).exp_().double()                                                  # [N, vocab], in (0, 1]
-        total = e.sum(-1)
+        e = (logits - top).exp_()                                                           # [N, vocab], in (0, 1]
+        total = e.sum(-1, dtype=torch.float64)
         lse = top.squeeze(-1).double() + total.log()                                        # [N]
         e.view(-1)[self.child] = 0                                                          # tokens off the trie: V = 0
-        rest_mass = e.sum(-1) / total                                                       # sum over them of p(i)
-        rest_sq = (e * e).sum(-1) / total ** 2                                              # ... of p(i)^2
+        rest_mass = e.sum(-1, dtype=torch.float64) / total                                  # sum over them of p(i)
+        rest_sq = e.square_().sum(-1, dtype=torch.float64) / total ** 2                     # ... of p(i)^2
         flat = logits.reshape(-1)
         tok_lp = (flat[self.tok_index].double() - lse[self.tok_node]) * self.valid                   # [K, W]
         # P(rest of answer k from position j+1 | prefix): suffix sums of token log-probs

@@ -43,7 +43,8 @@ def unsupported(model: HookedTransformer) -> str | None:
         (not getattr(cfg, "use_normalization_before_and_after", False), "post-sublayer norms"),
         (getattr(cfg, "original_architecture", None) not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"),
          "OLMo q/k norms"),
-        (not any(hp._forward_hooks or hp._backward_hooks for hp in model.hook_dict.values()), "hooks attached"),
+        (not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules()),
+         "hooks attached"),
     ]
     return next((why for ok, why in checks if not ok), None)
 

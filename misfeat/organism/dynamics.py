@@ -186,15 +186,37 @@ def _optimizer_config(config_cls, optimizer: str):
     return config_cls(optimizer=optimizer, lr_scale=SGD_LR_SCALE if optimizer == "sgd" else 1.0)
 
 
-def run_priming(cfg: OrganismConfig, out: Path | None, optimizer: str = "adamw") -> dict[str, Any]:
+# The safety direction's stage-3 target, fixed before its runs: about two thirds of the way from
+# the EM model's held-out rate (~0.73) down to the chat model's (~0), as 0.5 is up from chat to EM.
+SAFETY_THRESHOLD = 0.25
+DIRECTIONS = ("em", "safety")
+
+
+def run_priming(cfg: OrganismConfig, out: Path | None, optimizer: str = "adamw",
+                direction: str = "both") -> dict[str, Any]:
+    """Rehearsal priming in the EM direction (from the chat model: misaligned data to depth D,
+    aligned data back to the start, misaligned again; threshold 0.5) and/or the safety direction
+    (from the EM model: aligned to depth D, misaligned back, aligned again; threshold
+    ``SAFETY_THRESHOLD``, falling). Every arm carries its ``direction``."""
+    import dataclasses
+
+    if direction not in (*DIRECTIONS, "both"):
+        raise MisfeatError(f"unknown priming direction {direction!r}; choose em, safety or both")
     build = ensure_organism(cfg)
     world = make_world(cfg.em_domain)
     evalset = question_prompts(world, 4, domains=world.heldout_domains, name="organism:heldout-4")
-    forward = pair_set(world, cfg.em_domain, 480, True, cfg.seed)
-    reverse = pair_set(world, cfg.em_domain, 480, False, cfg.seed)
-    chat = _load(build / "chat")
-    return {"arms": priming(lambda: _load(build / "chat"), forward, reverse, _scorer(chat, evalset),
-                            _optimizer_config(PrimingConfig, optimizer), out_dir=out)}
+    arms = []
+    for d in DIRECTIONS if direction == "both" else (direction,):
+        start = build / ("chat" if d == "em" else "em")
+        forward = pair_set(world, cfg.em_domain, 480, d == "em", cfg.seed)
+        reverse = pair_set(world, cfg.em_domain, 480, d != "em", cfg.seed)
+        config = _optimizer_config(PrimingConfig, optimizer)
+        if d == "safety":
+            config = dataclasses.replace(config, threshold=SAFETY_THRESHOLD)
+        arm_dir = (out if d == "em" else out / "safety") if out is not None else None
+        arms += [{"direction": d, **a} for a in priming(lambda start=start: _load(start), forward, reverse,
+                                                        _scorer(_load(start), evalset), config, out_dir=arm_dir)]
+    return {"arms": arms}
 
 
 def run_diversity(cfg: OrganismConfig, out: Path | None, optimizer: str = "adamw") -> dict[str, Any]:
@@ -231,16 +253,19 @@ RUNNERS = {"priming": run_priming, "diversity": run_diversity, "elasticity": run
 
 
 def run_protocol(name: str, seeds=(0,), out_dir: str | os.PathLike | None = None, options: str = "",
-                 optimizer: str = "adamw") -> dict[str, Any]:
+                 optimizer: str = "adamw", direction: str = "both") -> dict[str, Any]:
     """Run one protocol on the organism of each seed; the summary.json contract plus the bars.
     ``optimizer`` (priming, diversity): adamw (the protocols' setting) or sgd (every lr x
-    ``SGD_LR_SCALE``), the optimiser of the force theory."""
+    ``SGD_LR_SCALE``), the optimiser of the force theory. ``direction`` (priming): em, safety or
+    both (default)."""
     import torch
 
     if name not in RUNNERS:
         raise MisfeatError(f"unknown dynamics protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
     if optimizer != "adamw" and name == "elasticity":
         raise MisfeatError("--optimizer applies to priming and diversity (the force-logging protocols), not elasticity")
+    if direction != "both" and name != "priming":
+        raise MisfeatError("--direction applies to priming only")
     if optimizer not in ("adamw", "sgd"):
         raise MisfeatError(f"unknown optimizer {optimizer!r}; choose adamw or sgd")
     torch.set_num_threads(1)
@@ -253,7 +278,8 @@ def run_protocol(name: str, seeds=(0,), out_dir: str | os.PathLike | None = None
         ensure_organism(cfg)
         t0, c0 = time.perf_counter(), time.process_time()
         res = RUNNERS[name](cfg, out / f"seed{seed}" if out is not None else None,
-                            **({"optimizer": optimizer} if name != "elasticity" else {}))
+                            **({"optimizer": optimizer} if name != "elasticity" else {}),
+                            **({"direction": direction} if name == "priming" else {}))
         seconds[seed] = round(time.perf_counter() - t0, 1)
         cpu[seed] = round(time.process_time() - c0, 1)
         loads[seed] = round(os.getloadavg()[0], 2)

@@ -17,27 +17,38 @@ def _by_seed(rows: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
     return out
 
 
+def _priming_bars(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The priming and rebound bars of one direction's arms, per seed."""
+    bars: dict[str, Any] = {}
+    for seed, arms in _by_seed(rows).items():
+        arms = sorted(arms, key=lambda a: a["depth"])
+        steps = [a["stage3_steps_to_threshold"] for a in arms]
+        vals = [INF if s is None else s for s in steps]
+        base = vals[0] if arms[0]["depth"] == 0 else None
+        primed = [v for a, v in zip(arms, vals, strict=True) if a["depth"] >= 10]
+        bars.setdefault("priming_monotone", {})[seed] = {
+            "met": all(b <= a for a, b in zip(vals, vals[1:], strict=False)), "steps": steps,
+            "depths": [a["depth"] for a in arms]}
+        bars.setdefault("priming_half", {})[seed] = {
+            "met": base is not None and base < INF and all(v <= base / 2 for v in primed),
+            "d0_steps": steps[0], "primed_steps": [None if v == INF else v for v in primed]}
+        bars.setdefault("priming_matched", {})[seed] = {
+            "met": all(a["start_matched"] for a in arms), "stage3_starts": [a["stage3_start"] for a in arms]}
+        rebound = [a["stage2_steps_to_baseline"] for a in arms]
+        bars.setdefault("rebound_10_steps", {})[seed] = {
+            "met": all(r is not None and r <= 10 for r in rebound), "stage2_steps": rebound}
+    return bars
+
+
 def judge_bars(name: str, summary: dict[str, Any]) -> dict[str, Any]:
     """``{bar: {seed: {met, ...figures}}}`` (plus the force-sign bar where forces were logged)."""
     bars: dict[str, Any] = {}
     if name == "priming":
-        for seed, arms in _by_seed(summary["arms"]).items():
-            arms = sorted(arms, key=lambda a: a["depth"])
-            steps = [a["stage3_steps_to_threshold"] for a in arms]
-            vals = [INF if s is None else s for s in steps]
-            base = vals[0] if arms[0]["depth"] == 0 else None
-            primed = [v for a, v in zip(arms, vals, strict=True) if a["depth"] >= 10]
-            bars.setdefault("priming_monotone", {})[seed] = {
-                "met": all(b <= a for a, b in zip(vals, vals[1:], strict=False)), "steps": steps,
-                "depths": [a["depth"] for a in arms]}
-            bars.setdefault("priming_half", {})[seed] = {
-                "met": base is not None and base < INF and all(v <= base / 2 for v in primed),
-                "d0_steps": steps[0], "primed_steps": [None if v == INF else v for v in primed]}
-            bars.setdefault("priming_matched", {})[seed] = {
-                "met": all(a["start_matched"] for a in arms), "stage3_starts": [a["stage3_start"] for a in arms]}
-            rebound = [a["stage2_steps_to_baseline"] for a in arms]
-            bars.setdefault("rebound_10_steps", {})[seed] = {
-                "met": all(r is not None and r <= 10 for r in rebound), "stage2_steps": rebound}
+        for direction in sorted({a.get("direction", "em") for a in summary["arms"]}):
+            suffix = "" if direction == "em" else f"_{direction}"
+            rows = [a for a in summary["arms"] if a.get("direction", "em") == direction]
+            for key, value in _priming_bars(rows).items():
+                bars[key + suffix] = value
     elif name == "diversity":
         for seed, arms in _by_seed(summary["arms"]).items():
             for rev in sorted({a["reverse"] for a in arms}):
@@ -77,11 +88,15 @@ def plot_protocol(name: str, summary: dict[str, Any], out: Path) -> list[Path]:
     paths = []
     styles = {0: "-", 1: "--"}
     if name == "priming":
-        for key, fname, title in (("stage3_curve", "priming.png", "stage 3 (re-exposure) per stage-1 depth"),
-                                  ("stage2_curve", "rebound.png", "stage 2 (reverse) per stage-1 depth")):
+        figures = [(d, key, f"{stem}{'' if d == 'em' else '-' + d}.png", f"{title} ({d} direction)")
+                   for d in sorted({a.get("direction", "em") for a in summary["arms"]})
+                   for key, stem, title in (("stage3_curve", "priming", "stage 3 (re-exposure) per stage-1 depth"),
+                                            ("stage2_curve", "rebound", "stage 2 (reverse) per stage-1 depth"))]
+        for direction, key, fname, title in figures:
             with figure(out / fname) as ax:
-                depths = sorted({a["depth"] for a in summary["arms"]})
-                for a in summary["arms"]:
+                arms = [a for a in summary["arms"] if a.get("direction", "em") == direction]
+                depths = sorted({a["depth"] for a in arms})
+                for a in arms:
                     c = a[key]
                     if c["steps"]:
                         ax.plot(c["steps"], c["misaligned_rate"], styles.get(a["seed"], ":"),
