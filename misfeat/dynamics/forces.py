@@ -154,11 +154,10 @@ class ForceProbe:
             raise MisfeatError("packed=True needs absolute position embeddings (standard or shortformer) and one "
                                f"tokenisation per prompt; this model has {model.cfg.positional_embedding_type!r}: "
                                "use packed=None (falls back to one forward per answer)")
-        self._cfg = model.cfg
         self.fused = fused
         self.packed = False
         if can_pack and packed is not False:
-            self.packed = self._pack(prompt_ids, pad_id_of(model), model.cfg.n_ctx, model.cfg.device)
+            self.packed = self._pack(prompt_ids, pad_id_of(model), model.cfg)
 
     def _build_trie(self, answers: list[tuple[int, ...]], owner: list[int], keys_n: int) -> None:
         """The aligned-answer trie of each prompt (fixed by the tokens; the model gives the numbers):
@@ -202,8 +201,7 @@ class ForceProbe:
         self.tok_node = kw_node
         self.tok_index = kw_node * self.vocab + self.answer_ids   # (answer k, position j) -> its entry of [N, vocab]
         # the trie's child slots (node, token), each once: the only entries where V != 0
-        self.child, slot_child = torch.unique(self.slots, return_inverse=True)
-        self.slot_child = slot_child
+        self.child, self.slot_child = torch.unique(self.slots, return_inverse=True)
         self.child_node = self.child // self.vocab
         pair_slot = self.pair_node * self.vocab + self.pair_tok
         where = torch.searchsorted(self.child, pair_slot).clamp_max(len(self.child) - 1)
@@ -211,7 +209,7 @@ class ForceProbe:
         self.pair_slot = pair_slot
         self._nodes = nodes
 
-    def _pack(self, prompt_ids: dict[int, tuple[int, ...]], pad: int, n_ctx: int, device) -> bool:
+    def _pack(self, prompt_ids: dict[int, tuple[int, ...]], pad: int, cfg: Any) -> bool:
         """Rows of prompts that share leading tokens (sorted by their tokens, a row filled up to
         ``n_ctx`` columns): each distinct prompt prefix of a row once, then each of its prompts'
         non-root trie nodes (parents first); every column at its own position id (its depth)
@@ -222,16 +220,15 @@ class ForceProbe:
         for (x, prefix), n in self._nodes.items():   # insertion order: every parent before its children
             by_prompt[x].append((prefix, n))
         own = {x: len(nodes) - 1 for x, nodes in by_prompt.items()}
-        if max(len(prompt_ids[x]) + own[x] for x in prompt_ids) > n_ctx:
+        if max(len(prompt_ids[x]) + own[x] for x in prompt_ids) > cfg.n_ctx:
             return False
-        cfg = self._cfg
         per_token = 4 * cfg.d_model * cfg.n_heads * cfg.d_head + 2 * cfg.d_model * (cfg.d_mlp or 0)
         per_pair = 2 * cfg.n_heads * cfg.d_head
 
         def cost(groups: list[list[int]], width: int) -> float:   # multiply-adds per layer, padding included
             return len(groups) * width * (per_token + per_pair * width)
 
-        groups = min((_group(prompt_ids, own, cap) for cap in range(1, n_ctx + 1)), key=lambda gw: cost(*gw))[0]
+        groups = min((_group(prompt_ids, own, cap) for cap in range(1, cfg.n_ctx + 1)), key=lambda gw: cost(*gw))[0]
         tokens, positions, parents = [], [], []   # per row, per column
         node_at = [(0, 0)] * self.n_nodes
         for r, group in enumerate(groups):
@@ -265,8 +262,8 @@ class ForceProbe:
                 while a >= 0:
                     allowed[r, c, a] = True
                     a = parents[r][a]
-        self.packed_tokens, self.packed_positions = packed.to(device), position.to(device)
-        self.packed_mask = allowed[:, None].to(device)   # [B, 1 (heads), query, key]
+        self.packed_tokens, self.packed_positions = packed.to(cfg.device), position.to(cfg.device)
+        self.packed_mask = allowed[:, None].to(cfg.device)   # [B, 1 (heads), query, key]
         self.packed_rows = torch.tensor(node_at)
         self._bias = None   # the additive form of packed_mask, made on first use in the model's dtype
         return True
