@@ -298,7 +298,8 @@ def print_results(results: list[dict]) -> None:
 
 
 def rss_child(args) -> None:
-    """In a child process: cache ``--rss-child`` prompts, print peak RSS (MiB) as JSON."""
+    """In a child process: cache ``--rss-child`` prompts (or, with ``--rss-bare``, only run the
+    bare forward over the same length-bucketed batches), print peak RSS (MiB) as JSON."""
     import resource
 
     import torch
@@ -310,29 +311,71 @@ def rss_child(args) -> None:
     model = load_model("organism:chat", device=args.device)
     tmp = Path(args.tmp)
     prompts = make_chat_prompts(tmp / f"rss-{args.rss_child}.jsonl", args.rss_child, model, seed=1)
-    result = cache_activations(model, prompts, ["blocks.1.hook_resid_post"], tmp / f"rss-store-{args.rss_child}")
+    hook = "blocks.1.hook_resid_post"
+    if args.rss_bare:
+        from misfeat.activations.plan import Tokenizing, encode_prompts, plan_rows
+        from misfeat.activations.producer import default_batch_tokens, make_batches
+        from misfeat.data import load_prompts, pad_id_of
+
+        pset = load_prompts(prompts)
+        how = Tokenizing.of(model, pset, "all")
+        rows = plan_rows(enc := encode_prompts(pset.records, model, how), "all")
+        batches = (b.tokens for b in make_batches(enc, rows, pad_id=pad_id_of(model),
+                                                  batch_tokens=default_batch_tokens(args.device.split(":")[0])))
+        run_ceiling(model, batches, 2, args.device)
+        n_rows, n_shards = int(rows.n_rows), 0
+    else:
+        store = tmp / f"rss-store-{args.rss_child}"
+        shutil.rmtree(store, ignore_errors=True)  # a finished store would be resumed: nothing to measure
+        result = cache_activations(model, prompts, [hook], store)
+        n_rows, n_shards = result.n_rows, result.n_shards
     # VmHWM, not ru_maxrss: after fork+exec Linux keeps the parent's ru_maxrss (here, GBs)
     status = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
     hwm = [line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")]
     peak = int(hwm[0]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"prompts": args.rss_child, "rows": result.n_rows, "shards": result.n_shards,
-                      "store_mib": result.n_rows * 128 * 4 / 2**20, "peak_rss_mib": peak}))
+    print(json.dumps({"prompts": args.rss_child, "rows": n_rows, "shards": n_shards,
+                      "store_mib": n_rows * 128 * 4 / 2**20, "peak_rss_mib": peak}))
 
 
 def rss_test(args, tmp: Path) -> list[dict]:
+    """Peak RSS of N and 4N prompts, ``--rss-repeats`` child processes each (sizes alternated).
+
+    One pair of runs is not a measurement: glibc keeps freed forward temporaries in a heap
+    whose fragmentation differs from run to run (docs/benchmarks.md, "Where the RSS growth
+    comes from"), and the growth of single pairs ranged from +13% to +25% on one quiet machine.
+    """
+    import statistics
+
+    sizes = (args.rss_prompts, 4 * args.rss_prompts)
+    runs: dict[int, list[dict]] = {n: [] for n in sizes}
+    bare: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(args.rss_repeats):
+        for n in sizes:
+            for only_forward in (False, True):
+                cmd = [sys.executable, __file__, "--rss-child", str(n), "--tmp", str(tmp),
+                       "--threads", args.threads.split(",")[0], "--device", args.device]
+                done = subprocess.run(cmd + ["--rss-bare"] * only_forward, capture_output=True, text=True,
+                                      check=True)
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                (bare[n].append(r["peak_rss_mib"]) if only_forward else runs[n].append(r))
+    print(f"\nPeak RSS of `cache_activations` (organism) in child processes, {args.rss_repeats} per size:")
+    print("| prompts | rows | shards | store MiB | misfeat peak RSS MiB, median (runs) | "
+          "bare forward only, median (runs) |")
+    print("|---:|---:|---:|---:|---:|---:|")
     out = []
-    for n in (args.rss_prompts, 4 * args.rss_prompts):
-        cmd = [sys.executable, __file__, "--rss-child", str(n), "--tmp", str(tmp), "--threads", args.threads.split(",")[0],
-               "--device", args.device]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        out.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print("\nPeak RSS of `cache_activations` (organism) in a child process:")
-    print("| prompts | rows | shards | store MiB | peak RSS MiB |")
-    print("|---:|---:|---:|---:|---:|")
-    for r in out:
-        print(f"| {r['prompts']} | {r['rows']:,} | {r['shards']} | {r['store_mib']:.0f} | {r['peak_rss_mib']:.0f} |")
+    for n in sizes:
+        r, peaks = runs[n][0], [x["peak_rss_mib"] for x in runs[n]]
+        out.append({**r, "peak_rss_mib": statistics.median(peaks), "peaks_mib": peaks,
+                    "bare_peak_rss_mib": statistics.median(bare[n]), "bare_peaks_mib": bare[n]})
+        print(f"| {n} | {r['rows']:,} | {r['shards']} | {r['store_mib']:.0f} | {statistics.median(peaks):.0f} "
+              f"({', '.join(f'{p:.0f}' for p in peaks)}) | {statistics.median(bare[n]):.0f} "
+              f"({', '.join(f'{p:.0f}' for p in bare[n])}) |")
     growth = out[1]["peak_rss_mib"] / out[0]["peak_rss_mib"] - 1
-    print(f"4x the prompts: peak RSS {growth:+.1%} (target < +20%)")
+    bare_growth = out[1]["bare_peak_rss_mib"] / out[0]["bare_peak_rss_mib"] - 1
+    pairs = [b["peak_rss_mib"] / a["peak_rss_mib"] - 1 for a, b in zip(runs[sizes[0]], runs[sizes[1]])]
+    print(f"4x the prompts: peak RSS {growth:+.1%} (medians; target < +20%); run by run "
+          f"{', '.join(f'{g:+.1%}' for g in pairs)}; the bare forward over the same batches alone: "
+          f"{bare_growth:+.1%}")
     return out
 
 
@@ -356,6 +399,8 @@ def main() -> int:
     p.add_argument("--batch-tokens", type=int, default=None, help="misfeat's (and the ceiling's) token budget")
     p.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True, help="run the RSS test")
     p.add_argument("--rss-prompts", type=int, default=2000, help="N of the RSS test (N vs 4N prompts)")
+    p.add_argument("--rss-repeats", type=int, default=3, help="child processes per size of the RSS test (default 3)")
+    p.add_argument("--rss-only", action="store_true", help="run only the RSS test")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     host = p.add_argument_group("host-only (issue 20): misfeat's own work against the disk's write ceiling")
     host.add_argument("--host-only", action="store_true",
@@ -368,6 +413,7 @@ def main() -> int:
                       help="pre-session host-only tokens/s to compare with (default: the recorded "
                       "768:bfloat16=279389, code at 96f1d54)")
     p.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--rss-bare", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tmp", help="directory for prompts and stores (default: the system's temp directory)")
     args = p.parse_args()
     if args.rss_child:
@@ -386,6 +432,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench_cache_", dir=args.tmp))
     os.environ["MISFEAT_TOKEN_CACHE"] = str(tmp / "tokens")  # never the user's
     try:
+        if args.rss_only:
+            rss_test(args, tmp)
+            return 0
         organism, models = load_models(args.models.split(","), args.device, args.dtype, args.gpt2_layer)
         results = []
         for name, model, hook in models:
