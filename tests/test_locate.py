@@ -24,7 +24,9 @@ def test_the_planted_latent_ranks_first_and_is_chosen(planted, tmp_path):
     base, tuned, sae, v = planted
     cfg = LocateConfig(screen=0)
     ranking = rank_latents(base, tuned, sae, prompts(), tmp_path, cfg)
-    assert ranking.order[0] == PLANTED and ranking.rank_by == "increase"
+    assert ranking.order[0] == PLANTED and ranking.rank_by == "mean_diff"  # the default
+    by_increase = rank_latents(base, tuned, sae, prompts(), tmp_path / "increase", LocateConfig(screen=0, rank_by="increase"))
+    assert by_increase.order[0] == PLANTED
     others = torch.cat([ranking.diff.increase[:PLANTED], ranking.diff.increase[PLANTED + 1:]])
     assert float(ranking.diff.increase[PLANTED]) > 10 * float(others.abs().max())  # only the planted latent moved
     choice = choose_feature(sae, ranking, None)  # no screen: the top-ranked latent, not passed
@@ -79,9 +81,9 @@ def test_mean_diff_ranking_passes_over_a_latent_that_rises_off_the_change(plante
     with torch.no_grad():
         sae.W_enc[:, decoy] = 2 * u
         sae.W_dec[decoy] = w / w.norm()
-    by_increase = rank_latents(base, tuned, sae, prompts(), tmp_path / "a", LocateConfig(screen=0))
+    by_increase = rank_latents(base, tuned, sae, prompts(), tmp_path / "a", LocateConfig(screen=0, rank_by="increase"))
     assert by_increase.order[0] == decoy
-    ranking = rank_latents(base, tuned, sae, prompts(), tmp_path / "b", LocateConfig(screen=0, rank_by="mean_diff"))
+    ranking = rank_latents(base, tuned, sae, prompts(), tmp_path / "b", LocateConfig(screen=0))  # the default
     assert ranking.order[0] == PLANTED
     md = (mean_activations(tuned, prompts(), [HOOK], "last")[HOOK]
           - mean_activations(base, prompts(), [HOOK], "last")[HOOK])  # by hand

@@ -63,9 +63,10 @@ class LocateConfig:
     """how many top candidates to screen causally (0: skip the screen)"""
     top: int = 20
     """rows of the ranked tables in the summary"""
-    rank_by: str = "increase"
-    """candidate ranking: increase (Wang et al.), attribution (gradient x change), effect_size, or mean_diff
-    (increase x the decoder row's component along the unit mean-difference direction)"""
+    rank_by: str = "mean_diff"
+    """candidate ranking: mean_diff (activation increase x the decoder row's component along the unit
+    mean-difference direction; latents that fell score 0), increase (Wang et al.; OpenAI's average
+    increase), attribution (gradient x change) or effect_size"""
     positions: str = "last"
     """token positions read and steered: last = the answer position (the last prompt token)"""
     coefs: tuple[float, ...] = (0.5, 1.0, 2.0)
