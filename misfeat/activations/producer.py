@@ -42,7 +42,7 @@ _NOT_PER_TOKEN = ("hook_pattern", "hook_attn_scores")
 
 def default_batch_tokens(device_type: str) -> int:
     """Tokens per forward batch: small on CPU (the attention scores stay in cache), large on GPU."""
-    return 4096 if device_type == "cpu" else 65536
+    return 2048 if device_type == "cpu" else 65536
 
 
 # --- the forward ---------------------------------------------------------------------

@@ -58,7 +58,7 @@ class CacheConfig:
         positions: which tokens become rows: ``response``, ``prompt``, ``last`` (the last
             prompt token) or ``all`` (never padding).
         dtype: the dtype rows are stored in: ``float32`` (default) or ``bfloat16``.
-        batch_tokens: padded tokens per forward batch (default: 4096 on CPU, 65536 on CUDA).
+        batch_tokens: padded tokens per forward batch (default: 2048 on CPU, 65536 on CUDA).
         shard_mb: target shard size in MiB; a shard holds whole prompts.
         autocast: CUDA only: run the forward under bfloat16 autocast.
         chat_format: how records are rendered (``auto``: the set's or the model's own).
