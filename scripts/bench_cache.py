@@ -319,7 +319,8 @@ def rss_child(args) -> None:
 
         pset = load_prompts(prompts)
         how = Tokenizing.of(model, pset, "all")
-        rows = plan_rows(enc := encode_prompts(pset.records, model, how), "all")
+        enc = encode_prompts(pset.records, model, how)
+        rows = plan_rows(enc, "all")
         batches = (b.tokens for b in make_batches(enc, rows, pad_id=pad_id_of(model),
                                                   batch_tokens=default_batch_tokens(args.device.split(":")[0])))
         run_ceiling(model, batches, 2, args.device)
@@ -357,7 +358,10 @@ def rss_test(args, tmp: Path) -> list[dict]:
                 done = subprocess.run(cmd + ["--rss-bare"] * only_forward, capture_output=True, text=True,
                                       check=True)
                 r = json.loads(done.stdout.strip().splitlines()[-1])
-                (bare[n].append(r["peak_rss_mib"]) if only_forward else runs[n].append(r))
+                if only_forward:
+                    bare[n].append(r["peak_rss_mib"])
+                else:
+                    runs[n].append(r)
     print(f"\nPeak RSS of `cache_activations` (organism) in child processes, {args.rss_repeats} per size:")
     print("| prompts | rows | shards | store MiB | misfeat peak RSS MiB, median (runs) | "
           "bare forward only, median (runs) |")
@@ -372,7 +376,7 @@ def rss_test(args, tmp: Path) -> list[dict]:
               f"({', '.join(f'{p:.0f}' for p in bare[n])}) |")
     growth = out[1]["peak_rss_mib"] / out[0]["peak_rss_mib"] - 1
     bare_growth = out[1]["bare_peak_rss_mib"] / out[0]["bare_peak_rss_mib"] - 1
-    pairs = [b["peak_rss_mib"] / a["peak_rss_mib"] - 1 for a, b in zip(runs[sizes[0]], runs[sizes[1]])]
+    pairs = [b["peak_rss_mib"] / a["peak_rss_mib"] - 1 for a, b in zip(runs[sizes[0]], runs[sizes[1]], strict=True)]
     print(f"4x the prompts: peak RSS {growth:+.1%} (medians; target < +20%); run by run "
           f"{', '.join(f'{g:+.1%}' for g in pairs)}; the bare forward over the same batches alone: "
           f"{bare_growth:+.1%}")

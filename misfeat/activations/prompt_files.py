@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -102,24 +101,14 @@ def _load(root: Path, digest: str) -> dict[str, Any] | None:
     except (OSError, ValueError, AttributeError) as err:
         logger.warning("ignoring damaged prompt-file index %s (%s)", path, err)
         ok = False
-    if not ok:
-        path.unlink(missing_ok=True)
-        return None
-    os.utime(path)  # least recently used goes first
-    return doc
+    return doc if token_cache.kept(path, ok) else None
 
 
 def _save(root: Path, digest: str, facts: dict[str, Any]) -> None:
     """Record ``facts`` of the file with ``digest`` (atomically; a cache: errors only warn)."""
+    doc = json.dumps({"format": _FORMAT, "digest": digest, **facts}).encode()
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{digest[:32]}.", suffix=".tmp", dir=root)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"format": _FORMAT, "digest": digest, **facts}, f)
-            os.replace(tmp, root / f"{digest[:32]}.json")
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        token_cache.write_atomically(root / f"{digest[:32]}.json", lambda f: f.write(doc))
         files = sorted(root.glob("*.json"), key=lambda p: p.stat().st_mtime)
         for old in files[:-_KEEP]:
             old.unlink(missing_ok=True)

@@ -26,8 +26,9 @@ import logging
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from misfeat.activations.plan import Encodings
 
@@ -84,11 +85,7 @@ def load(key: str, n_prompts: int) -> Encodings | None:
     except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as err:
         logger.warning("ignoring damaged token cache %s (%s)", path, err)
         ok = False
-    if not ok:
-        path.unlink(missing_ok=True)
-        return None
-    os.utime(path)  # least recently used goes first
-    return Encodings(0, arrays["tokens"], arrays["offsets"], arrays["n_prompt"])
+    return Encodings(0, arrays["tokens"], arrays["offsets"], arrays["n_prompt"]) if kept(path, ok) else None
 
 
 def save(key: str, enc: Encodings) -> Path | None:
@@ -103,19 +100,36 @@ def save(key: str, enc: Encodings) -> Path | None:
               "n_prompt": np.ascontiguousarray(enc.n_prompt, dtype=np.int64)}
     path = root / f"{key}.npz"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=root)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays, digest=np.frombuffer(_digest(arrays).encode(), dtype=np.uint8))
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        write_atomically(path, lambda f: np.savez(f, **arrays, digest=np.frombuffer(_digest(arrays).encode(),
+                                                                                    dtype=np.uint8)))
         _prune(root, keep=path)
     except OSError as err:  # a cache: never fail the run for it
         logger.warning("could not save the tokenised prompts to %s (%s)", root, err)
         return None
     return path
+
+
+def kept(path: Path, ok: bool) -> bool:
+    """The end of a cache file's check: one that failed is removed, one that passed is touched
+    (the least recently used go first when the cache is pruned)."""
+    if not ok:
+        path.unlink(missing_ok=True)
+        return False
+    os.utime(path)
+    return True
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write a cache file whole or not at all: ``write(f)`` into a temporary file beside
+    ``path``, then renamed over it (creates the directory; OSError for the caller)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _prune(root: Path, keep: Path, limit: int = LIMIT_BYTES) -> None:
