@@ -420,6 +420,8 @@ def main() -> int:
     p.add_argument("--rss-bare", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tmp", help="directory for prompts and stores (default: the system's temp directory)")
     args = p.parse_args()
+    if args.rss_repeats < 1:
+        p.error(f"--rss-repeats must be at least 1, not {args.rss_repeats}")
     if args.rss_child:
         rss_child(args)
         return 0
