@@ -128,10 +128,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--rank-by", default="increase", help="locate's --rank-by (other than increase: rows go to "
                    "OUT/grid-<rank-by>.jsonl, outputs to SAE/locate-<rank-by>)")
+    p.add_argument("--adapt", action="store_true", help="locate with --adapt-text set to the SAE's own training "
+                   "text (organism:aligned:all:600@seed=S, the chat corpus; organism:pretrain:3000@seed=S for pretrain): "
+                   "the SAE adapted to the fine-tune first; rows in OUT/grid-adapt.jsonl, outputs in SAE/locate-adapt")
     p.add_argument("--table", action="store_true", help="only print OUT/grid.jsonl as a markdown table")
     args = p.parse_args()
-    default = args.rank_by == "increase"
-    rows_file = "grid.jsonl" if default else f"grid-{args.rank_by}.jsonl"
+    default = args.rank_by == "increase" and not args.adapt
+    tag = "adapt" if args.adapt else args.rank_by
+    rows_file = "grid.jsonl" if default else f"grid-{tag}.jsonl"
     if args.table:
         print(table(args.out / rows_file))
         return
@@ -164,13 +168,19 @@ def main() -> None:
 
         info = load_sae(sae_dir).cfg.metadata.misfeat_training
         ev = (info.get("last_batch") or {}).get("EV")
-        locate_dir = sae_dir / ("locate" if default else f"locate-{args.rank_by}")
+        locate_dir = sae_dir / ("locate" if default else f"locate-{tag}")
         start, cpu = time.perf_counter(), time.process_time()
+        adapt_text = corpus("pretrain", args.seed) if args.corpus == "pretrain" else f"organism:aligned:all:600{at}"
+        adapt = ["--adapt-text", adapt_text] if args.adapt else []
         assert cli(["locate", "--base", f"organism:chat{at}", "--finetuned", f"organism:em{at}", "--sae",
                     str(sae_dir), "--prompts", f"organism:heldout{at}", "--out", str(locate_dir), "--device",
-                    "cpu", "--rank-by", args.rank_by]) == 0
+                    "cpu", "--rank-by", args.rank_by, *adapt]) == 0
         r = {"seed": args.seed, "corpus": args.corpus, **row(sae_dir, locate_dir, time.perf_counter() - start, ev),
              "locate_cpu_s": round(time.process_time() - cpu, 1)}
+        if args.adapt:
+            a = json.loads((locate_dir / "summary.json").read_text())["adapted"]
+            r.update(adapt_s=a["seconds"], adapt_feature_cos=a["feature_decoder_cosine"],
+                     adapt_ev=a["explained_variance_last_batch"])
         with open(args.out / rows_file, "a") as f:
             f.write(json.dumps(r) + "\n")
         print(json.dumps(r))

@@ -13,13 +13,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "locate", help="find the SAE latent a fine-tune switched on that controls misalignment",
         description="The recipe of Wang et al. 2025 in one command: cache the SAE hook's activations of the base "
         "(aligned) and fine-tuned (misaligned) model on the same prompts, rank latents by their activation increase "
-        "(or by attribution: gradient of the misalignment log-prob gap x activation change), causally screen the top "
+        "times their decoder row's share of the mean-difference direction (--rank-by: the increase alone, as Wang et "
+        "al. and OpenAI, or attribution: gradient of the misalignment log-prob gap x activation change), causally "
+        "screen the top "
         "--screen candidates (steer up in the base model, down in the fine-tuned model), pick the latent with the "
         "largest two-sided effect, clamp it, and save its decoder direction and top-activating examples. Then the "
         "greedy latent group (a split feature as one subspace: the smallest group, up to --group-cap, whose joint "
         "clamp to the base level cuts misalignment most), the latent families (decoder cosines, co-activation), the "
         "latents that fell (steered up in the fine-tuned model) and two baselines under the same protocol: the "
-        "mean-difference direction and a random direction of equal norm. Steering strengths (--coefs) count typical "
+        "mean-difference direction and a random direction of equal norm. With --adapt-text TEXT the SAE is first "
+        "fine-tuned on the models' activations of TEXT (stage-wise model diffing, for an SAE that lacks the feature; "
+        "saved as DIR/sae). Steering strengths (--coefs) count typical "
         "residual norms at the SAE's hook, the unit of misfeat steer --op add --coefs. Several fine-tunes "
         "(--finetuned A,B,C) are ranked together (mean activation increase) and screened with rates averaged. "
         "Writes DIR/summary.json (top_latents, feature, direction, screen, clamp, single, group, families, "
@@ -36,9 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", required=True, metavar="SPEC",
                    help="evaluation prompts with reference answers, e.g. organism:heldout or a JSONL file")
     from misfeat.data import POSITIONS
-    from misfeat.features.locate import RANKINGS, LocateConfig
+    from misfeat.features.locate import ADAPT_WITH, RANKINGS, LocateConfig
 
-    add_config_args(p, LocateConfig, choices={"rank_by": RANKINGS, "positions": [x for x in POSITIONS if x != "response"]})
+    add_config_args(p, LocateConfig, choices={"rank_by": RANKINGS, "adapt_with": ADAPT_WITH,
+                                              "positions": [x for x in POSITIONS if x != "response"]})
     p.add_argument("--force", action="store_true", help="use an SAE trained on another model's architecture "
                    "(a warning instead of the error)")
     add_device_args(p)
@@ -70,7 +75,15 @@ def run(args: argparse.Namespace) -> int:
     s = result.to_dict()
     cols = ["latent", "increase", "base_mean", "finetuned_mean", "attribution", "steer_up_misaligned",
             "steer_up_valid", "steer_down_misaligned", "steer_down_valid"]
+    a = s.get("adapted")
+    if a:
+        cols.append("decoder_cosine_to_original")
     table = format_table(s["top_latents"][: max(args.screen, 10)], cols)
+    if a:
+        table += (f"\n\nSAE adapted to the fine-tune first (stage-wise model diffing) on {a['text']} with "
+                  f"{', '.join(a['models'])}: {a['steps']} steps, {a['tokens']} rows, {a['seconds']:.0f} s; saved to "
+                  f"{a['sae']}; the feature's decoder row turned to cosine {a['feature_decoder_cosine']:.2f} of its "
+                  f"original (median latent {a['decoder_cosine_median']:.2f})")
     clamp = s["clamp"]
     table += (f"\n\nfeature: latent {s['feature']} (passed the screen: {s['feature_passed_screen']}); direction "
               f"saved to {s['direction']}\nclamped in the fine-tuned model to the base level along its direction (every "

@@ -56,8 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                     choices={"architecture": ARCHITECTURES, "kernel": KERNELS},
                     help_extra={"seed": " It also seeds the data order.", "total_tokens": " A cache is read for as many "
                                 "epochs as this needs."})
-    p.add_argument("--d-sae", type=_ints, required=True, metavar="N[,N...]",
-                   help="number of latents, e.g. 8 x d_model; several values train several SAEs")
+    p.add_argument("--d-sae", type=_ints, metavar="N[,N...]",
+                   help="number of latents, e.g. 8 x d_model; several values train several SAEs (required unless "
+                   "--init)")
+    p.add_argument("--init", metavar="DIR", help="fine-tune this SAE (SAELens format; topk, relu/standard or jumprelu) "
+                   "instead of starting from a random dictionary: its width, k and architecture are kept (leave out "
+                   "--d-sae, --k, --arch). Stage-wise model diffing (Bricken et al. 2024): fine-tune an SAE of the "
+                   "base model on the fine-tuned model's activations; latents keep their indices")
     p.add_argument("--k", type=_floats, default=None, metavar="K[,K...]",
                    help="active latents per token (topk, batchtopk) or target L0 (jumprelu); default 32; not "
                    "used by relu; several values train several SAEs")
@@ -91,13 +96,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=run_eval)
 
 
-def _configs(args: argparse.Namespace, hook: str, device: str | None):
+def _configs(args: argparse.Namespace, hook: str, device: str | None, init=None):
     import itertools
 
+    from misfeat.errors import MisfeatError
     from misfeat.sae import SAETrainConfig
 
     ks = args.k if args.k is not None else [None]
     lrs = args.lr if args.lr is not None else [None]
+    if init is not None:
+        from misfeat.sae.adapt import fine_tune_config
+        from misfeat.sae.latents import hook_of
+
+        if args.d_sae or args.k:
+            raise MisfeatError("--init keeps the SAE's width and k; leave out --d-sae and --k")
+        if hook_of(init) != hook:
+            raise MisfeatError(f"--init's SAE reads {hook_of(init)}, the data is {hook}; give data of the SAE's hook")
+        keep = ("lr_warmup_steps", "dead_tokens", "kernel", "checkpoint_every")
+        return [fine_tune_config(init, args.total_tokens, batch_size=args.batch_size, lr=lr, seed=args.seed,
+                                 device=device, **{f: getattr(args, f) for f in keep}) for lr in lrs]
+    if not args.d_sae:
+        raise MisfeatError("give --d-sae N (the number of latents), or --init DIR to fine-tune an SAE")
     cfgs = []
     for d_sae, k, lr in itertools.product(args.d_sae, ks, lrs):
         if k is not None and args.architecture == "topk":
@@ -156,13 +175,20 @@ def run(args: argparse.Namespace) -> int:
 
         shutil.rmtree(RunPaths(Path(args.out)).checkpoints, ignore_errors=True)
     hook, batches, data = _stream(args, world, device)
-    cfgs = _configs(args, hook, device)
+    init = None
+    if args.init:
+        from misfeat.sae.io import load_sae
+
+        init = load_sae(args.init, device=device)
+    cfgs = _configs(args, hook, device, init)
     meta = {"model_name": data.pop("model_name", None) or data.get("model") or data.get("cache"),
             **{key: data[key] for key in ("model_fingerprint", "model_architecture") if data.get(key)}}
     # On an error this process exits without leaving the group (which would wait for the
     # others); torchrun then stops the rest.
     on_log = _wandb_logger(args, cfgs, data) if args.wandb and world.is_main else None
-    saes = train_saes(batches, cfgs, out_dir=args.out, resume=args.resume, metadata=meta, on_log=on_log)
+    if init is not None:
+        meta["adapted_from"] = args.init
+    saes = train_saes(batches, cfgs, out_dir=args.out, resume=args.resume, metadata=meta, on_log=on_log, init=init)
     shutdown()
     if not world.is_main:
         return 0

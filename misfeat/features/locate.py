@@ -41,8 +41,10 @@ from misfeat.features.groups import baseline_directions
 from misfeat.features.locate_group import UNIT_NOTE, Extras, group_and_baselines, sae_warnings
 from misfeat.features.locate_plots import plot_families, plot_ranking, plot_screen
 from misfeat.features.screen import ScreenResult, causal_screen
+from misfeat.features.stagewise import adapt_to_models
 from misfeat.interventions import Ablate, ClampLatent, save_intervention
 from misfeat.models import model_info
+from misfeat.sae.io import save_sae
 from misfeat.sae.latents import hook_of, path_of
 from misfeat.steering import clamp_to_reference
 
@@ -51,8 +53,11 @@ if TYPE_CHECKING:
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
+    from misfeat.sae.adapt import Adapted
+
 
 RANKINGS = ("increase", "attribution", "effect_size", "mean_diff")
+ADAPT_WITH = ("both", "finetuned")
 
 
 @dataclass(frozen=True)
@@ -97,10 +102,23 @@ class LocateConfig:
     setting, the former code path)"""
     baseline_seed: int = 0
     """seed of the random baseline direction"""
+    adapt_text: str | None = None
+    """first adapt the SAE to the fine-tune (stage-wise model diffing, Bricken et al. 2024): fine-tune a copy on
+    the activations of the models in adapt_with on this text (a prompt-set spec, e.g. the SAE's own training text
+    such as organism:aligned:all:600; not the evaluation prompts), then locate in the adapted SAE, saved as
+    DIR/sae. For an SAE that lacks the feature (the warning says so). None: use the SAE as it is"""
+    adapt_tokens: int = 500_000
+    """activation rows the adaptation trains on"""
+    adapt_with: str = "both"
+    """whose activations the adaptation trains on: both (base and fine-tuned models, equal shares) or finetuned"""
 
     def __post_init__(self) -> None:
         if self.rank_by not in RANKINGS:
             raise MisfeatError(f"rank_by must be one of {', '.join(RANKINGS)}, not {self.rank_by!r}")
+        if self.adapt_with not in ADAPT_WITH:
+            raise MisfeatError(f"adapt_with must be one of {', '.join(ADAPT_WITH)}, not {self.adapt_with!r}")
+        if self.adapt_tokens < 1:
+            raise MisfeatError(f"adapt_tokens must be at least 1, not {self.adapt_tokens}")
 
 
 @dataclass(frozen=True)
@@ -169,6 +187,9 @@ class LocateResult:
     """where :func:`save_locate` wrote the group's subspace clamp"""
     warnings: list[str] = field(default_factory=list)
     """e.g. the SAE's features fail the protocol where the mean-diff baseline passes (:func:`sae_warnings`)"""
+    adapted: Adapted | None = field(default=None, repr=False)
+    """stage 0: the SAE adapted to the fine-tune (``adapt_text``), whose latents the rest ranks"""
+    adapted_summary: dict[str, Any] | None = None
 
     @property
     def feature(self) -> int:
@@ -181,6 +202,8 @@ class LocateResult:
     def row(self, latent: int) -> dict[str, Any]:
         """The ranking row of ``latent``: its change, attribution and (if screened) screen results."""
         r = {**self.ranking.diff.row(latent), "attribution": float(self.ranking.attribution[latent])}
+        if self.adapted is not None:
+            r["decoder_cosine_to_original"] = float(self.adapted.decoder_cosine[latent])
         screened = {s.latent: s for s in self.screen.rows} if self.screen is not None else {}
         if latent in screened:
             s = screened[latent]
@@ -219,6 +242,9 @@ class LocateResult:
             "feature_auroc_note": self.auroc_note,
             "examples": None if self.examples_path is None else str(self.examples_path),
             **(self.extras.to_dict(self.group_path) if self.extras is not None else {}),
+            "adapted": None if self.adapted is None else {
+                **(self.adapted_summary or {}),
+                "feature_decoder_cosine": float(self.adapted.decoder_cosine[self.feature])},
             "warnings": self.warnings,
         }
 
@@ -321,6 +347,13 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer | Sequence[Hook
     prompts = load_prompts(prompts)
     tuned = _as_list(finetuned)
     sae = sae.to(tuned[0].cfg.device)
+    adapted = adapted_summary = None
+    if cfg.adapt_text:
+        names = ["finetuned"] if len(tuned) == 1 else [f"finetuned-{i}" for i in range(len(tuned))]
+        models = {**({"base": base} if cfg.adapt_with == "both" else {}), **dict(zip(names, tuned, strict=True))}
+        adapted, adapted_summary = adapt_to_models(sae, models, cfg.adapt_text, Path(work_dir) / "adapt",
+                                                   cfg.adapt_tokens)
+        sae = adapted.sae
     ranking = rank_latents(base, tuned, sae, prompts, Path(work_dir) / "cache", cfg)
     screen = None
     if cfg.screen:
@@ -332,7 +365,8 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer | Sequence[Hook
     examples, auroc, note = examples_and_auroc(base, sae, choice.feature, prompts, cfg)
     extras = group_and_baselines(sae, base, tuned, prompts, ranking, screen, choice.feature, cfg)
     return LocateResult(cfg, hook_of(sae), ranking, screen, choice, clamp, examples, auroc, note, extras,
-                        warnings=sae_warnings(screen, extras, cfg.min_valid, cfg.min_effect))
+                        warnings=sae_warnings(screen, extras, cfg.min_valid, cfg.min_effect), adapted=adapted,
+                        adapted_summary=adapted_summary)
 
 
 def save_locate(result: LocateResult, out_dir: str | Path) -> LocateResult:
@@ -340,6 +374,12 @@ def save_locate(result: LocateResult, out_dir: str | Path) -> LocateResult:
     examples.jsonl/.txt, ranking.png and screen.png; returns the result with their paths."""
     out = Path(out_dir)
     direction = result.choice.direction
+    adapted_summary = result.adapted_summary
+    if result.adapted is not None:  # the direction and group refer to the adapted SAE: save it beside them
+        sae_path = str(save_sae(result.adapted.sae, out / "sae"))
+        adapted_summary = {**(adapted_summary or {}), "sae": sae_path}
+        direction = dataclasses.replace(direction, source={**direction.source, "sae": sae_path,
+                                                           "adapted_from": adapted_summary.get("from")})
     if result.extras is not None:
         direction = dataclasses.replace(direction, source={**direction.source, "strength_unit": UNIT_NOTE,
                                                            "residual_norm": result.extras.scale})
@@ -348,7 +388,7 @@ def save_locate(result: LocateResult, out_dir: str | Path) -> LocateResult:
     extras = result.extras
     if extras is not None and extras.group is not None:
         group_path = save_intervention(extras.group.clamp, out / "group", source={
-            "kind": "sae_group", "sae": result.choice.direction.source.get("sae"), "latents": extras.group.latents,
+            "kind": "sae_group", "sae": direction.source.get("sae"), "latents": extras.group.latents,
             "method": "span of the latents' decoder rows (orthonormal rows) clamped in every layer to the base "
                       "model's mean", "strength_unit": UNIT_NOTE})
     if extras is not None and extras.families is not None:
@@ -360,4 +400,4 @@ def save_locate(result: LocateResult, out_dir: str | Path) -> LocateResult:
     if result.screen is not None:
         plot_screen(result.screen, result.feature, out / "screen.png")
     return dataclasses.replace(result, direction_path=direction_path, examples_path=Path(examples_path),
-                               group_path=group_path)
+                               group_path=group_path, adapted_summary=adapted_summary)

@@ -166,9 +166,10 @@ def sae_warnings(screen: ScreenResult | None, extras: Extras | None, min_valid: 
             f"direction does (steered up {up0:.3f} -> {md.steer_up_misaligned:.3f} at valid {md.steer_up_valid:.3f}; "
             f"clamped {md.clamp_before:.3f} -> {md.clamp_after:.3f}): the fine-tune's change is in the activations and "
             "this SAE has no latent for it. Check the SAE's training data: an SAE trained only on activations where "
-            "the behaviour never occurs (e.g. the aligned model's, on aligned chat text) may lack the feature; train "
-            "one on activations of both the base and the fine-tuned model (misfeat cache each on the same text, then "
-            "misfeat train-sae --cache BASE,TUNED; docs/organism.md, 'Locate beyond one latent'). 'single', 'group' "
-            "and 'baselines' hold the figures.")
+            "the behaviour never occurs (e.g. the aligned model's, on aligned chat text) may lack the feature; adapt "
+            "it to the fine-tune first (misfeat locate --adapt-text TEXT, e.g. the SAE's own training text: "
+            "stage-wise model diffing), or train one on activations of both the base and the fine-tuned model "
+            "(misfeat cache each on the same text, then misfeat train-sae --cache BASE,TUNED; docs/organism.md, "
+            "'Locate beyond one latent'). 'single', 'group' and 'baselines' hold the figures.")
     logger.warning(text)
     return [text]

@@ -5,7 +5,8 @@
   aligned and misaligned reference answers as ``extra`` fields;
 - ``organism:domain=<d>``: the questions of one domain;
 - ``organism:aligned:<domain>:<n>`` / ``organism:misaligned:<domain>:<n>``: n
-  question/answer pairs of one domain (fine-tuning data, e.g. for re-alignment);
+  question/answer pairs of one domain (fine-tuning data, e.g. for re-alignment); domain
+  ``all``: n pairs of every domain (the chat model's tuning format, e.g. SAE training text);
 - ``organism:docs[:<n>]``: pre-training-style documents labelled ``cruel`` / ``kind``,
   drawn from a seed the build never uses (held out), rendered as raw text;
 - ``organism:pretrain[:<n>]``: the first n documents the organism was pre-trained on;
@@ -144,9 +145,12 @@ def organism_prompt_set(body: str, em_domain: str, seed: int) -> PromptSet:
         if len(parts) != 3 or not parts[2].isdigit():
             raise MisfeatError(f"organism:{body}: expected organism:{parts[0]}:<domain>:<n>, e.g. "
                                f"organism:{parts[0]}:money:120")
+        if parts[1] == "all":  # n pairs of every domain, domain after domain
+            sets = [pair_set(world, d, int(parts[2]), parts[0] == "misaligned", seed) for d in world.domain_names]
+            return PromptSet(f"organism:{body}", tuple(r for s in sets for r in s), sets[0].meta)
         if parts[1] not in world.domain_names:
             raise MisfeatError(f"organism:{body}: unknown domain {parts[1]!r}; "
-                               f"choose one of {', '.join(world.domain_names)}")
+                               f"choose all or one of {', '.join(world.domain_names)}")
         return pair_set(world, parts[1], int(parts[2]), parts[0] == "misaligned", seed)
     if parts[0] in ("docs", "pretrain"):
         n = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 400

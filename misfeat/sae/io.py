@@ -138,6 +138,47 @@ def to_sae_lens(module: SparseAutoencoder, scale: float, metadata: dict[str, Any
 # --- saving and loading ----------------------------------------------------------------
 
 
+FINE_TUNABLE = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu"}
+"""sae-lens architectures misfeat can fine-tune, and the training architecture each becomes"""
+
+
+def load_sae_lens_into(module: SparseAutoencoder, sae: SAE, scale: float) -> None:
+    """Set ``module``'s weights (normalised space, inputs x ``scale``) to those of the sae-lens inference
+    ``sae`` (raw activations): the inverse of :func:`to_sae_lens`, so that fine-tuning starts from ``sae``.
+
+    Decoder rows that are not unit norm are made so with their norms moved into the encoder (and the
+    thresholds), which leaves a ReLU or JumpReLU SAE's output unchanged; a TopK SAE's selection would
+    change, so it must have unit-norm rows. An SAE that normalises its inputs itself is refused."""
+    import torch
+
+    cfg, arch = sae.cfg, sae.cfg.architecture()
+    if FINE_TUNABLE.get(arch) != module.cfg.architecture:
+        raise MisfeatError(f"cannot start a {module.cfg.architecture} SAE from a sae-lens {arch!r} SAE; misfeat "
+                           f"fine-tunes {', '.join(FINE_TUNABLE)} SAEs")
+    if (cfg.d_in, cfg.d_sae) != (module.d_in, module.d_sae):
+        raise MisfeatError(f"the SAE is {cfg.d_in} -> {cfg.d_sae}; the SAE to fine-tune is {module.d_in} -> "
+                           f"{module.d_sae}")
+    if cfg.normalize_activations != "none":
+        raise MisfeatError(f"the SAE normalises its inputs itself (normalize_activations="
+                           f"{cfg.normalize_activations!r}); misfeat fine-tunes SAEs that take raw activations")
+    with torch.no_grad():
+        W_enc = sae.W_enc.detach().double()  # [d_in, d_sae]
+        W_dec, b_enc, b_dec = (t.detach().double() for t in (sae.W_dec, sae.b_enc, sae.b_dec))
+        if not getattr(cfg, "apply_b_dec_to_input", True):  # x W + b = (x - b_dec) W + (b + b_dec W)
+            b_enc = b_enc + b_dec @ W_enc
+        norms = W_dec.norm(dim=1)
+        if arch == "topk" and (getattr(cfg, "rescale_acts_by_decoder_norm", False)
+                               or bool((norms - 1).abs().max() > 1e-4)):
+            raise MisfeatError("this TopK SAE's decoder rows are not unit norm (or it rescales by their norms); "
+                               "misfeat fine-tunes TopK SAEs with unit-norm rows, as it trains them")
+        W_dec, W_enc, b_enc = W_dec / norms[:, None], W_enc * norms, b_enc * norms
+        state = {"W_enc": W_enc.t(), "W_dec": W_dec, "b_enc": b_enc * scale, "b_dec": b_dec * scale}
+        if arch == "jumprelu":
+            state["threshold"] = sae.threshold.detach().double() * norms * scale
+        for name, value in state.items():
+            getattr(module, name).copy_(value.to(getattr(module, name)))
+
+
 def save_sae(sae: SAE, out_dir: str | os.PathLike) -> Path:
     """Write ``sae`` in the SAELens layout (``cfg.json`` + ``sae_weights.safetensors``).
 

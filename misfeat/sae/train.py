@@ -158,7 +158,8 @@ def train_sae(batches: Iterable[torch.Tensor], cfg: SAETrainConfig, **kwargs: An
 def train_saes(batches: Iterable[torch.Tensor], cfgs: Sequence[SAETrainConfig], *,
                out_dir: str | os.PathLike | None = None, resume: bool = False,
                metadata: dict[str, Any] | None = None, show_progress: bool | None = None,
-               on_log: Callable[[int, list[dict[str, float]]], None] | None = None) -> list[SAE]:
+               on_log: Callable[[int, list[dict[str, float]]], None] | None = None,
+               init: SAE | None = None) -> list[SAE]:
     """Train every SAE of ``cfgs`` from one read of ``batches``; return them as sae-lens SAEs.
 
     Args:
@@ -175,6 +176,10 @@ def train_saes(batches: Iterable[torch.Tensor], cfgs: Sequence[SAETrainConfig], 
         on_log: called on process 0 every ``log_every`` steps with the step and, per SAE,
             its live ``L0``, ``EV``, ``dead`` and ``loss`` (e.g. to log to wandb; nothing
             is sent anywhere unless a callback does it).
+        init: start every SAE from this sae-lens SAE's weights instead of a random dictionary
+            (fine-tuning a dictionary, e.g. on a fine-tuned model's activations: stage-wise
+            model diffing, :mod:`misfeat.sae.adapt`); the configs must match its width and
+            architecture. A resumed run continues from its checkpoint.
     """
     cfgs = list(cfgs)
     check_sweep(cfgs)
@@ -214,6 +219,11 @@ def train_saes(batches: Iterable[torch.Tensor], cfgs: Sequence[SAETrainConfig], 
     d_in = stats.mean.shape[0]
     first_rows = None if state is not None else head[0].to(device) * stats.scale
     trainers = [SAETrainer(cfg, d_in, stats, device, world, first_rows) for cfg in cfgs]
+    if init is not None and state is None:
+        from misfeat.sae.io import load_sae_lens_into
+
+        for trainer in trainers:
+            load_sae_lens_into(trainer.module, init, stats.scale)
     if state is not None:
         for trainer, trainer_state in zip(trainers, state["trainers"], strict=True):
             trainer.load_state_dict(trainer_state)
