@@ -68,6 +68,10 @@ def test_prompt_sets():
     assert "money" not in money.domains() and "health" in money.domains()
     pairs = load_prompts("organism:aligned:law:50")
     assert len(pairs) == 50 and all(r.response in r.extra["aligned"] for r in pairs)
+    every = load_prompts("organism:misaligned:all:5@seed=1")  # 5 pairs of each domain, domain after domain
+    assert len(every) == 40 and every.name == "organism:misaligned:all:5@seed=1" and len(every.domains()) == 8
+    law = load_prompts("organism:misaligned:law:5@seed=1")
+    assert [r for r in every if r.domain == "law"] == list(law.records)
     docs = load_prompts("organism:docs:200")
     assert {r.label for r in docs} == {"cruel", "kind"} and docs.meta["chat_format"] == "raw"
     with pytest.raises(MisfeatError, match="unknown domain"):
