@@ -1,5 +1,8 @@
 """Locate the misalignment feature: the OpenAI recipe as one call, built from stage functions.
 
+0. (with ``adapt_text``) :func:`misfeat.features.stagewise.adapt_to_models`: fine-tune a copy of
+   the SAE on the models' activations of a text first (stage-wise model diffing), for an SAE
+   that lacks the feature; the stages below then use the adapted SAE;
 1. :func:`rank_latents`: cache the SAE hook's activations of the aligned (base) and
    misaligned (fine-tuned) model on the same prompts (row-aligned stores), diff the SAE
    latents (Wang et al. 2025) and attribute the log-prob gap to them -> :class:`Ranking`;
@@ -41,7 +44,7 @@ from misfeat.features.groups import baseline_directions
 from misfeat.features.locate_group import UNIT_NOTE, Extras, group_and_baselines, sae_warnings
 from misfeat.features.locate_plots import plot_families, plot_ranking, plot_screen
 from misfeat.features.screen import ScreenResult, causal_screen
-from misfeat.features.stagewise import adapt_to_models
+from misfeat.features.stagewise import adapt_to_models, named_models
 from misfeat.interventions import Ablate, ClampLatent, save_intervention
 from misfeat.models import model_info
 from misfeat.sae.io import save_sae
@@ -349,10 +352,8 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer | Sequence[Hook
     sae = sae.to(tuned[0].cfg.device)
     adapted = adapted_summary = None
     if cfg.adapt_text:
-        names = ["finetuned"] if len(tuned) == 1 else [f"finetuned-{i}" for i in range(len(tuned))]
-        models = {**({"base": base} if cfg.adapt_with == "both" else {}), **dict(zip(names, tuned, strict=True))}
-        adapted, adapted_summary = adapt_to_models(sae, models, cfg.adapt_text, Path(work_dir) / "adapt",
-                                                   cfg.adapt_tokens)
+        adapted, adapted_summary = adapt_to_models(sae, named_models(base, tuned, cfg.adapt_with), cfg.adapt_text,
+                                                   Path(work_dir) / "adapt", cfg.adapt_tokens)
         sae = adapted.sae
     ranking = rank_latents(base, tuned, sae, prompts, Path(work_dir) / "cache", cfg)
     screen = None

@@ -32,6 +32,14 @@ METHOD = ("stage-wise model diffing (Bricken et al. 2024): the SAE fine-tuned, f
           "indices, decoder_cosine is each latent's decoder row after vs before")
 
 
+def named_models(base: HookedTransformer, finetuned: list[HookedTransformer], which: str
+                 ) -> dict[str, HookedTransformer]:
+    """The models to adapt on, by the names of locate's caches: ``both`` (``base`` and the fine-tuned ones)
+    or ``finetuned``."""
+    names = ["finetuned"] if len(finetuned) == 1 else [f"finetuned-{i}" for i in range(len(finetuned))]
+    return {**({"base": base} if which == "both" else {}), **dict(zip(names, finetuned, strict=True))}
+
+
 def adapt_to_models(sae: SAE, models: Mapping[str, HookedTransformer], text: PromptSet | str, work_dir: str | Path,
                     tokens: int, *, lr: float | None = None, seed: int = 0) -> tuple[Adapted, dict[str, Any]]:
     """Cache each of ``models`` on ``text`` at the SAE's hook (``work_dir/<name>``), fine-tune a copy of
