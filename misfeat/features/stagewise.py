@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat.activations import cache_activations, open_store
 from misfeat.data import PromptSet, load_prompts
-from misfeat.sae.adapt import Adapted, adapt_sae
+from misfeat.sae.adapt import Adapted, adapt_sae, fine_tune_config
 from misfeat.sae.latents import hook_of, path_of
 from misfeat.sae.sources import caches_source
 
@@ -45,6 +45,7 @@ def adapt_to_models(sae: SAE, models: Mapping[str, HookedTransformer], text: Pro
     """Cache each of ``models`` on ``text`` at the SAE's hook (``work_dir/<name>``), fine-tune a copy of
     ``sae`` on the rows for ``tokens`` rows; returns the adapted SAE and the summary's ``adapted`` entry."""
     start = time.perf_counter()
+    fine_tune_config(sae, tokens)  # refuses an SAE misfeat cannot fine-tune before anything is cached
     spec = str(text) if not isinstance(text, PromptSet) else text.name
     text = load_prompts(text)
     hook, root = hook_of(sae), Path(work_dir)
