@@ -20,19 +20,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _sae_lens(arch, d_in=32, d_sae=48, apply_b_dec=True, unit_rows=True, seed=0):
     """A sae-lens SAE with random weights (decoder rows of random norms unless ``unit_rows``)."""
-    from sae_lens import (
-        JumpReLUSAE,
-        JumpReLUSAEConfig,
-        StandardSAE,
-        StandardSAEConfig,
-        TopKSAE,
-        TopKSAEConfig,
-    )
+    import sae_lens
     from sae_lens.saes.sae import SAEMetadata
 
     common = dict(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=apply_b_dec, metadata=SAEMetadata(hook_name=HOOK))
-    sae = {"topk": lambda: TopKSAE(TopKSAEConfig(k=6, **common)), "standard": lambda: StandardSAE(
-        StandardSAEConfig(**common)), "jumprelu": lambda: JumpReLUSAE(JumpReLUSAEConfig(**common))}[arch]()
+    cls, cfg_cls, extra = {"topk": ("TopKSAE", "TopKSAEConfig", {"k": 6}), "standard": ("StandardSAE", "StandardSAEConfig", {}),
+                           "jumprelu": ("JumpReLUSAE", "JumpReLUSAEConfig", {})}[arch]
+    sae = getattr(sae_lens, cls)(getattr(sae_lens, cfg_cls)(**extra, **common))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         w = torch.randn(d_sae, d_in, generator=gen)
