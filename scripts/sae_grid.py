@@ -131,10 +131,12 @@ def main() -> None:
     p.add_argument("--adapt", action="store_true", help="locate with --adapt-text set to the SAE's own training "
                    "text (organism:aligned:all:600@seed=S, the chat corpus; organism:pretrain:3000@seed=S for pretrain): "
                    "the SAE adapted to the fine-tune first; rows in OUT/grid-adapt.jsonl, outputs in SAE/locate-adapt")
+    p.add_argument("--screen-aligned", type=int, default=0, help="locate's --screen-aligned N (rows in "
+                   "OUT/grid-alignedN.jsonl, outputs in SAE/locate-alignedN)")
     p.add_argument("--table", action="store_true", help="only print OUT/grid.jsonl as a markdown table")
     args = p.parse_args()
-    default = args.rank_by == "increase" and not args.adapt
-    tag = "adapt" if args.adapt else args.rank_by
+    default = args.rank_by == "increase" and not args.adapt and not args.screen_aligned
+    tag = "adapt" if args.adapt else f"aligned{args.screen_aligned}" if args.screen_aligned else args.rank_by
     rows_file = "grid.jsonl" if default else f"grid-{tag}.jsonl"
     if args.table:
         print(table(args.out / rows_file))
@@ -174,7 +176,7 @@ def main() -> None:
         adapt = ["--adapt-text", adapt_text] if args.adapt else []
         assert cli(["locate", "--base", f"organism:chat{at}", "--finetuned", f"organism:em{at}", "--sae",
                     str(sae_dir), "--prompts", f"organism:heldout{at}", "--out", str(locate_dir), "--device",
-                    "cpu", "--rank-by", args.rank_by, *adapt]) == 0
+                    "cpu", "--rank-by", args.rank_by, "--screen-aligned", str(args.screen_aligned), *adapt]) == 0
         r = {"seed": args.seed, "corpus": args.corpus, **row(sae_dir, locate_dir, time.perf_counter() - start, ev),
              "locate_cpu_s": round(time.process_time() - cpu, 1)}
         if args.adapt:

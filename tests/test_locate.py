@@ -91,3 +91,24 @@ def test_mean_diff_ranking_passes_over_a_latent_that_rises_off_the_change(plante
     ranked = want[ranking.order]  # the hand formula's scores, in the ranking's order: non-increasing
     assert bool((ranked[1:] <= ranked[:-1] + 1e-4 * float(want.abs().max())).all())
     assert float(want[decoy]) == pytest.approx(0.0, abs=0.05 * float(want[PLANTED]))
+
+
+def test_a_latent_that_never_fires_is_screened_for_its_decoder_direction(planted, tmp_path):
+    """A latent whose decoder row writes the fine-tune's vector v but whose encoder never fires does not
+    rise, so no activation ranking reaches it; screen_aligned adds it to the screen by its decoder cosine
+    with the mean-difference direction."""
+    import copy
+
+    base, tuned, sae, v = planted
+    sae = copy.deepcopy(sae)
+    silent = (PLANTED + 3) % 16
+    with torch.no_grad():
+        sae.W_dec[silent] = v / v.norm()
+        sae.W_enc[:, silent] = 0.0
+        sae.b_enc[silent] = -100.0
+    ranking = rank_latents(base, tuned, sae, prompts(), tmp_path, LocateConfig(screen=0))
+    assert float(ranking.diff.increase[silent]) == 0.0 and ranking.order.index(silent) > 0
+    assert float(ranking.decoder_cosine[silent]) == pytest.approx(1.0, abs=0.05)
+    assert ranking.candidates(1) == [PLANTED]
+    assert ranking.candidates(1, aligned=1) == [PLANTED, silent]  # the planted latent is not added twice
+    assert ranking.candidates(1, aligned=2)[:2] == [PLANTED, silent]

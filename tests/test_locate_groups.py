@@ -140,9 +140,13 @@ def test_baselines_and_families_are_what_they_name(split, tmp_path):
 
 def test_locate_reports_group_and_baselines(split, tmp_path):
     base, tuned, sae, v = split
-    cfg = LocateConfig(screen=4, coefs=(1.0,), min_valid=0.0, min_effect=0.0, group_cap=3, screen_decreases=2)
+    cfg = LocateConfig(screen=4, coefs=(1.0,), min_valid=0.0, min_effect=0.0, group_cap=3, screen_decreases=2,
+                       screen_aligned=1)
     result = save_locate(locate(base, tuned, sae, planted_prompts(), tmp_path, cfg), tmp_path)
     s = result.to_dict()
+    (extra,) = s["screened_for_decoder_cosine"]  # screened beside the top 4, shown in the table
+    assert extra not in result.ranking.order[:4] and len(s["screen"]["rows"]) == 5
+    assert extra in [r["latent"] for r in s["top_latents"]] and extra in [r["latent"] for r in s["screen"]["rows"]]
     keys = {"steer_up_misaligned", "steer_up_valid", "clamp_before", "clamp_after"}
     assert keys | {"latents", "intervention"} <= set(s["group"])
     assert 1 <= len(s["group"]["latents"]) <= 3 and set(s["group"]["latents"]) <= {r["latent"] for r in s["screen"]["rows"]}

@@ -69,6 +69,10 @@ class LocateConfig:
 
     screen: int = 10
     """how many top candidates to screen causally (0: skip the screen)"""
+    screen_aligned: int = 0
+    """also screen this many latents whose decoder rows lie closest to the mean-difference direction (largest
+    cosine), whether or not their activation rose: a latent that never fires at the screened positions can still
+    write the feature's direction"""
     top: int = 20
     """rows of the ranked tables in the summary"""
     rank_by: str = "mean_diff"
@@ -138,9 +142,19 @@ class Ranking:
     """the activation stores: ``base`` and ``finetuned`` (a list, one per misaligned model)"""
     per_finetuned: list[torch.Tensor] = field(default_factory=list, repr=False)
     """each misaligned model's own increase (their mean is ``diff.increase``)"""
+    decoder_cosine: torch.Tensor | None = field(default=None, repr=False)
+    """per latent: cosine of its decoder row with the mean-difference direction"""
 
-    def candidates(self, n: int) -> list[int]:
-        return self.order[:n]
+    def candidates(self, n: int, aligned: int = 0) -> list[int]:
+        """The ``n`` top-ranked latents, then the ``aligned`` latents not among them whose decoder rows have the
+        largest cosine with the mean-difference direction."""
+        top = self.order[:n]
+        if not aligned or self.decoder_cosine is None:
+            return top
+        import torch
+
+        by_cosine = [int(i) for i in torch.argsort(self.decoder_cosine, descending=True) if int(i) not in top]
+        return top + by_cosine[:aligned]
 
 
 @dataclass(frozen=True)
@@ -216,8 +230,14 @@ class LocateResult:
                      clamp_misaligned=s.clamp_misaligned, clamp_valid=s.clamp_valid, passed=s.passed)
         return r
 
+    def aligned_candidates(self) -> list[int]:
+        """The latents screened for their decoder row's cosine with the mean-difference direction."""
+        cfg = self.config
+        return self.ranking.candidates(cfg.screen, cfg.screen_aligned)[cfg.screen:] if cfg.screen else []
+
     def top_latents(self) -> list[dict[str, Any]]:
-        return [self.row(i) for i in self.ranking.order[: max(self.config.top, self.config.screen)]]
+        top = self.ranking.order[: max(self.config.top, self.config.screen)]
+        return [self.row(i) for i in top + [i for i in self.aligned_candidates() if i not in top]]
 
     def top_decreases(self) -> list[dict[str, Any]]:
         return [self.row(r["latent"]) for r in self.ranking.diff.top(self.config.top, decreasing=True)]
@@ -231,6 +251,7 @@ class LocateResult:
             "top_decreases": self.top_decreases(),
             "feature": self.feature,
             "feature_passed_screen": self.choice.passed_screen,
+            "screened_for_decoder_cosine": self.aligned_candidates(),
             "direction": None if self.direction_path is None else str(self.direction_path),
             "screen": self.screen.summary() if self.screen is not None else None,
             "clamp": {"method": f"coordinate along the latent's direction, in every layer's residual stream, set at "
@@ -270,14 +291,14 @@ def rank_latents(base: HookedTransformer, finetuned: HookedTransformer | Sequenc
     attribution = sum(attribution_scores(gap_gradients(m, sae, prompts, config.positions), d.increase)
                       for m, d in zip(tuned, diffs, strict=True)) / len(tuned)
     diff = diffs[0] if len(diffs) == 1 else _average(diffs)
-    scores = {"increase": diff.increase, "attribution": attribution, "effect_size": diff.effect_size}
-    if config.rank_by == "mean_diff":
-        md = baseline_directions(stores["base"], [stores[n] for n in names], hook)["mean_diff"]
-        scores["mean_diff"] = mean_diff_scores(sae, diff.increase, md.vector)
-    score = scores[config.rank_by]
-    order = [int(i) for i in torch.argsort(score, descending=True)]
+    md = baseline_directions(stores["base"], [stores[n] for n in names], hook)["mean_diff"].vector.float().cpu()
+    scores = {"increase": diff.increase, "attribution": attribution, "effect_size": diff.effect_size,
+              "mean_diff": mean_diff_scores(sae, diff.increase, md)}
+    order = [int(i) for i in torch.argsort(scores[config.rank_by], descending=True)]
+    w = sae.W_dec.detach().float().cpu()
+    cosine = (w @ md) / (w.norm(dim=1) * md.norm()).clamp_min(1e-12)
     return Ranking(diff, attribution, order, config.rank_by, {"base": stores["base"], "finetuned":
-                   [stores[n] for n in names]}, [d.increase for d in diffs])
+                   [stores[n] for n in names]}, [d.increase for d in diffs], cosine)
 
 
 def _as_list(models: Any) -> list:
@@ -358,7 +379,7 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer | Sequence[Hook
     ranking = rank_latents(base, tuned, sae, prompts, Path(work_dir) / "cache", cfg)
     screen = None
     if cfg.screen:
-        screen = causal_screen(sae, ranking.candidates(cfg.screen), base, tuned, prompts, coefs=cfg.coefs,
+        screen = causal_screen(sae, ranking.candidates(cfg.screen, cfg.screen_aligned), base, tuned, prompts, coefs=cfg.coefs,
                                positions=cfg.positions, min_valid=cfg.min_valid, min_effect=cfg.min_effect,
                                batched=cfg.batched)
     choice = choose_feature(sae, ranking, screen)
