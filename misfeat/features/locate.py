@@ -72,7 +72,8 @@ class LocateConfig:
     screen_aligned: int = 0
     """also screen this many latents whose decoder rows lie closest to the mean-difference direction (largest
     cosine), whether or not their activation rose: a latent that never fires at the screened positions can still
-    write the feature's direction"""
+    write the feature's direction (off by default: on the organism's grid it fixed 1 SAE and broke 4 of 20,
+    docs/organism.md)"""
     top: int = 20
     """rows of the ranked tables in the summary"""
     rank_by: str = "mean_diff"
