@@ -143,6 +143,8 @@ class Ranking:
     """the activation stores: ``base`` and ``finetuned`` (a list, one per misaligned model)"""
     per_finetuned: list[torch.Tensor] = field(default_factory=list, repr=False)
     """each misaligned model's own increase (their mean is ``diff.increase``)"""
+    baselines: dict[str, Direction] = field(default_factory=dict, repr=False)
+    """the mean-difference direction (misaligned minus aligned rows) and a random one of its norm"""
     decoder_cosine: torch.Tensor | None = field(default=None, repr=False)
     """per latent: cosine of its decoder row with the mean-difference direction"""
 
@@ -292,14 +294,15 @@ def rank_latents(base: HookedTransformer, finetuned: HookedTransformer | Sequenc
     attribution = sum(attribution_scores(gap_gradients(m, sae, prompts, config.positions), d.increase)
                       for m, d in zip(tuned, diffs, strict=True)) / len(tuned)
     diff = diffs[0] if len(diffs) == 1 else _average(diffs)
-    md = baseline_directions(stores["base"], [stores[n] for n in names], hook)["mean_diff"].vector.float().cpu()
+    baselines = baseline_directions(stores["base"], [stores[n] for n in names], hook, config.baseline_seed)
+    md = baselines["mean_diff"].vector.float().cpu()
     scores = {"increase": diff.increase, "attribution": attribution, "effect_size": diff.effect_size,
               "mean_diff": mean_diff_scores(sae, diff.increase, md)}
     order = [int(i) for i in torch.argsort(scores[config.rank_by], descending=True)]
     w = sae.W_dec.detach().float().cpu()
     cosine = (w @ md) / (w.norm(dim=1) * md.norm()).clamp_min(1e-12)
     return Ranking(diff, attribution, order, config.rank_by, {"base": stores["base"], "finetuned":
-                   [stores[n] for n in names]}, [d.increase for d in diffs], cosine)
+                   [stores[n] for n in names]}, [d.increase for d in diffs], baselines, cosine)
 
 
 def _as_list(models: Any) -> list:

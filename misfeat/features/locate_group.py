@@ -28,7 +28,6 @@ from misfeat.features.groups import (
     Families,
     Group,
     ProtocolResult,
-    baseline_directions,
     families,
     group_direction,
     run_protocol,
@@ -125,7 +124,7 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
         fam = families(sae, [*order, *latents], ranking.stores["finetuned"][0], hook)
 
     (single,) = run_protocol([w[feature]], [subspace_clamp(w[feature], means)], **common)
-    dirs = baseline_directions(ranking.stores["base"], ranking.stores["finetuned"], hook, config.baseline_seed)
+    dirs = ranking.baselines
     base_results = run_protocol([d.vector for d in dirs.values()],
                                 [subspace_clamp(d.vector, means) for d in dirs.values()], **common)
     decreases = []
@@ -136,8 +135,7 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
                                      {"misaligned_rate": before_mean}, coefs=config.coefs,
                                      positions=config.positions, min_valid=config.min_valid,
                                      min_effect=config.min_effect, batched=config.batched)
-    md = dirs["mean_diff"].vector.float().cpu()
-    cos = (w @ md) / (w.norm(dim=1) * md.norm()).clamp_min(1e-12)
+    cos = ranking.decoder_cosine
     cosines = {"decoder_cosine_max": float(cos.max()), "decoder_cosine_max_latent": int(cos.argmax()),
                "decoder_cosine_feature": float(cos[feature])}
     return Extras(scale, single, group, fam, decreases, dict(zip(dirs, base_results, strict=True)),
