@@ -59,6 +59,14 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):
     assert "error: model directory" in err and "Traceback" not in err
 
 
+def test_locate_refuses_a_missing_adapt_text_before_loading_models(tmp_path, capsys):
+    assert main(["locate", "--base", str(tmp_path / "no-model"), "--finetuned", str(tmp_path / "no-model"), "--sae",
+                 str(tmp_path / "no-sae"), "--prompts", "organism:heldout", "--out", str(tmp_path / "out"),
+                 "--adapt-text", str(tmp_path / "missing.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.jsonl: no such prompt file" in err and not (tmp_path / "out").exists()
+
+
 def test_options_and_help_come_from_the_config_dataclass():
     import argparse
 

@@ -112,3 +112,14 @@ def test_a_latent_that_never_fires_is_screened_for_its_decoder_direction(planted
     assert ranking.candidates(1) == [PLANTED]
     assert ranking.candidates(1, aligned=1) == [PLANTED, silent]  # the planted latent is not added twice
     assert ranking.candidates(1, aligned=2)[:2] == [PLANTED, silent]
+
+
+@pytest.mark.parametrize("bad,match", [({"rank_by": "size"}, "rank_by must be one of"),
+                                       ({"adapt_with": "base"}, "adapt_with must be one of"),
+                                       ({"adapt_tokens": 0}, "adapt_tokens must be at least 1"),
+                                       ({"screen_aligned": -1}, "screen_aligned must be 0 or more")])
+def test_bad_locate_settings_are_refused_before_any_work(bad, match):
+    from misfeat.errors import MisfeatError
+
+    with pytest.raises(MisfeatError, match=match):
+        LocateConfig(**bad)

@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
     from misfeat.validate import check_sae_model
 
     cfg = config_from_args(LocateConfig, args)
+    if cfg.adapt_text:  # a missing or malformed text is reported before any model is loaded
+        from misfeat.data import load_prompts
+
+        load_prompts(cfg.adapt_text)
     specs = split_specs(args.finetuned)
     sae = load_sae(args.sae)
     base = load_model(args.base, device=args.device, dtype=args.dtype)

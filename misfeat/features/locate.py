@@ -125,6 +125,8 @@ class LocateConfig:
             raise MisfeatError(f"rank_by must be one of {', '.join(RANKINGS)}, not {self.rank_by!r}")
         if self.adapt_with not in ADAPT_WITH:
             raise MisfeatError(f"adapt_with must be one of {', '.join(ADAPT_WITH)}, not {self.adapt_with!r}")
+        if self.screen_aligned < 0:
+            raise MisfeatError(f"screen_aligned must be 0 or more (latents to add to the screen), not {self.screen_aligned}")
         if self.adapt_tokens < 1:
             raise MisfeatError(f"adapt_tokens must be at least 1, not {self.adapt_tokens}")
 
