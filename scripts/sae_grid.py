@@ -61,7 +61,9 @@ def row(sae_dir: Path, locate_dir: Path, seconds: float, ev: float | None) -> di
             "md_cut": cut(b["mean_diff"]), "rand_up": b["random"]["steer_up_misaligned"],
             "rand_valid": b["random"]["steer_up_valid"], "rand_cut": cut(b["random"]),
             "clamp_before": single["clamp_before"], "md_cos_max": b["mean_diff"].get("decoder_cosine_max"),
-            "md_cos_feature": b["mean_diff"].get("decoder_cosine_feature")}
+            "md_cos_feature": b["mean_diff"].get("decoder_cosine_feature"),
+            # the strengths chosen (residual-norm units): single latent, group, mean-diff, random
+            "coefs": [x.get("steer_up_coef") if x else None for x in (single, group, b["mean_diff"], b["random"])]}
 
 
 CORPORA = ("pretrain", "chat", "chat+misaligned", "chat+misaligned-all", "chat+em-model")
@@ -133,10 +135,13 @@ def main() -> None:
                    "the SAE adapted to the fine-tune first; rows in OUT/grid-adapt.jsonl, outputs in SAE/locate-adapt")
     p.add_argument("--screen-aligned", type=int, default=0, help="locate's --screen-aligned N (rows in "
                    "OUT/grid-alignedN.jsonl, outputs in SAE/locate-alignedN)")
+    p.add_argument("--tag", help="name of the run (rows in OUT/grid-TAG.jsonl, outputs in SAE/locate-TAG) instead of "
+                   "the one derived from the options, e.g. to keep runs of two versions of locate apart")
     p.add_argument("--table", action="store_true", help="only print OUT/grid.jsonl as a markdown table")
     args = p.parse_args()
-    default = args.rank_by == "increase" and not args.adapt and not args.screen_aligned
-    tag = "adapt" if args.adapt else f"aligned{args.screen_aligned}" if args.screen_aligned else args.rank_by
+    default = args.rank_by == "increase" and not args.adapt and not args.screen_aligned and not args.tag
+    tag = args.tag or ("adapt" if args.adapt else f"aligned{args.screen_aligned}" if args.screen_aligned
+                       else args.rank_by)
     rows_file = "grid.jsonl" if default else f"grid-{tag}.jsonl"
     if args.table:
         print(table(args.out / rows_file))
@@ -176,7 +181,8 @@ def main() -> None:
         adapt = ["--adapt-text", adapt_text] if args.adapt else []
         assert cli(["locate", "--base", f"organism:chat{at}", "--finetuned", f"organism:em{at}", "--sae",
                     str(sae_dir), "--prompts", f"organism:heldout{at}", "--out", str(locate_dir), "--device",
-                    "cpu", "--rank-by", args.rank_by, "--screen-aligned", str(args.screen_aligned), *adapt]) == 0
+                    "cpu", "--rank-by", args.rank_by, "--screen-aligned", str(args.screen_aligned), *adapt,
+                    "--overwrite"]) == 0  # a locate directory without a row is an interrupted run
         r = {"seed": args.seed, "corpus": args.corpus, **row(sae_dir, locate_dir, time.perf_counter() - start, ev),
              "locate_cpu_s": round(time.process_time() - cpu, 1)}
         if args.adapt:

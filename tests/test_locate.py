@@ -117,7 +117,10 @@ def test_a_latent_that_never_fires_is_screened_for_its_decoder_direction(planted
 @pytest.mark.parametrize("bad,match", [({"rank_by": "size"}, "rank_by must be one of"),
                                        ({"adapt_with": "base"}, "adapt_with must be one of"),
                                        ({"adapt_tokens": 0}, "adapt_tokens must be at least 1"),
-                                       ({"screen_aligned": -1}, "screen_aligned must be 0 or more")])
+                                       ({"screen_aligned": -1}, "screen_aligned must be 0 or more"),
+                                       ({"group_steer": "sum"}, "group_steer must be one of"),
+                                       ({"max_coef": 0.0}, "max_coef must be a positive strength"),
+                                       ({"bisect": -1}, "bisect must be 0 or more")])
 def test_bad_locate_settings_are_refused_before_any_work(bad, match):
     from misfeat.errors import MisfeatError
 

@@ -212,3 +212,17 @@ def test_warning_when_only_the_mean_diff_moves_misalignment(single, group, md, w
     if warns:
         assert "mean-difference" in got[0] and "training data" in got[0]
     assert sae_warnings(None, _extras(single, group, md), 0.8, 0.1) == []  # no screen, no claim
+
+
+def test_group_direction_is_the_mean_difference_in_the_groups_span():
+    """Rows e0 and e0 + e1 span the (x, y) plane: the mean difference (3, 4, 5) projects to (3, 4, 0), whatever the
+    latents' increases (the second never rose); without it, the rows weighted by their increase."""
+    from types import SimpleNamespace
+
+    w = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    sae, increase = SimpleNamespace(W_dec=w), torch.tensor([2.0, 0.0, 1.0])
+    md = torch.tensor([3.0, 4.0, 5.0])
+    torch.testing.assert_close(groups.group_direction(sae, [0, 1], increase, md), torch.tensor([3.0, 4.0, 0.0]))
+    torch.testing.assert_close(groups.group_direction(sae, [0, 1], increase), torch.tensor([2.0, 0.0, 0.0]))
+    orthogonal = torch.tensor([0.0, 0.0, 5.0])  # nothing of it in the span: the increase weighting
+    torch.testing.assert_close(groups.group_direction(sae, [0, 1], increase, orthogonal), torch.tensor([2.0, 0.0, 0.0]))

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat.data import PromptSet
 from misfeat.features.directions import Direction, random_like
-from misfeat.features.screen import _best, run_variants
+from misfeat.features.screen import run_variants, strongest
 from misfeat.interventions import Ablate, Add, orthonormal_rows
 
 if TYPE_CHECKING:
@@ -66,15 +66,19 @@ class ProtocolResult:
 def run_protocol(directions: Sequence[torch.Tensor], clamps: Sequence[Ablate], aligned: HookedTransformer,
                  misaligned: Sequence[HookedTransformer], prompts: PromptSet, hook: str, scale: float,
                  coefs: Sequence[float], positions: str, min_valid: float, before: list[dict[str, float]],
-                 batched: bool = True) -> list[ProtocolResult]:
-    """Each direction steered up at ``c * scale`` (unit direction) in ``aligned``, and each clamp
-    applied in every misaligned model; ``before``: each misaligned model's unsteered rates."""
-    ups = [[Add(hook, d.float().cpu() / d.float().norm(), c * scale, positions)] for d in directions for c in coefs]
-    up_rates = run_variants(aligned, prompts, ups, batched)
+                 batched: bool = True, max_coef: float | None = None, bisect: int = 0) -> list[ProtocolResult]:
+    """Each direction steered up at ``c * scale`` (unit direction) in ``aligned`` for ``c`` in ``coefs`` (on past
+    them up to ``max_coef`` while valid, then ``bisect`` rounds: :func:`~misfeat.features.screen.strongest`), and each clamp applied in
+    every misaligned model; ``before``: each misaligned model's unsteered rates."""
+    units = [d.float().cpu() / d.float().norm() for d in directions]
+
+    def steer_up(todo):
+        return run_variants(aligned, prompts, [[Add(hook, units[j], c * scale, positions)] for j, c in todo], batched)
+
+    ups = strongest(steer_up, len(units), coefs, min_valid, True, max_coef, bisect)
     after = [run_variants(m, prompts, [[c] for c in clamps], batched) for m in misaligned]
-    out, n = [], len(coefs)
-    for j in range(len(directions)):
-        coef, up = _best([(c, r) for c, r in zip(coefs, up_rates[j * n:(j + 1) * n], strict=True)], min_valid, True)
+    out = []
+    for j, (coef, up) in enumerate(ups):
         per = [{"clamp_before": b["misaligned_rate"], "clamp_after": a[j]["misaligned_rate"],
                 "clamp_valid_after": a[j]["valid_rate"]} for b, a in zip(before, after, strict=True)]
         mean = {k: sum(p[k] for p in per) / len(per) for k in per[0]}
@@ -93,7 +97,7 @@ class Group:
     clamp: Ablate = field(repr=False)
     """the joint clamp of the group's decoder subspace to the aligned model's level (every layer)"""
     direction: torch.Tensor = field(repr=False)
-    """the group's steering direction: decoder rows weighted by their activation increase"""
+    """the group's steering direction (:func:`group_direction`)"""
     result: ProtocolResult
 
 
@@ -126,12 +130,25 @@ def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[Hooke
     return group, steps
 
 
-def group_direction(sae: SAE, latents: Sequence[int], increase: torch.Tensor) -> torch.Tensor:
-    """Sum of the group's decoder rows weighted by their (positive) activation increase: the
-    change the group reconstructs; equal weights where none rose."""
+GROUP_STEER = ("mean_diff", "increase")
+
+
+def group_direction(sae: SAE, latents: Sequence[int], increase: torch.Tensor, mean_diff: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """The group's steering direction. With ``mean_diff`` (the fine-tune's mean activation change): its projection
+    onto the span of the group's decoder rows, the part of the change that the group's subspace carries (the
+    clamp removes exactly that part; a latent that rarely fires still contributes its row). Without it, or where
+    the projection vanishes: the decoder rows weighted by their (positive) activation increase, equal weights
+    where none rose."""
     import torch
 
     w = sae.W_dec.detach().float().cpu()[list(latents)]
+    if mean_diff is not None:
+        rows = orthonormal_rows(w)
+        md = mean_diff.float().cpu()
+        projected = rows.T @ (rows @ md)
+        if float(projected.norm()) > 1e-6 * float(md.norm()):
+            return projected
     weights = increase[list(latents)].float().cpu().clamp_min(0)
     if float(weights.sum()) == 0:
         weights = torch.ones(len(latents))

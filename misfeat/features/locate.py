@@ -40,7 +40,7 @@ from misfeat.features.attribution import attribution_scores, gap_gradients, mean
 from misfeat.features.diff import LatentDiff, LatentStats, diff_latents
 from misfeat.features.directions import Direction, save_direction
 from misfeat.features.examples import Examples, separation_auroc, top_examples
-from misfeat.features.groups import baseline_directions
+from misfeat.features.groups import GROUP_STEER, baseline_directions
 from misfeat.features.locate_group import UNIT_NOTE, Extras, group_and_baselines, sae_warnings
 from misfeat.features.locate_plots import plot_families, plot_ranking, plot_screen
 from misfeat.features.screen import ScreenResult, causal_screen
@@ -85,6 +85,15 @@ class LocateConfig:
     coefs: tuple[float, ...] = (0.5, 1.0, 2.0)
     """screen strengths, in units of the mean residual norm at the SAE's hook (the unit of misfeat steer
     --op add --coefs: 1.0 adds a vector as long as the average activation there)"""
+    max_coef: float = 8.0
+    """after coefs, steering goes on at twice the largest coefficient tried while the steered model keeps valid >=
+    min_valid, up to this (the strongest coherent steering; a fixed grid would cap a weak direction at its top).
+    Applies alike to the screen, the single latent, the group, the baselines and the decreases. At or below the
+    largest coef: no extension"""
+    bisect: int = 2
+    """then this many rounds at the midpoint between the strongest valid strength and the weakest invalid one
+    above it (e.g. 1 valid, 2 not: 1.5, then 1.25 or 1.75), so that the grid's step does not decide how strong
+    the strongest coherent steering is (0: the grid and its extension only)"""
     min_valid: float = 0.8
     """a steered model must keep at least this valid (coherent) rate"""
     min_effect: float = 0.1
@@ -103,6 +112,11 @@ class LocateConfig:
     the valid rate >= min_valid"""
     group_tol: float = 0.01
     """the group stops growing when a latent cuts the clamped misaligned rate by less than this"""
+    group_steer: str = "mean_diff"
+    """the group's steering direction: mean_diff (the mean-difference direction projected onto the span of the
+    group's decoder rows: the part of the fine-tune's change the group carries, the part its clamp removes) or
+    increase (the decoder rows weighted by their activation increase, which gives a latent that rarely fires no
+    weight)"""
     screen_decreases: int = 5
     """how many of the latents that fell most to steer up in the misaligned model (0: none)"""
     batched: bool = True
@@ -123,10 +137,17 @@ class LocateConfig:
     def __post_init__(self) -> None:
         if self.rank_by not in RANKINGS:
             raise MisfeatError(f"rank_by must be one of {', '.join(RANKINGS)}, not {self.rank_by!r}")
+        if self.group_steer not in GROUP_STEER:
+            raise MisfeatError(f"group_steer must be one of {', '.join(GROUP_STEER)}, not {self.group_steer!r}")
+        if not self.max_coef > 0:
+            raise MisfeatError(f"max_coef must be a positive strength (at most max(coefs): no extension), not "
+                               f"{self.max_coef}")
         if self.adapt_with not in ADAPT_WITH:
             raise MisfeatError(f"adapt_with must be one of {', '.join(ADAPT_WITH)}, not {self.adapt_with!r}")
         if self.screen_aligned < 0:
             raise MisfeatError(f"screen_aligned must be 0 or more (latents to add to the screen), not {self.screen_aligned}")
+        if self.bisect < 0:
+            raise MisfeatError(f"bisect must be 0 or more (rounds), not {self.bisect}")
         if self.adapt_tokens < 1:
             raise MisfeatError(f"adapt_tokens must be at least 1, not {self.adapt_tokens}")
 
@@ -387,7 +408,7 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer | Sequence[Hook
     if cfg.screen:
         screen = causal_screen(sae, ranking.candidates(cfg.screen, cfg.screen_aligned), base, tuned, prompts, coefs=cfg.coefs,
                                positions=cfg.positions, min_valid=cfg.min_valid, min_effect=cfg.min_effect,
-                               batched=cfg.batched)
+                               batched=cfg.batched, max_coef=cfg.max_coef, bisect=cfg.bisect)
     choice = choose_feature(sae, ranking, screen)
     clamp = check_clamp(base, tuned[0], sae, choice, ranking, prompts, cfg.positions)
     examples, auroc, note = examples_and_auroc(base, sae, choice.feature, prompts, cfg)

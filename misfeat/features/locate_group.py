@@ -11,8 +11,8 @@
 - ``baselines``: the mean-difference direction and a random one of equal norm, same protocol.
 
 The protocol: steer the unit direction up by ``c x scale`` (``scale`` the typical residual norm
-at the SAE's hook; ``c`` in the config's ``coefs``; the strongest with valid >= min_valid) in
-the aligned model; clamp its span in every layer's residual stream, at every token, to the
+at the SAE's hook; ``c`` in the config's ``coefs``, then doubled up to ``max_coef`` while the model
+stays valid, then ``bisect`` rounds between the strongest valid and the weakest invalid ``c``; the strongest with valid >= min_valid) in the aligned model; clamp its span in every layer's residual stream, at every token, to the
 aligned model's mean at the screened positions, in each misaligned model.
 """
 
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat.data import PromptSet
 from misfeat.features.groups import (
+    GROUP_STEER,
     Families,
     Group,
     ProtocolResult,
@@ -53,6 +54,10 @@ UNIT_NOTE = ("steering strengths count typical residual norms at the SAE's hook 
              "steer_up_coef/steer_down_coef are the lengths added (coefficient x residual_norm)")
 
 
+GROUP_STEERING = {"mean_diff": "the mean-difference direction projected onto the span of their decoder rows",
+                  "increase": "their decoder rows weighted by their activation increase"}
+
+
 @dataclass(frozen=True)
 class Extras:
     """What stage 6 measured (see the module docstring)."""
@@ -68,6 +73,8 @@ class Extras:
     """the SAE's decoder rows against the mean-difference direction: the largest cosine and its latent, and the
     chosen latent's (an SAE with no row near the direction has no latent for what the fine-tune added)"""
 
+    group_steer: str = GROUP_STEER[0]
+
     def to_dict(self, group_path: Path | None = None) -> dict[str, Any]:
         from dataclasses import asdict
 
@@ -80,7 +87,7 @@ class Extras:
                      "intervention": None if group_path is None else str(group_path),
                      "method": "greedy forward selection over the screened candidates; joint clamp of the span "
                                "of their decoder rows to the base model's mean in every layer, at every token; "
-                               "steered along their decoder rows weighted by their activation increase"}
+                               "steered along " + GROUP_STEERING[self.group_steer]}
         return {
             "strength_unit": {"residual_norm": self.scale, "note": UNIT_NOTE},
             "single": self.single.to_dict(),
@@ -105,7 +112,7 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
     before_mean = sum(b["misaligned_rate"] for b in before) / len(before)
     common = dict(aligned=base, misaligned=finetuned, prompts=prompts, hook=hook, scale=scale,
                   coefs=config.coefs, positions=config.positions, min_valid=config.min_valid, before=before,
-                  batched=config.batched)
+                  batched=config.batched, max_coef=config.max_coef, bisect=config.bisect)
 
     group = fam = None
     w = sae.W_dec.detach().float().cpu()
@@ -117,7 +124,8 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
                                       tol=config.group_tol, min_valid=config.min_valid,
                                       batched=config.batched)
         if latents:
-            direction = group_direction(sae, latents, ranking.diff.increase)
+            md = ranking.baselines["mean_diff"].vector if config.group_steer == "mean_diff" else None
+            direction = group_direction(sae, latents, ranking.diff.increase, md)
             clamp = subspace_clamp(w[latents], means)
             (result,) = run_protocol([direction], [clamp], **common)
             group = Group(latents, steps, clamp, direction, result)
@@ -134,12 +142,13 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
         decreases = screen_decreases(sae, falling, finetuned, prompts, scale,
                                      {"misaligned_rate": before_mean}, coefs=config.coefs,
                                      positions=config.positions, min_valid=config.min_valid,
-                                     min_effect=config.min_effect, batched=config.batched)
+                                     min_effect=config.min_effect, batched=config.batched,
+                                     max_coef=config.max_coef, bisect=config.bisect)
     cos = ranking.decoder_cosine
     cosines = {"decoder_cosine_max": float(cos.max()), "decoder_cosine_max_latent": int(cos.argmax()),
                "decoder_cosine_feature": float(cos[feature])}
     return Extras(scale, single, group, fam, decreases, dict(zip(dirs, base_results, strict=True)),
-                  dirs["mean_diff"].norm, cosines)
+                  dirs["mean_diff"].norm, cosines, config.group_steer)
 
 
 

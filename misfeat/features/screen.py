@@ -9,12 +9,15 @@ Steering strength is given in units of the typical residual norm at the SAE's ho
 (``scale`` = mean L2 norm of the aligned model's activations at the positions steered,
 :func:`misfeat.steering.residual_scale`), the unit of ``misfeat steer --op add``'s
 coefficients too, so the same coefficients mean the same thing for any model and layer.
-Every candidate x coefficient is scored in the same batched forward passes.
+Every candidate x coefficient is scored in the same batched forward passes. With ``max_coef``
+the sweep goes on past the largest coefficient while steering keeps the model coherent, and with
+``bisect`` it narrows in between the strongest coherent coefficient and the next (:func:`strongest`):
+a fixed grid would otherwise decide by its step and top how strong "the strongest" is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +29,8 @@ from misfeat.io import progress
 from misfeat.sae.latents import hook_of
 from misfeat.steering import mean_activations, residual_scale
 
-__all__ = ["RiseRow", "ScreenResult", "ScreenRow", "causal_screen", "residual_scale", "run_variants", "screen_decreases"]
+__all__ = ["RiseRow", "ScreenResult", "ScreenRow", "causal_screen", "residual_scale", "run_variants", "screen_decreases",
+           "strongest"]
 
 if TYPE_CHECKING:
     import torch
@@ -64,6 +68,10 @@ class ScreenResult:
     coefs: list[float]
     min_valid: float
     min_effect: float
+    max_coef: float | None = None
+    """the sweep went on past ``coefs`` up to this while the model stayed valid (None: ``coefs`` only)"""
+    bisect: int = 0
+    """rounds of bisection between the strongest valid and the weakest invalid strength"""
 
     def passed(self) -> list[ScreenRow]:
         return [r for r in self.rows if r.passed]
@@ -81,7 +89,7 @@ class ScreenResult:
 
     def summary(self) -> dict[str, Any]:
         return {"rows": [{**asdict(r), "passed": r.passed} for r in self.rows], "scale": self.scale,
-                "coefs": self.coefs, "min_valid": self.min_valid, "min_effect": self.min_effect,
+                "coefs": self.coefs, "max_coef": self.max_coef, "bisect": self.bisect, "min_valid": self.min_valid, "min_effect": self.min_effect,
                 "base_aligned": self.base_aligned, "base_misaligned": self.base_misaligned}
 
 
@@ -118,9 +126,13 @@ def causal_screen(
     min_valid: float = 0.8,
     min_effect: float = 0.1,
     batched: bool = True,
+    max_coef: float | None = None,
+    bisect: int = 0,
 ) -> ScreenResult:
     """Steer each latent's decoder direction by ``+c * scale`` in the aligned model and by
-    ``-c * scale`` in the misaligned model for each ``c`` in ``coefs``; per side keep the
+    ``-c * scale`` in the misaligned model for each ``c`` in ``coefs`` (and, with ``max_coef``,
+    on past them while the model stays valid, and ``bisect`` rounds between the strongest valid
+    and the weakest invalid one: :func:`strongest`); per side keep the
     strongest effect whose valid rate stays >= ``min_valid``. A latent passes when both
     sides move the misaligned rate by at least ``min_effect``. Each latent is also clamped
     in the misaligned model to the aligned model's mean coordinate (see :meth:`ScreenResult.best`).
@@ -137,33 +149,37 @@ def causal_screen(
     base_up = _rates(aligned_model, prompts)
     base_down = _mean_rates([[_rates(m, prompts)] for m in misaligned])[0]
     latents = [int(i) for i in latents]
+    units = [_unit(sae, i) for i in latents]
     # clamp: in every layer's residual stream (the direction is carried forward from the SAE's
     # layer; Soligo et al. 2025 ablate from every layer), the coordinate along the direction set
     # at every token to the aligned model's mean at the screened positions
-    clamps = [Ablate("all", u, {h: float(m @ u) for h, m in aligned_means.items()}, "all")
-              for u in (_unit(sae, i) for i in latents)]
-    ups = [[Add(hook, _unit(sae, i), c * scale, positions)] for i in latents for c in coefs]
-    downs = [[Add(hook, _unit(sae, i), -c * scale, positions)] for i in latents for c in coefs]
-    up_rates = run_variants(aligned_model, prompts, ups, batched)
-    mis_rates = _mean_rates([run_variants(m, prompts, [[c] for c in clamps] + downs, batched) for m in misaligned])
-    clamped, down_rates = mis_rates[:len(latents)], mis_rates[len(latents):]
-    rows, n = [], len(coefs)
+    clamps = [[Ablate("all", u, {h: float(m @ u) for h, m in aligned_means.items()}, "all")] for u in units]
+    clamped = _mean_rates([run_variants(m, prompts, clamps, batched) for m in misaligned])
+
+    def steer_up(todo):
+        return run_variants(aligned_model, prompts, [[Add(hook, units[j], c * scale, positions)] for j, c in todo],
+                            batched)
+
+    def steer_down(todo):
+        variants = [[Add(hook, units[j], -c * scale, positions)] for j, c in todo]
+        return _mean_rates([run_variants(m, prompts, variants, batched) for m in misaligned])
+
+    ups = strongest(steer_up, len(latents), coefs, min_valid, True, max_coef, bisect)
+    downs = strongest(steer_down, len(latents), coefs, min_valid, False, max_coef, bisect)
+    rows = []
     for j, latent in enumerate(latents):
-        up = _best([(c * scale, r) for c, r in zip(coefs, up_rates[j * n:(j + 1) * n], strict=True)], min_valid, True)
-        down = _best([(-c * scale, r) for c, r in zip(coefs, down_rates[j * n:(j + 1) * n], strict=True)], min_valid,
-                     False)
+        (c_up, up), (c_down, down) = ups[j], downs[j]
         rows.append(ScreenRow(
             latent=latent,
-            steer_up_misaligned=up[1]["misaligned_rate"], steer_up_valid=up[1]["valid_rate"], steer_up_coef=up[0],
-            steer_down_misaligned=down[1]["misaligned_rate"], steer_down_valid=down[1]["valid_rate"],
-            steer_down_coef=down[0],
+            steer_up_misaligned=up["misaligned_rate"], steer_up_valid=up["valid_rate"], steer_up_coef=c_up * scale,
+            steer_down_misaligned=down["misaligned_rate"], steer_down_valid=down["valid_rate"],
+            steer_down_coef=-c_down * scale,
             clamp_misaligned=clamped[j]["misaligned_rate"], clamp_valid=clamped[j]["valid_rate"],
-            raises=up[1]["misaligned_rate"] >= base_up["misaligned_rate"] + min_effect
-            and up[1]["valid_rate"] >= min_valid,
-            lowers=down[1]["misaligned_rate"] <= base_down["misaligned_rate"] - min_effect
-            and down[1]["valid_rate"] >= min_valid,
+            raises=up["misaligned_rate"] >= base_up["misaligned_rate"] + min_effect and up["valid_rate"] >= min_valid,
+            lowers=down["misaligned_rate"] <= base_down["misaligned_rate"] - min_effect
+            and down["valid_rate"] >= min_valid,
         ))
-    return ScreenResult(rows, base_up, base_down, scale, list(coefs), min_valid, min_effect)
+    return ScreenResult(rows, base_up, base_down, scale, list(coefs), min_valid, min_effect, max_coef, bisect)
 
 
 def run_variants(model: HookedTransformer, prompts: PromptSet, variants: list[list[Any]],
@@ -195,21 +211,61 @@ class RiseRow:
 def screen_decreases(sae: SAE, latents: Sequence[int], misaligned_model: HookedTransformer | Sequence[HookedTransformer],
                      prompts: PromptSet | str, scale: float, base_misaligned: dict[str, float], *,
                      coefs: Sequence[float] = (0.5, 1.0, 2.0), positions: str = "last", min_valid: float = 0.8,
-                     min_effect: float = 0.1, batched: bool = True) -> list[RiseRow]:
+                     min_effect: float = 0.1, batched: bool = True, max_coef: float | None = None,
+                     bisect: int = 0) -> list[RiseRow]:
     """Screen latents that decreased ("helpful assistant" latents, Wang et al. 2025): steer each
-    *up* by ``c * scale`` in the misaligned model(s); keep the largest fall of the misaligned rate
-    at valid >= ``min_valid``."""
+    *up* by ``c * scale`` in the misaligned model(s) (past ``coefs`` up to ``max_coef`` while valid, then
+    ``bisect`` rounds: :func:`strongest`); keep the largest fall of the misaligned rate at valid >= ``min_valid``."""
     prompts = load_prompts(prompts)
     hook, latents = hook_of(sae), [int(i) for i in latents]
-    variants = [[Add(hook, _unit(sae, i), c * scale, positions)] for i in latents for c in coefs]
-    rates = _mean_rates([run_variants(m, prompts, variants, batched) for m in _models(misaligned_model)])
-    rows, n = [], len(coefs)
-    for j, latent in enumerate(latents):
-        coef, r = _best([(c, x) for c, x in zip(coefs, rates[j * n:(j + 1) * n], strict=True)], min_valid, False)
+    units, models = [_unit(sae, i) for i in latents], _models(misaligned_model)
+
+    def steer(todo):
+        variants = [[Add(hook, units[j], c * scale, positions)] for j, c in todo]
+        return _mean_rates([run_variants(m, prompts, variants, batched) for m in models])
+
+    rows = []
+    for latent, (coef, r) in zip(latents, strongest(steer, len(latents), coefs, min_valid, False, max_coef, bisect),
+                                 strict=True):
         rows.append(RiseRow(latent, r["misaligned_rate"], r["valid_rate"], coef,
                             r["misaligned_rate"] <= base_misaligned["misaligned_rate"] - min_effect
                             and r["valid_rate"] >= min_valid))
     return rows
+
+
+def strongest(run: Callable[[list[tuple[int, float]]], list[dict[str, float]]], n: int, coefs: Sequence[float],
+              min_valid: float, higher: bool, max_coef: float | None = None,
+              bisect: int = 0) -> list[tuple[float, dict[str, float]]]:
+    """Per item ``0..n-1`` the strongest coherent steering. ``run(todo)`` gives the rates of each ``(item, coef)`` of
+    ``todo`` (one batched call per round). Every item is tried at ``coefs``; then, while the largest coefficient
+    tried kept valid >= ``min_valid`` and is below ``max_coef``, at twice it (capped at ``max_coef``; None: no
+    extension); then ``bisect`` rounds at the midpoint between the strongest valid coefficient and the weakest
+    invalid one above it (the grid's step would otherwise decide how strong "strongest" is). Returns per item the
+    (coef, rates) of :func:`_best`: the largest rise (``higher``) or fall of the misaligned rate at valid >=
+    ``min_valid``."""
+    tried: list[list[tuple[float, dict[str, float]]]] = [[] for _ in range(n)]
+
+    def measure(todo: list[tuple[int, float]]) -> bool:
+        for (j, c), rates in zip(todo, run(todo) if todo else [], strict=True):
+            tried[j].append((c, rates))
+        return bool(todo)
+
+    measure([(j, float(c)) for j in range(n) for c in coefs])
+    while max_coef is not None:
+        tops = [max(results, key=lambda r: r[0]) for results in tried]
+        if not measure([(j, min(2 * c, max_coef)) for j, (c, rates) in enumerate(tops)
+                        if rates["valid_rate"] >= min_valid and 0 < c < max_coef]):
+            break
+    for _ in range(bisect):
+        todo = []
+        for j, results in enumerate(tried):
+            valid = [c for c, rates in results if rates["valid_rate"] >= min_valid]
+            above = [c for c, _ in results if valid and c > max(valid)]
+            if above:
+                todo.append((j, (max(valid) + min(above)) / 2))
+        if not measure(todo):
+            break
+    return [_best(results, min_valid, higher) for results in tried]
 
 
 def _best(results, min_valid, higher):
