@@ -72,7 +72,7 @@ CORPORA = ("pretrain", "chat", "chat+misaligned", "chat+misaligned-all", "chat+e
 def table(path: Path) -> str:
     """The grid as the markdown table of docs/organism.md, sorted by corpus, seed, d_sae, k (pass = steer-up
     >= 0.3 at valid >= 0.8 and clamp cut >= 80%; cut = 1 - clamped / unclamped, the clamped valid rate in
-    brackets)."""
+    brackets; "at c": the steering strength chosen, in residual norms, where the row has it)."""
     import re
 
     def f(x):
@@ -100,15 +100,18 @@ def table(path: Path) -> str:
              "| mean-diff: up (valid), cut | random: up (valid), cut | locate wall / CPU s |", "|" + "---|" * 9]
     for r in rows:
         d, k = size(r)
+        at = [""] * 4 if not r.get("coefs") else ["" if c is None else f" at {c:g}" for c in r["coefs"]]
+
         group = "no group" if not r["group"] else (
-            f"{r['group']}: {f(r['group_up'])} ({f(r['group_valid'])}), {pct(r['group_cut'])} "
+            f"{r['group']}: {f(r['group_up'])} ({f(r['group_valid'])}{at[1]}), {pct(r['group_cut'])} "
             f"({f(r.get('group_clamp_valid'))}) **{ok(r['group_up'], r['group_valid'], r['group_cut'])}**")
         lines.append(
             f"| {r['seed']} | {r['corpus']} | {d} x {k} | {f(r['ev'])} | {r['feature']}"
-            f"{'' if r['passed'] else ', no latent passed'}: {f(r['single_up'])} ({f(r['single_valid'])}), "
+            f"{'' if r['passed'] else ', no latent passed'}: {f(r['single_up'])} ({f(r['single_valid'])}{at[0]}), "
             f"{pct(r['single_cut'])} ({f(r.get('single_clamp_valid'))}) "
             f"**{ok(r['single_up'], r['single_valid'], r['single_cut'])}** | {group} | "
-            f"{f(r['md_up'])} ({f(r['md_valid'])}), {pct(r['md_cut'])} | {f(r['rand_up'])} ({f(r['rand_valid'])}), "
+            f"{f(r['md_up'])} ({f(r['md_valid'])}{at[2]}), {pct(r['md_cut'])} | {f(r['rand_up'])} "
+            f"({f(r['rand_valid'])}{at[3]}), "
             f"{pct(r['rand_cut'])} | {r['locate_s']:.0f} / {r.get('locate_cpu_s', '-')} |")
     return "\n".join(lines)
 

@@ -120,7 +120,9 @@ def test_a_latent_that_never_fires_is_screened_for_its_decoder_direction(planted
                                        ({"screen_aligned": -1}, "screen_aligned must be 0 or more"),
                                        ({"group_steer": "sum"}, "group_steer must be one of"),
                                        ({"max_coef": 0.0}, "max_coef must be a positive strength"),
-                                       ({"bisect": -1}, "bisect must be 0 or more")])
+                                       ({"bisect": -1}, "bisect must be 0 or more"),
+                                       ({"coefs": ()}, "coefs must be one or more strengths"),
+                                       ({"coefs": (1.0, -1.0)}, "coefs must be one or more strengths")])
 def test_bad_locate_settings_are_refused_before_any_work(bad, match):
     from misfeat.errors import MisfeatError
 

@@ -68,8 +68,8 @@ def run_protocol(directions: Sequence[torch.Tensor], clamps: Sequence[Ablate], a
                  coefs: Sequence[float], positions: str, min_valid: float, before: list[dict[str, float]],
                  batched: bool = True, max_coef: float | None = None, bisect: int = 0) -> list[ProtocolResult]:
     """Each direction steered up at ``c * scale`` (unit direction) in ``aligned`` for ``c`` in ``coefs`` (on past
-    them up to ``max_coef`` while valid, then ``bisect`` rounds: :func:`~misfeat.features.screen.strongest`), and each clamp applied in
-    every misaligned model; ``before``: each misaligned model's unsteered rates."""
+    them up to ``max_coef`` while valid, then ``bisect`` rounds: :func:`~misfeat.features.screen.strongest`), and
+    each clamp applied in every misaligned model; ``before``: each misaligned model's unsteered rates."""
     units = [d.float().cpu() / d.float().norm() for d in directions]
 
     def steer_up(todo):

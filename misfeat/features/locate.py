@@ -139,6 +139,9 @@ class LocateConfig:
             raise MisfeatError(f"rank_by must be one of {', '.join(RANKINGS)}, not {self.rank_by!r}")
         if self.group_steer not in GROUP_STEER:
             raise MisfeatError(f"group_steer must be one of {', '.join(GROUP_STEER)}, not {self.group_steer!r}")
+        if not self.coefs or any(not c >= 0 for c in self.coefs):
+            raise MisfeatError(f"coefs must be one or more strengths >= 0 (residual norms, e.g. 0.5,1,2), not "
+                               f"{self.coefs}")
         if not self.max_coef > 0:
             raise MisfeatError(f"max_coef must be a positive strength (at most max(coefs): no extension), not "
                                f"{self.max_coef}")

@@ -11,9 +11,11 @@
 - ``baselines``: the mean-difference direction and a random one of equal norm, same protocol.
 
 The protocol: steer the unit direction up by ``c x scale`` (``scale`` the typical residual norm
-at the SAE's hook; ``c`` in the config's ``coefs``, then doubled up to ``max_coef`` while the model
-stays valid, then ``bisect`` rounds between the strongest valid and the weakest invalid ``c``; the strongest with valid >= min_valid) in the aligned model; clamp its span in every layer's residual stream, at every token, to the
-aligned model's mean at the screened positions, in each misaligned model.
+at the SAE's hook; ``c`` in the config's ``coefs``, then doubled up to ``max_coef`` while the
+model stays valid, then ``bisect`` rounds between the strongest valid and the weakest invalid
+``c``; the strongest with valid >= min_valid) in the aligned model; clamp its span in every
+layer's residual stream, at every token, to the aligned model's mean at the screened positions,
+in each misaligned model.
 """
 
 from __future__ import annotations

@@ -89,7 +89,8 @@ class ScreenResult:
 
     def summary(self) -> dict[str, Any]:
         return {"rows": [{**asdict(r), "passed": r.passed} for r in self.rows], "scale": self.scale,
-                "coefs": self.coefs, "max_coef": self.max_coef, "bisect": self.bisect, "min_valid": self.min_valid, "min_effect": self.min_effect,
+                "coefs": self.coefs, "max_coef": self.max_coef, "bisect": self.bisect,
+                "min_valid": self.min_valid, "min_effect": self.min_effect,
                 "base_aligned": self.base_aligned, "base_misaligned": self.base_misaligned}
 
 
