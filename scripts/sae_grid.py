@@ -136,14 +136,14 @@ def main() -> None:
     p.add_argument("--adapt", action="store_true", help="locate with --adapt-text set to the SAE's own training "
                    "text (organism:aligned:all:600@seed=S, the chat corpus; organism:pretrain:3000@seed=S for pretrain): "
                    "the SAE adapted to the fine-tune first; rows in OUT/grid-adapt.jsonl, outputs in SAE/locate-adapt")
-    p.add_argument("--screen-aligned", type=int, default=0, help="locate's --screen-aligned N (rows in "
+    p.add_argument("--screen-aligned", type=int, help="locate's --screen-aligned N (default: locate's own; rows in "
                    "OUT/grid-alignedN.jsonl, outputs in SAE/locate-alignedN)")
     p.add_argument("--tag", help="name of the run (rows in OUT/grid-TAG.jsonl, outputs in SAE/locate-TAG) instead of "
                    "the one derived from the options, e.g. to keep runs of two versions of locate apart")
     p.add_argument("--table", action="store_true", help="only print OUT/grid.jsonl as a markdown table")
     args = p.parse_args()
-    default = args.rank_by == "increase" and not args.adapt and not args.screen_aligned and not args.tag
-    tag = args.tag or ("adapt" if args.adapt else f"aligned{args.screen_aligned}" if args.screen_aligned
+    default = args.rank_by == "increase" and not args.adapt and args.screen_aligned is None and not args.tag
+    tag = args.tag or ("adapt" if args.adapt else f"aligned{args.screen_aligned}" if args.screen_aligned is not None
                        else args.rank_by)
     rows_file = "grid.jsonl" if default else f"grid-{tag}.jsonl"
     if args.table:
@@ -182,9 +182,10 @@ def main() -> None:
         start, cpu = time.perf_counter(), time.process_time()
         adapt_text = corpus("pretrain", args.seed) if args.corpus == "pretrain" else f"organism:aligned:all:600{at}"
         adapt = ["--adapt-text", adapt_text] if args.adapt else []
+        aligned = [] if args.screen_aligned is None else ["--screen-aligned", str(args.screen_aligned)]
         assert cli(["locate", "--base", f"organism:chat{at}", "--finetuned", f"organism:em{at}", "--sae",
                     str(sae_dir), "--prompts", f"organism:heldout{at}", "--out", str(locate_dir), "--device",
-                    "cpu", "--rank-by", args.rank_by, "--screen-aligned", str(args.screen_aligned), *adapt,
+                    "cpu", "--rank-by", args.rank_by, *aligned, *adapt,
                     "--overwrite"]) == 0  # a locate directory without a row is an interrupted run
         r = {"seed": args.seed, "corpus": args.corpus, **row(sae_dir, locate_dir, time.perf_counter() - start, ev),
              "locate_cpu_s": round(time.process_time() - cpu, 1)}
