@@ -130,7 +130,10 @@ def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[Hooke
     return group, steps
 
 
-GROUP_STEER = ("mean_diff", "increase")
+GROUP_STEERING = {"mean_diff": "the mean-difference direction projected onto the span of their decoder rows",
+                  "increase": "their decoder rows weighted by their activation increase"}
+"""the group's steering directions (:func:`group_direction`), as the summary describes them"""
+GROUP_STEER = tuple(GROUP_STEERING)
 
 
 def group_direction(sae: SAE, latents: Sequence[int], increase: torch.Tensor, mean_diff: torch.Tensor | None = None

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from misfeat.data import PromptSet
 from misfeat.features.groups import (
     GROUP_STEER,
+    GROUP_STEERING,
     Families,
     Group,
     ProtocolResult,
@@ -54,10 +55,6 @@ UNIT_NOTE = ("steering strengths count typical residual norms at the SAE's hook 
              "misfeat.steering.residual_scale), the unit of misfeat steer --op add --coefs: the config's coefs and the "
              "steer_up_coef of single, group, baselines and decreases_screen are in this unit; the screen rows' "
              "steer_up_coef/steer_down_coef are the lengths added (coefficient x residual_norm)")
-
-
-GROUP_STEERING = {"mean_diff": "the mean-difference direction projected onto the span of their decoder rows",
-                  "increase": "their decoder rows weighted by their activation increase"}
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from misfeat.errors import MisfeatError
 from misfeat.sae.config import SAETrainConfig
 from misfeat.sae.io import FINE_TUNABLE
-from misfeat.sae.latents import hook_of
+from misfeat.sae.latents import hook_of, path_of
 
 if TYPE_CHECKING:
     import torch
@@ -84,8 +84,6 @@ def adapt_sae(sae: SAE, batches: Iterable[torch.Tensor], tokens: int, *, batch_s
     from misfeat.sae.train import train_saes
 
     cfg = fine_tune_config(sae, tokens, batch_size=batch_size, lr=lr, seed=seed, **overrides)
-    from misfeat.sae.latents import path_of
-
     meta = {k: sae.cfg.metadata.get(k) for k in ("model_name", "model_fingerprint", "model_architecture")
             if sae.cfg.metadata.get(k) is not None}
     meta["adapted_from"] = path_of(sae)
