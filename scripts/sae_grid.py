@@ -62,6 +62,8 @@ def row(sae_dir: Path, locate_dir: Path, seconds: float, ev: float | None) -> di
             "rand_valid": b["random"]["steer_up_valid"], "rand_cut": cut(b["random"]),
             "clamp_before": single["clamp_before"], "md_cos_max": b["mean_diff"].get("decoder_cosine_max"),
             "md_cos_feature": b["mean_diff"].get("decoder_cosine_feature"),
+            # the group's steering directions tried (summary.json's group.steering: chosen, directions)
+            "group_steering": group.get("steering"),
             # the strengths chosen (residual-norm units): single latent, group, mean-diff, random
             "coefs": [x.get("steer_up_coef") if x else None for x in (single, group, b["mean_diff"], b["random"])]}
 
@@ -102,8 +104,10 @@ def table(path: Path) -> str:
         d, k = size(r)
         at = [""] * 4 if not r.get("coefs") else ["" if c is None else f" at {c:g}" for c in r["coefs"]]
 
+        along = (r.get("group_steering") or {}).get("chosen")
+        along = f" along {along}" if along and len(r["group_steering"]["directions"]) > 1 else ""
         group = "no group" if not r["group"] else (
-            f"{r['group']}: {f(r['group_up'])} ({f(r['group_valid'])}{at[1]}), {pct(r['group_cut'])} "
+            f"{r['group']}: {f(r['group_up'])} ({f(r['group_valid'])}{at[1]}{along}), {pct(r['group_cut'])} "
             f"({f(r.get('group_clamp_valid'))}) **{ok(r['group_up'], r['group_valid'], r['group_cut'])}**")
         lines.append(
             f"| {r['seed']} | {r['corpus']} | {d} x {k} | {f(r['ev'])} | {r['feature']}"

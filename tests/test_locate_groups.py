@@ -226,3 +226,57 @@ def test_group_direction_is_the_mean_difference_in_the_groups_span():
     torch.testing.assert_close(groups.group_direction(sae, [0, 1], increase), torch.tensor([2.0, 0.0, 0.0]))
     orthogonal = torch.tensor([0.0, 0.0, 5.0])  # nothing of it in the span: the increase weighting
     torch.testing.assert_close(groups.group_direction(sae, [0, 1], increase, orthogonal), torch.tensor([2.0, 0.0, 0.0]))
+
+
+def test_group_directions_for_each_choice():
+    """best: both directions of the hand-computed case above; the second is dropped where they are parallel (one
+    latent: both are its decoder row); mean_diff / increase: that one."""
+    from types import SimpleNamespace
+
+    w = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    sae, increase, md = SimpleNamespace(W_dec=w), torch.tensor([2.0, 0.0, 1.0]), torch.tensor([3.0, 4.0, 5.0])
+    both = groups.group_directions(sae, [0, 1], increase, md, "best")
+    assert list(both) == ["mean_diff", "increase"]
+    torch.testing.assert_close(both["mean_diff"], torch.tensor([3.0, 4.0, 0.0]))
+    torch.testing.assert_close(both["increase"], torch.tensor([2.0, 0.0, 0.0]))
+    assert list(groups.group_directions(sae, [2], increase, md, "best")) == ["mean_diff"]  # (0,0,5) and (0,0,1)
+    assert list(groups.group_directions(sae, [0, 1], increase, md, "increase")) == ["increase"]
+    torch.testing.assert_close(groups.group_directions(sae, [0, 1], increase, md, "mean_diff")["mean_diff"],
+                               torch.tensor([3.0, 4.0, 0.0]))
+
+
+@pytest.mark.parametrize(("rates", "higher", "chosen"), [
+    ({"a": (0.30, 0.85), "b": (0.35, 0.80)}, True, "b"),   # the higher rise among the valid ones
+    ({"a": (0.30, 0.85), "b": (0.90, 0.79)}, True, "a"),   # b breaks validity
+    ({"a": (0.30, 0.70), "b": (0.90, 0.75)}, True, "b"),   # none valid: the more valid one
+    ({"a": (0.30, 0.85), "b": (0.30, 0.90)}, True, "a"),   # a tie: the first
+    ({"a": (0.30, 0.85), "b": (0.10, 0.80)}, False, "b"),  # a fall
+])
+def test_most_effective(rates, higher, chosen):
+    from misfeat.features.screen import most_effective
+
+    pairs = [(k, {"misaligned_rate": m, "valid_rate": v}) for k, (m, v) in rates.items()]
+    assert most_effective(pairs, 0.8, higher)[0] == chosen
+
+
+def test_group_steered_along_the_better_of_its_two_directions(split, tmp_path):
+    """group_steer best reports both directions' steering and the group's figures are the better one's; each alone
+    (mean_diff, increase) gives the same figures for its direction."""
+    base, tuned, sae, _ = split
+    runs = {}
+    for steer in ("best", "mean_diff", "increase"):
+        cfg = LocateConfig(screen=4, coefs=(0.5, 1.0), min_valid=0.0, min_effect=0.0, group_cap=3, group_tol=-1.0,
+                           screen_decreases=0, group_steer=steer, max_coef=1.0, bisect=0)  # a group of 3
+        runs[steer] = locate(base, tuned, sae, planted_prompts(), tmp_path / steer, cfg).to_dict()["group"]
+    best = runs["best"]
+    assert len(best["latents"]) == 3  # several latents: the two directions differ
+    tried = best["steering"]["directions"]
+    assert set(tried) == {"mean_diff", "increase"}
+    chosen = max(tried, key=lambda k: tried[k]["steer_up_misaligned"])
+    assert best["steering"]["chosen"] == chosen
+    assert best["steer_up_misaligned"] == tried[chosen]["steer_up_misaligned"]
+    assert best["steer_up_coef"] == tried[chosen]["steer_up_coef"]
+    for steer in ("mean_diff", "increase"):
+        assert runs[steer]["latents"] == best["latents"] and list(runs[steer]["steering"]["directions"]) == [steer]
+        assert runs[steer]["steer_up_misaligned"] == pytest.approx(tried[steer]["steer_up_misaligned"], abs=1e-6)
+        assert runs[steer]["clamp_after"] == pytest.approx(best["clamp_after"], abs=1e-6)

@@ -63,19 +63,30 @@ class ProtocolResult:
                 "per_finetuned": self.per_finetuned}
 
 
-def run_protocol(directions: Sequence[torch.Tensor], clamps: Sequence[Ablate], aligned: HookedTransformer,
-                 misaligned: Sequence[HookedTransformer], prompts: PromptSet, hook: str, scale: float,
-                 coefs: Sequence[float], positions: str, min_valid: float, before: list[dict[str, float]],
-                 batched: bool = True, max_coef: float | None = None, bisect: int = 0) -> list[ProtocolResult]:
-    """Each direction steered up at ``c * scale`` (unit direction) in ``aligned`` for ``c`` in ``coefs`` (on past
-    them up to ``max_coef`` while valid, then ``bisect`` rounds: :func:`~misfeat.features.screen.strongest`), and
-    each clamp applied in every misaligned model; ``before``: each misaligned model's unsteered rates."""
+def steer_strongest(directions: Sequence[torch.Tensor], aligned: HookedTransformer, prompts: PromptSet, hook: str,
+                    scale: float, coefs: Sequence[float], positions: str, min_valid: float, batched: bool = True,
+                    max_coef: float | None = None, bisect: int = 0) -> list[tuple[float, dict[str, float]]]:
+    """Each direction (as a unit vector) steered up at ``c * scale`` in ``aligned`` for ``c`` in ``coefs`` (on past
+    them up to ``max_coef`` while valid, then ``bisect`` rounds: :func:`~misfeat.features.screen.strongest`); per
+    direction the (coef, rates) of its strongest coherent steering."""
     units = [d.float().cpu() / d.float().norm() for d in directions]
 
     def steer_up(todo):
         return run_variants(aligned, prompts, [[Add(hook, units[j], c * scale, positions)] for j, c in todo], batched)
 
-    ups = strongest(steer_up, len(units), coefs, min_valid, True, max_coef, bisect)
+    return strongest(steer_up, len(units), coefs, min_valid, True, max_coef, bisect)
+
+
+def run_protocol(directions: Sequence[torch.Tensor], clamps: Sequence[Ablate], aligned: HookedTransformer,
+                 misaligned: Sequence[HookedTransformer], prompts: PromptSet, hook: str, scale: float,
+                 coefs: Sequence[float], positions: str, min_valid: float, before: list[dict[str, float]],
+                 batched: bool = True, max_coef: float | None = None, bisect: int = 0,
+                 steered: Sequence[tuple[float, dict[str, float]]] | None = None) -> list[ProtocolResult]:
+    """Each direction steered up in ``aligned`` (:func:`steer_strongest`; ``steered``: its result where already
+    measured) and each clamp applied in every misaligned model; ``before``: each misaligned model's unsteered
+    rates."""
+    ups = steered if steered is not None else steer_strongest(directions, aligned, prompts, hook, scale, coefs,
+                                                              positions, min_valid, batched, max_coef, bisect)
     after = [run_variants(m, prompts, [[c] for c in clamps], batched) for m in misaligned]
     out = []
     for j, (coef, up) in enumerate(ups):
@@ -97,8 +108,13 @@ class Group:
     clamp: Ablate = field(repr=False)
     """the joint clamp of the group's decoder subspace to the aligned model's level (every layer)"""
     direction: torch.Tensor = field(repr=False)
-    """the group's steering direction (:func:`group_direction`)"""
+    """the group's steering direction (:func:`group_directions`: the one chosen)"""
     result: ProtocolResult
+    steering: dict[str, dict[str, float]] = field(default_factory=dict)
+    """per steering direction tried (:data:`GROUP_STEERING`): its strongest coherent steering
+    (steer_up_misaligned, steer_up_valid, steer_up_coef)"""
+    steer: str = "mean_diff"
+    """the steering direction chosen (a key of ``steering``)"""
 
 
 def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[HookedTransformer], prompts: PromptSet,
@@ -130,10 +146,26 @@ def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[Hooke
     return group, steps
 
 
-GROUP_STEERING = {"mean_diff": "the mean-difference direction projected onto the span of their decoder rows",
+GROUP_STEERING = {"best": "whichever of the two directions mean_diff and increase steers the base model to the higher "
+                          "misaligned rate at valid >= min_valid (the screen's choice between latents)",
+                  "mean_diff": "the mean-difference direction projected onto the span of their decoder rows",
                   "increase": "their decoder rows weighted by their activation increase"}
-"""the group's steering directions (:func:`group_direction`), as the summary describes them"""
+"""the group's steering directions (:func:`group_directions`), as the summary describes them"""
 GROUP_STEER = tuple(GROUP_STEERING)
+
+
+def group_directions(sae: SAE, latents: Sequence[int], increase: torch.Tensor, mean_diff: torch.Tensor,
+                     steer: str = "best") -> dict[str, torch.Tensor]:
+    """The group's candidate steering directions for ``steer`` (a key of :data:`GROUP_STEERING`): ``mean_diff``
+    (:func:`group_direction` with the mean difference), ``increase`` (without it), or both for ``best``; for
+    ``best`` the second is left out where the two are parallel (one latent: both are its decoder row)."""
+    import torch
+
+    named = {name: group_direction(sae, latents, increase, mean_diff if name == "mean_diff" else None)
+             for name in (("mean_diff", "increase") if steer == "best" else (steer,))}
+    if len(named) == 2 and float(torch.nn.functional.cosine_similarity(*named.values(), dim=0)) > 1 - 1e-6:
+        del named["increase"]
+    return named
 
 
 def group_direction(sae: SAE, latents: Sequence[int], increase: torch.Tensor, mean_diff: torch.Tensor | None = None
@@ -142,7 +174,7 @@ def group_direction(sae: SAE, latents: Sequence[int], increase: torch.Tensor, me
     onto the span of the group's decoder rows, the part of the change that the group's subspace carries (the
     clamp removes exactly that part; a latent that rarely fires still contributes its row). Without it, or where
     the projection vanishes: the decoder rows weighted by their (positive) activation increase, equal weights
-    where none rose."""
+    where none rose (the change as the SAE's activations see it)."""
     import torch
 
     w = sae.W_dec.detach().float().cpu()[list(latents)]

@@ -112,11 +112,12 @@ class LocateConfig:
     the valid rate >= min_valid"""
     group_tol: float = 0.01
     """the group stops growing when a latent cuts the clamped misaligned rate by less than this"""
-    group_steer: str = "mean_diff"
+    group_steer: str = "best"
     """the group's steering direction: mean_diff (the mean-difference direction projected onto the span of the
-    group's decoder rows: the part of the fine-tune's change the group carries, the part its clamp removes) or
-    increase (the decoder rows weighted by their activation increase, which gives a latent that rarely fires no
-    weight)"""
+    group's decoder rows: the part of the fine-tune's change the group carries, the part its clamp removes),
+    increase (the decoder rows weighted by their activation increase: the change as the SAE's activations see it;
+    a latent that rarely fires gets no weight), or best (both steered; the one reaching the higher misaligned rate
+    at valid >= min_valid is reported, both are in summary.json's group.steering)"""
     screen_decreases: int = 5
     """how many of the latents that fell most to steer up in the misaligned model (0: none)"""
     batched: bool = True

@@ -27,18 +27,18 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat.data import PromptSet
 from misfeat.features.groups import (
-    GROUP_STEER,
     GROUP_STEERING,
     Families,
     Group,
     ProtocolResult,
     families,
-    group_direction,
+    group_directions,
     run_protocol,
     select_group,
+    steer_strongest,
     subspace_clamp,
 )
-from misfeat.features.screen import RiseRow, ScreenResult, _rates, screen_decreases
+from misfeat.features.screen import RiseRow, ScreenResult, _rates, most_effective, screen_decreases
 from misfeat.interventions import resolve_hooks
 from misfeat.sae.latents import hook_of
 from misfeat.steering import mean_activations, residual_scale
@@ -72,7 +72,7 @@ class Extras:
     """the SAE's decoder rows against the mean-difference direction: the largest cosine and its latent, and the
     chosen latent's (an SAE with no row near the direction has no latent for what the fine-tune added)"""
 
-    group_steer: str = GROUP_STEER[0]
+    group_steer: str = "best"
 
     def to_dict(self, group_path: Path | None = None) -> dict[str, Any]:
         from dataclasses import asdict
@@ -86,7 +86,9 @@ class Extras:
                      "intervention": None if group_path is None else str(group_path),
                      "method": "greedy forward selection over the screened candidates; joint clamp of the span "
                                "of their decoder rows to the base model's mean in every layer, at every token; "
-                               "steered along " + GROUP_STEERING[self.group_steer]}
+                               "steered along " + GROUP_STEERING[self.group_steer],
+                     "steering": {"chosen": self.group.steer, "directions": self.group.steering,
+                                  "note": {k: GROUP_STEERING[k] for k in self.group.steering}}}
         return {
             "strength_unit": {"residual_norm": self.scale, "note": UNIT_NOTE},
             "single": self.single.to_dict(),
@@ -123,11 +125,17 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
                                       tol=config.group_tol, min_valid=config.min_valid,
                                       batched=config.batched)
         if latents:
-            md = ranking.baselines["mean_diff"].vector if config.group_steer == "mean_diff" else None
-            direction = group_direction(sae, latents, ranking.diff.increase, md)
+            named = group_directions(sae, latents, ranking.diff.increase, ranking.baselines["mean_diff"].vector,
+                                     config.group_steer)
+            ups = steer_strongest(list(named.values()), base, prompts, hook, scale, config.coefs, config.positions,
+                                  config.min_valid, config.batched, config.max_coef, config.bisect)
+            tried = dict(zip(named, ups, strict=True))
+            steer, _ = most_effective([(name, rates) for name, (_, rates) in tried.items()], config.min_valid)
             clamp = subspace_clamp(w[latents], means)
-            (result,) = run_protocol([direction], [clamp], **common)
-            group = Group(latents, steps, clamp, direction, result)
+            (result,) = run_protocol([named[steer]], [clamp], **common, steered=[tried[steer]])
+            steering = {name: {"steer_up_misaligned": r["misaligned_rate"], "steer_up_valid": r["valid_rate"],
+                               "steer_up_coef": c} for name, (c, r) in tried.items()}
+            group = Group(latents, steps, clamp, named[steer], result, steering, steer)
         fam = families(sae, [*order, *latents], ranking.stores["finetuned"][0], hook)
 
     (single,) = run_protocol([w[feature]], [subspace_clamp(w[feature], means)], **common)

@@ -242,7 +242,7 @@ def strongest(run: Callable[[list[tuple[int, float]]], list[dict[str, float]]], 
     tried kept valid >= ``min_valid`` and is below ``max_coef``, at twice it (capped at ``max_coef``; None: no
     extension); then ``bisect`` rounds at the midpoint between the strongest valid coefficient and the weakest
     invalid one above it (the grid's step would otherwise decide how strong "strongest" is). Returns per item the
-    (coef, rates) of :func:`_best`: the largest rise (``higher``) or fall of the misaligned rate at valid >=
+    (coef, rates) of :func:`most_effective`: the largest rise (``higher``) or fall of the misaligned rate at valid >=
     ``min_valid``."""
     tried: list[list[tuple[float, dict[str, float]]]] = [[] for _ in range(n)]
 
@@ -266,12 +266,14 @@ def strongest(run: Callable[[list[tuple[int, float]]], list[dict[str, float]]], 
                 todo.append((j, (max(valid) + min(above)) / 2))
         if not measure(todo):
             break
-    return [_best(results, min_valid, higher) for results in tried]
+    return [most_effective(results, min_valid, higher) for results in tried]
 
 
-def _best(results, min_valid, higher):
-    """(coef, rates) of the strongest effect among coefficients whose valid rate is acceptable;
-    if none is, the one with the best valid rate."""
+def most_effective(results: Sequence[tuple[Any, dict[str, float]]], min_valid: float, higher: bool = True
+                   ) -> tuple[Any, dict[str, float]]:
+    """Of ``(key, rates)`` pairs (a coefficient, or a named direction), the one with the strongest effect (the
+    largest rise, ``higher``, or fall of the misaligned rate) among those whose valid rate is >= ``min_valid``;
+    if none is, the one with the best valid rate. Ties: the first."""
     ok = [r for r in results if r[1]["valid_rate"] >= min_valid]
     if not ok:
         return max(results, key=lambda r: r[1]["valid_rate"])
