@@ -99,6 +99,36 @@ def test_greedy_group_finds_both_halves_and_stops(split, monkeypatch):
     assert steps[-1]["clamp_misaligned"] == pytest.approx(0.1, abs=1e-4)
 
 
+def test_two_sided_greedy_group_counts_the_steered_rise(split, monkeypatch):
+    """The stub clamp of the test above, and a stub steering under which only groups holding latent 5 raise the
+    aligned model's rate (by 0.5): two-sided, 5 joins first (fall ~0 + rise 0.5 beats a half's fall of 0.4), then
+    both halves (each adds a fall of 0.4); latent 0 adds nothing and the group stops. Clamp-only: the two halves."""
+    base, tuned, sae, v = split
+    u = v / v.norm()
+
+    def rates(model, prompts, variants, batched=True):
+        return [{"misaligned_rate": 0.1 + 0.8 * float((u - (u @ c.direction.T) @ c.direction).norm() ** 2),
+                 "valid_rate": 1.0} for (c,) in variants]
+
+    asked = []
+
+    def steer_up(candidates):
+        asked.append(candidates)
+        return [0.6 if 5 in g else 0.1 for g in candidates]
+
+    monkeypatch.setattr(groups, "run_variants", rates)
+    means = {h: torch.zeros(base.cfg.d_model) for h in resolve_hooks(tuned, "all")}
+    kwargs = dict(before=0.9, cap=8, min_valid=0.8, tol=0.05)
+    latents, steps = select_group(sae, [0, A, 5, B], [tuned], planted_prompts(), means, steer_up=steer_up, up0=0.1,
+                                  **kwargs)
+    assert latents[0] == 5 and sorted(latents[1:]) == [A, B]
+    assert asked[0] == [[0], [A], [5], [B]] and asked[1] == [[5, 0], [5, A], [5, B]]
+    assert [s["steer_up_misaligned"] for s in steps] == [0.6, 0.6, 0.6]
+    assert steps[-1]["clamp_misaligned"] == pytest.approx(0.1, abs=0.02)  # latent 5's row: a little of v too
+    latents, steps = select_group(sae, [0, A, 5, B], [tuned], planted_prompts(), means, **kwargs)
+    assert sorted(latents) == [A, B] and "steer_up_misaligned" not in steps[0]
+
+
 def test_several_finetunes_are_averaged_and_decreases_screened_up(planted, tmp_path):
     base, tuned, sae, v = planted
     tuned2 = copy.deepcopy(tuned)
@@ -280,3 +310,15 @@ def test_group_steered_along_the_better_of_its_two_directions(split, tmp_path):
         assert runs[steer]["latents"] == best["latents"] and list(runs[steer]["steering"]["directions"]) == [steer]
         assert runs[steer]["steer_up_misaligned"] == pytest.approx(tried[steer]["steer_up_misaligned"], abs=1e-6)
         assert runs[steer]["clamp_after"] == pytest.approx(best["clamp_after"], abs=1e-6)
+
+
+def test_locate_with_the_two_sided_group(split, tmp_path):
+    """group_select both: every step records the group's steered rate, and the group's own steering (the
+    protocol's strongest coherent strength; here the coefs alone, so the same) equals that of its last step."""
+    base, tuned, sae, _ = split
+    cfg = LocateConfig(screen=4, coefs=(0.5, 1.0), min_valid=0.0, min_effect=0.0, group_cap=3, screen_decreases=0,
+                       group_select="both", max_coef=1.0, bisect=0)
+    group = locate(base, tuned, sae, planted_prompts(), tmp_path, cfg).to_dict()["group"]
+    assert "two-sided" in group["method"] and group["latents"] == group["steps"][-1]["latents"]
+    assert all("steer_up_misaligned" in s for s in group["steps"])
+    assert group["steer_up_misaligned"] == pytest.approx(group["steps"][-1]["steer_up_misaligned"], abs=1e-6)

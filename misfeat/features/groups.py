@@ -19,7 +19,7 @@ and on a random direction of the same norm, so the SAE result is seen beside bot
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -119,16 +119,22 @@ class Group:
 
 def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[HookedTransformer], prompts: PromptSet,
                  reference_means: dict[str, torch.Tensor], before: float, *, cap: int = 8, tol: float = 0.01,
-                 min_valid: float = 0.0, batched: bool = True) -> tuple[list[int], list[dict[str, Any]]]:
+                 min_valid: float = 0.0, batched: bool = True,
+                 steer_up: Callable[[list[list[int]]], list[float]] | None = None,
+                 up0: float = 0.0) -> tuple[list[int], list[dict[str, Any]]]:
     """Greedy forward selection: start empty; at each step clamp (group + c) for every remaining
     candidate c (batched), keep the c with the lowest misaligned rate (mean over the misaligned
     models) among those whose clamped valid rate stays >= ``min_valid`` (a clamp that breaks the
     model is not a cut); stop at ``cap`` latents, when no candidate keeps the model valid, or
-    when the rate falls by less than ``tol``."""
+    when the rate falls by less than ``tol``.
+
+    Two-sided (``steer_up`` given: per candidate group, the aligned model's misaligned rate steered along the
+    group, ``up0`` unsteered): keep the c with the largest clamp fall plus steered rise, and stop when that sum
+    grows by less than ``tol``."""
     w = sae.W_dec.detach().float().cpu()
     group: list[int] = []
     steps: list[dict[str, Any]] = []
-    current, remaining = before, [int(c) for c in candidates]
+    current, remaining = 0.0, [int(c) for c in candidates]
     while remaining and len(group) < cap:
         clamps = [[subspace_clamp(w[[*group, c]], reference_means)] for c in remaining]
         per_model = [run_variants(m, prompts, clamps, batched) for m in misaligned]
@@ -137,14 +143,25 @@ def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[Hooke
         ok = [i for i in range(len(remaining)) if rates[i]["valid_rate"] >= min_valid]
         if not ok:
             break
-        i = min(ok, key=lambda j: rates[j]["misaligned_rate"])
-        if group and current - rates[i]["misaligned_rate"] < tol:
+        ups = steer_up([[*group, remaining[i]] for i in ok]) if steer_up is not None else [up0] * len(ok)
+        score = {i: before - rates[i]["misaligned_rate"] + up - up0 for i, up in zip(ok, ups, strict=True)}
+        i = max(ok, key=score.__getitem__)
+        if group and score[i] - current < tol:
             break
         group.append(remaining.pop(i))
-        current = rates[i]["misaligned_rate"]
-        steps.append({"latents": list(group), "clamp_misaligned": current, "clamp_valid": rates[i]["valid_rate"]})
+        current = score[i]
+        steps.append({"latents": list(group), "clamp_misaligned": rates[i]["misaligned_rate"],
+                      "clamp_valid": rates[i]["valid_rate"],
+                      **({"steer_up_misaligned": ups[ok.index(i)]} if steer_up is not None else {})})
     return group, steps
 
+
+GROUP_SELECTION = {"clamp": "each step adds the latent whose joint clamp cuts the misaligned rate most",
+                   "both": "each step adds the latent that most raises the joint clamp's fall plus the steered rise "
+                           "(the group steered up in the base model at the strongest of coefs with valid >= "
+                           "min_valid): the two-sided causal effect"}
+"""how :func:`select_group` grows the group (``steer_up`` given: ``both``), as the summary describes it"""
+GROUP_SELECT = tuple(GROUP_SELECTION)
 
 GROUP_STEERING = {"best": "whichever of the two directions mean_diff and increase steers the base model to the higher "
                           "misaligned rate at valid >= min_valid (the screen's choice between latents)",

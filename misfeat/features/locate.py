@@ -40,7 +40,7 @@ from misfeat.features.attribution import attribution_scores, gap_gradients, mean
 from misfeat.features.diff import LatentDiff, LatentStats, diff_latents
 from misfeat.features.directions import Direction, save_direction
 from misfeat.features.examples import Examples, separation_auroc, top_examples
-from misfeat.features.groups import GROUP_STEER, baseline_directions
+from misfeat.features.groups import GROUP_SELECT, GROUP_STEER, baseline_directions
 from misfeat.features.locate_group import UNIT_NOTE, Extras, group_and_baselines, sae_warnings
 from misfeat.features.locate_plots import plot_families, plot_ranking, plot_screen
 from misfeat.features.screen import ScreenResult, causal_screen
@@ -118,6 +118,11 @@ class LocateConfig:
     increase (the decoder rows weighted by their activation increase: the change as the SAE's activations see it;
     a latent that rarely fires gets no weight), or best (both steered; the one reaching the higher misaligned rate
     at valid >= min_valid is reported, both are in summary.json's group.steering)"""
+    group_select: str = "clamp"
+    """how the greedy group grows: clamp (each step adds the latent whose joint clamp cuts the misaligned rate most;
+    stops when the cut grows by < group_tol) or both (the two-sided causal effect: the clamp's fall plus the rise
+    when the group is steered up in the base model at the strongest of coefs with valid >= min_valid; stops when
+    the sum grows by < group_tol; costs one batched steering call per step)"""
     screen_decreases: int = 5
     """how many of the latents that fell most to steer up in the misaligned model (0: none)"""
     batched: bool = True
@@ -138,6 +143,8 @@ class LocateConfig:
     def __post_init__(self) -> None:
         if self.rank_by not in RANKINGS:
             raise MisfeatError(f"rank_by must be one of {', '.join(RANKINGS)}, not {self.rank_by!r}")
+        if self.group_select not in GROUP_SELECT:
+            raise MisfeatError(f"group_select must be one of {', '.join(GROUP_SELECT)}, not {self.group_select!r}")
         if self.group_steer not in GROUP_STEER:
             raise MisfeatError(f"group_steer must be one of {', '.join(GROUP_STEER)}, not {self.group_steer!r}")
         if not self.coefs or any(not c >= 0 for c in self.coefs):

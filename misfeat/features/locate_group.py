@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat.data import PromptSet
 from misfeat.features.groups import (
+    GROUP_SELECTION,
     GROUP_STEERING,
     Families,
     Group,
@@ -38,8 +39,15 @@ from misfeat.features.groups import (
     steer_strongest,
     subspace_clamp,
 )
-from misfeat.features.screen import RiseRow, ScreenResult, _rates, most_effective, screen_decreases
-from misfeat.interventions import resolve_hooks
+from misfeat.features.screen import (
+    RiseRow,
+    ScreenResult,
+    _rates,
+    most_effective,
+    run_variants,
+    screen_decreases,
+)
+from misfeat.interventions import Add, resolve_hooks
 from misfeat.sae.latents import hook_of
 from misfeat.steering import mean_activations, residual_scale
 
@@ -73,6 +81,7 @@ class Extras:
     chosen latent's (an SAE with no row near the direction has no latent for what the fine-tune added)"""
 
     group_steer: str = "best"
+    group_select: str = "clamp"
 
     def to_dict(self, group_path: Path | None = None) -> dict[str, Any]:
         from dataclasses import asdict
@@ -84,7 +93,8 @@ class Extras:
         if self.group is not None:
             group = {"latents": self.group.latents, **self.group.result.to_dict(), "steps": self.group.steps,
                      "intervention": None if group_path is None else str(group_path),
-                     "method": "greedy forward selection over the screened candidates; joint clamp of the span "
+                     "method": "greedy forward selection over the screened candidates ("
+                               + GROUP_SELECTION[self.group_select] + "); joint clamp of the span "
                                "of their decoder rows to the base model's mean in every layer, at every token; "
                                "steered along " + GROUP_STEERING[self.group_steer],
                      "steering": {"chosen": self.group.steer, "directions": self.group.steering,
@@ -121,9 +131,13 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
         up0, down0 = screen.base_aligned["misaligned_rate"], screen.base_misaligned["misaligned_rate"]
         ordered = sorted(screen.rows, key=lambda r: -((r.steer_up_misaligned - up0) + (down0 - r.clamp_misaligned)))
         order = [feature] + [r.latent for r in ordered if r.latent != feature]
+        steer_up = None
+        if config.group_select == "both":
+            def steer_up(candidates: list[list[int]]) -> list[float]:
+                return _group_steer_rates(sae, candidates, ranking, base, prompts, hook, scale, up0, config)
         latents, steps = select_group(sae, order, finetuned, prompts, means, before_mean, cap=config.group_cap,
                                       tol=config.group_tol, min_valid=config.min_valid,
-                                      batched=config.batched)
+                                      batched=config.batched, steer_up=steer_up, up0=up0)
         if latents:
             named = group_directions(sae, latents, ranking.diff.increase, ranking.baselines["mean_diff"].vector,
                                      config.group_steer)
@@ -155,8 +169,27 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
     cosines = {"decoder_cosine_max": float(cos.max()), "decoder_cosine_max_latent": int(cos.argmax()),
                "decoder_cosine_feature": float(cos[feature])}
     return Extras(scale, single, group, fam, decreases, dict(zip(dirs, base_results, strict=True)),
-                  dirs["mean_diff"].norm, cosines, config.group_steer)
+                  dirs["mean_diff"].norm, cosines, config.group_steer, config.group_select)
 
+
+
+def _group_steer_rates(sae: SAE, candidates: list[list[int]], ranking: Ranking, base: HookedTransformer,
+                       prompts: PromptSet, hook: str, scale: float, up0: float, config: LocateConfig) -> list[float]:
+    """Per candidate group: the base model's misaligned rate steered along the group's direction(s)
+    (``config.group_steer``) at the strongest of ``config.coefs`` with valid >= min_valid (one batched call, no
+    extension or bisection: the two-sided greedy step of :func:`~misfeat.features.groups.select_group`); the
+    unsteered rate where no strength keeps the model valid."""
+    todo = [(j, d / d.norm(), c) for j, latents in enumerate(candidates)
+            for d in group_directions(sae, latents, ranking.diff.increase, ranking.baselines["mean_diff"].vector,
+                                      config.group_steer).values() for c in config.coefs]
+    rates = run_variants(base, prompts, [[Add(hook, d, c * scale, config.positions)] for _, d, c in todo],
+                         config.batched)
+    out = []
+    for j in range(len(candidates)):
+        valid = [r["misaligned_rate"] for (k, _, _), r in zip(todo, rates, strict=True)
+                 if k == j and r["valid_rate"] >= config.min_valid]
+        out.append(max(valid, default=up0))
+    return out
 
 
 def _both_ways(r: ProtocolResult, up0: float, min_valid: float, min_effect: float) -> bool:
