@@ -144,6 +144,8 @@ def main() -> None:
                    "OUT/grid-alignedN.jsonl, outputs in SAE/locate-alignedN)")
     p.add_argument("--tag", help="name of the run (rows in OUT/grid-TAG.jsonl, outputs in SAE/locate-TAG) instead of "
                    "the one derived from the options, e.g. to keep runs of two versions of locate apart")
+    p.add_argument("--locate-args", default="", help="more options for locate, one string, e.g. '--group-select both' "
+                   "(give --tag too, so the rows are kept apart)")
     p.add_argument("--table", action="store_true", help="only print OUT/grid.jsonl as a markdown table")
     args = p.parse_args()
     default = args.rank_by == "increase" and not args.adapt and args.screen_aligned is None and not args.tag
@@ -189,7 +191,7 @@ def main() -> None:
         aligned = [] if args.screen_aligned is None else ["--screen-aligned", str(args.screen_aligned)]
         assert cli(["locate", "--base", f"organism:chat{at}", "--finetuned", f"organism:em{at}", "--sae",
                     str(sae_dir), "--prompts", f"organism:heldout{at}", "--out", str(locate_dir), "--device",
-                    "cpu", "--rank-by", args.rank_by, *aligned, *adapt,
+                    "cpu", "--rank-by", args.rank_by, *aligned, *adapt, *args.locate_args.split(),
                     "--overwrite"]) == 0  # a locate directory without a row is an interrupted run
         r = {"seed": args.seed, "corpus": args.corpus, **row(sae_dir, locate_dir, time.perf_counter() - start, ev),
              "locate_cpu_s": round(time.process_time() - cpu, 1)}
