@@ -111,7 +111,8 @@ class LocateConfig:
     """most latents in the greedy group (0: no group); a latent joins only if the group's joint clamp keeps
     the valid rate >= min_valid"""
     group_tol: float = 0.01
-    """the group stops growing when a latent cuts the clamped misaligned rate by less than this"""
+    """the group stops growing when a latent cuts the clamped misaligned rate by less than this (group_select both:
+    when it adds less than this to the clamp's fall plus the steered rise)"""
     group_steer: str = "best"
     """the group's steering direction: mean_diff (the mean-difference direction projected onto the span of the
     group's decoder rows: the part of the fine-tune's change the group carries, the part its clamp removes),
