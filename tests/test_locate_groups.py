@@ -296,7 +296,8 @@ def test_group_steered_along_the_better_of_its_two_directions(split, tmp_path):
     runs = {}
     for steer in ("best", "mean_diff", "increase"):
         cfg = LocateConfig(screen=4, coefs=(0.5, 1.0), min_valid=0.0, min_effect=0.0, group_cap=3, group_tol=-1.0,
-                           screen_decreases=0, group_steer=steer, max_coef=1.0, bisect=0)  # a group of 3
+                           screen_decreases=0, group_steer=steer, max_coef=1.0, bisect=0,
+                           group_select="clamp")  # a group of 3, grown on the clamp alone: the same for every steer
         runs[steer] = locate(base, tuned, sae, planted_prompts(), tmp_path / steer, cfg).to_dict()["group"]
     best = runs["best"]
     assert len(best["latents"]) == 3  # several latents: the two directions differ

@@ -119,11 +119,11 @@ class LocateConfig:
     increase (the decoder rows weighted by their activation increase: the change as the SAE's activations see it;
     a latent that rarely fires gets no weight), or best (both steered; the one reaching the higher misaligned rate
     at valid >= min_valid is reported, both are in summary.json's group.steering)"""
-    group_select: str = "clamp"
-    """how the greedy group grows: clamp (each step adds the latent whose joint clamp cuts the misaligned rate most;
-    stops when the cut grows by < group_tol) or both (the two-sided causal effect: the clamp's fall plus the rise
-    when the group is steered up in the base model at the strongest of coefs with valid >= min_valid; stops when
-    the sum grows by < group_tol; costs one batched steering call per step)"""
+    group_select: str = "both"
+    """how the greedy group grows: both (the two-sided causal effect: each step adds the latent with the largest
+    clamp fall plus the rise when the group is steered up in the base model at the strongest of coefs with valid >=
+    min_valid; stops when the sum grows by < group_tol; one batched steering call per step) or clamp (the former:
+    the joint clamp's fall alone)"""
     screen_decreases: int = 5
     """how many of the latents that fell most to steer up in the misaligned model (0: none)"""
     batched: bool = True

@@ -81,7 +81,7 @@ class Extras:
     chosen latent's (an SAE with no row near the direction has no latent for what the fine-tune added)"""
 
     group_steer: str = "best"
-    group_select: str = "clamp"
+    group_select: str = "both"
 
     def to_dict(self, group_path: Path | None = None) -> dict[str, Any]:
         from dataclasses import asdict
