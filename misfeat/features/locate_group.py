@@ -44,10 +44,9 @@ from misfeat.features.screen import (
     ScreenResult,
     _rates,
     most_effective,
-    run_variants,
     screen_decreases,
 )
-from misfeat.interventions import Add, resolve_hooks
+from misfeat.interventions import resolve_hooks
 from misfeat.sae.latents import hook_of
 from misfeat.steering import mean_activations, residual_scale
 
@@ -179,17 +178,19 @@ def _group_steer_rates(sae: SAE, candidates: list[list[int]], ranking: Ranking, 
     (``config.group_steer``) at the strongest of ``config.coefs`` with valid >= min_valid (one batched call, no
     extension or bisection: the two-sided greedy step of :func:`~misfeat.features.groups.select_group`); the
     unsteered rate where no strength keeps the model valid."""
-    todo = [(j, d / d.norm(), c) for j, latents in enumerate(candidates)
-            for d in group_directions(sae, latents, ranking.diff.increase, ranking.baselines["mean_diff"].vector,
-                                      config.group_steer).values() for c in config.coefs]
-    rates = run_variants(base, prompts, [[Add(hook, d, c * scale, config.positions)] for _, d, c in todo],
-                         config.batched)
-    out = []
-    for j in range(len(candidates)):
-        valid = [r["misaligned_rate"] for (k, _, _), r in zip(todo, rates, strict=True)
-                 if k == j and r["valid_rate"] >= config.min_valid]
-        out.append(max(valid, default=up0))
-    return out
+    owners, directions = [], []
+    for j, latents in enumerate(candidates):
+        named = group_directions(sae, latents, ranking.diff.increase, ranking.baselines["mean_diff"].vector,
+                                 config.group_steer)
+        owners += [j] * len(named)
+        directions += named.values()
+    ups = steer_strongest(directions, base, prompts, hook, scale, config.coefs, config.positions, config.min_valid,
+                          config.batched)
+    valid: list[list[float]] = [[] for _ in candidates]
+    for j, (_, rates) in zip(owners, ups, strict=True):
+        if rates["valid_rate"] >= config.min_valid:
+            valid[j].append(rates["misaligned_rate"])
+    return [max(v, default=up0) for v in valid]
 
 
 def _both_ways(r: ProtocolResult, up0: float, min_valid: float, min_effect: float) -> bool:
