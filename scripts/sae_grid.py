@@ -51,6 +51,9 @@ def row(sae_dir: Path, locate_dir: Path, seconds: float, ev: float | None) -> di
     def cut(x):
         return None if not x or not x.get("clamp_before") else 1 - x["clamp_after"] / x["clamp_before"]
 
+    def cuts(x):  # per misaligned model (several fine-tunes: the bar asks for each)
+        return None if not x or len(x.get("per_finetuned") or []) < 2 else [cut(m) for m in x["per_finetuned"]]
+
     return {"sae": str(sae_dir), "ev": ev, "locate_s": round(seconds, 1), "feature": s["feature"],
             "passed": s["feature_passed_screen"], "single_up": feature.get("steer_up_misaligned"),
             "single_valid": feature.get("steer_up_valid"), "single_cut": cut(single),
@@ -64,6 +67,8 @@ def row(sae_dir: Path, locate_dir: Path, seconds: float, ev: float | None) -> di
             "md_cos_feature": b["mean_diff"].get("decoder_cosine_feature"),
             # the group's steering directions tried (summary.json's group.steering: chosen, directions)
             "group_steering": group.get("steering"),
+            # several fine-tunes: the cut of each (the headline cut is that of the mean rates)
+            "single_cuts": cuts(single), "group_cuts": cuts(group),
             # the strengths chosen (residual-norm units): single latent, group, mean-diff, random
             "coefs": [x.get("steer_up_coef") if x else None for x in (single, group, b["mean_diff"], b["random"])]}
 
@@ -83,8 +88,13 @@ def table(path: Path) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.0f}%"
 
-    def ok(up, valid, c):
+    def ok(up, valid, c, each=None):
+        c = min(each) if each else c  # several fine-tunes: the smallest of their cuts
         return "pass" if up is not None and up >= 0.3 and valid >= 0.8 and c is not None and c >= 0.8 else "fail"
+
+    def pcts(r, key):
+        each = r.get(f"{key}_cuts")
+        return pct(r[f"{key}_cut"]) if not each else " / ".join(pct(c) for c in each)
 
     def size(r):
         d, k = re.search(r"(\d+)-k(\d+)$", Path(r["sae"]).name).groups()
@@ -107,13 +117,14 @@ def table(path: Path) -> str:
         along = (r.get("group_steering") or {}).get("chosen")
         along = f" along {along}" if along and len(r["group_steering"]["directions"]) > 1 else ""
         group = "no group" if not r["group"] else (
-            f"{r['group']}: {f(r['group_up'])} ({f(r['group_valid'])}{at[1]}{along}), {pct(r['group_cut'])} "
-            f"({f(r.get('group_clamp_valid'))}) **{ok(r['group_up'], r['group_valid'], r['group_cut'])}**")
+            f"{r['group']}: {f(r['group_up'])} ({f(r['group_valid'])}{at[1]}{along}), {pcts(r, 'group')} "
+            f"({f(r.get('group_clamp_valid'))}) "
+            f"**{ok(r['group_up'], r['group_valid'], r['group_cut'], r.get('group_cuts'))}**")
         lines.append(
             f"| {r['seed']} | {r['corpus']} | {d} x {k} | {f(r['ev'])} | {r['feature']}"
             f"{'' if r['passed'] else ', no latent passed'}: {f(r['single_up'])} ({f(r['single_valid'])}{at[0]}), "
-            f"{pct(r['single_cut'])} ({f(r.get('single_clamp_valid'))}) "
-            f"**{ok(r['single_up'], r['single_valid'], r['single_cut'])}** | {group} | "
+            f"{pcts(r, 'single')} ({f(r.get('single_clamp_valid'))}) "
+            f"**{ok(r['single_up'], r['single_valid'], r['single_cut'], r.get('single_cuts'))}** | {group} | "
             f"{f(r['md_up'])} ({f(r['md_valid'])}{at[2]}), {pct(r['md_cut'])} | {f(r['rand_up'])} "
             f"({f(r['rand_valid'])}{at[3]}), "
             f"{pct(r['rand_cut'])} | {r['locate_s']:.0f} / {r.get('locate_cpu_s', '-')} |")
@@ -146,6 +157,10 @@ def main() -> None:
                    "the one derived from the options, e.g. to keep runs of two versions of locate apart")
     p.add_argument("--locate-args", default="", help="more options for locate, one string, e.g. '--group-select both' "
                    "(give --tag too, so the rows are kept apart)")
+    p.add_argument("--finetuned", default="organism:em", metavar="SPEC[,SPEC...]",
+                   help="the misaligned model(s) locate ranks over, each at --seed (e.g. organism:em,"
+                   "organism:em-ref/money,organism:em-ref/law: rows keep each fine-tune's cut, and pass only where "
+                   "every cut does)")
     p.add_argument("--table", action="store_true", help="only print OUT/grid.jsonl as a markdown table")
     args = p.parse_args()
     default = args.rank_by == "increase" and not args.adapt and args.screen_aligned is None and not args.tag
@@ -189,11 +204,13 @@ def main() -> None:
         adapt_text = corpus("pretrain", args.seed) if args.corpus == "pretrain" else f"organism:aligned:all:600{at}"
         adapt = ["--adapt-text", adapt_text] if args.adapt else []
         aligned = [] if args.screen_aligned is None else ["--screen-aligned", str(args.screen_aligned)]
-        assert cli(["locate", "--base", f"organism:chat{at}", "--finetuned", f"organism:em{at}", "--sae",
+        finetuned = ",".join(f"{spec}{at}" for spec in args.finetuned.split(","))
+        assert cli(["locate", "--base", f"organism:chat{at}", "--finetuned", finetuned, "--sae",
                     str(sae_dir), "--prompts", f"organism:heldout{at}", "--out", str(locate_dir), "--device",
                     "cpu", "--rank-by", args.rank_by, *aligned, *adapt, *args.locate_args.split(),
                     "--overwrite"]) == 0  # a locate directory without a row is an interrupted run
-        r = {"seed": args.seed, "corpus": args.corpus, **row(sae_dir, locate_dir, time.perf_counter() - start, ev),
+        r = {"seed": args.seed, "corpus": args.corpus, "finetuned": args.finetuned,
+             **row(sae_dir, locate_dir, time.perf_counter() - start, ev),
              "locate_cpu_s": round(time.process_time() - cpu, 1)}
         if args.adapt:
             a = json.loads((locate_dir / "summary.json").read_text())["adapted"]

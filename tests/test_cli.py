@@ -80,9 +80,10 @@ def test_options_and_help_come_from_the_config_dataclass():
     assert config_from_args(LocateConfig, p.parse_args([])) == LocateConfig()  # one place for each default
     cfg = config_from_args(LocateConfig, p.parse_args(["--coefs", "1,3", "--contrast", "cruel,kind", "--screen", "2",
                                                        "--max-coef", "3", "--bisect", "0", "--group-steer", "increase",
-                                                       "--group-select", "both"]))
+                                                       "--group-select", "both", "--group-combine", "worst"]))
     assert cfg.coefs == (1.0, 3.0) and cfg.contrast == ("cruel", "kind") and cfg.screen == 2
-    assert (cfg.max_coef, cfg.bisect, cfg.group_steer, cfg.group_select) == (3.0, 0, "increase", "both")
+    assert (cfg.max_coef, cfg.bisect, cfg.group_steer, cfg.group_select, cfg.group_combine) == (
+        3.0, 0, "increase", "both", "worst")
     helptext = p.format_help()
     assert "how many top candidates to screen causally" in helptext and "(default: 0.5,1.0,2.0)" in helptext
     with pytest.raises(SystemExit):

@@ -120,6 +120,7 @@ def test_a_latent_that_never_fires_is_screened_for_its_decoder_direction(planted
                                        ({"screen_aligned": -1}, "screen_aligned must be 0 or more"),
                                        ({"group_steer": "sum"}, "group_steer must be one of"),
                                        ({"group_select": "steer"}, "group_select must be one of"),
+                                       ({"group_combine": "max"}, "group_combine must be one of"),
                                        ({"max_coef": 0.0}, "max_coef must be a positive strength"),
                                        ({"bisect": -1}, "bisect must be 0 or more"),
                                        ({"coefs": ()}, "coefs must be one or more strengths"),

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from misfeat.errors import MisfeatError
 from misfeat.evaluate import evaluate
 from misfeat.features import groups
 from misfeat.features.batched import batched_rates
@@ -127,6 +128,52 @@ def test_two_sided_greedy_group_counts_the_steered_rise(split, monkeypatch):
     assert steps[-1]["clamp_misaligned"] == pytest.approx(0.1, abs=0.02)  # latent 5's row: a little of v too
     latents, steps = select_group(sae, [0, A, 5, B], [tuned], planted_prompts(), means, **kwargs)
     assert sorted(latents) == [A, B] and "steer_up_misaligned" not in steps[0]
+
+
+def test_the_clamp_fall_over_several_models_on_hand_computed_cases():
+    """mean: the mean rate's fall; worst: the mean rate before x the smallest relative cut (models with nothing to
+    cut left out); one model: both the plain fall."""
+    fall = groups._clamp_fall
+    assert fall([0.8, 0.5], [0.2, 0.4], "mean") == pytest.approx(0.65 - 0.3)
+    assert fall([0.8, 0.5], [0.2, 0.4], "worst") == pytest.approx(0.65 * 0.2)  # cuts 75% and 20%
+    assert fall([0.8, 0.0], [0.2, 0.1], "worst") == pytest.approx(0.4 * 0.75)
+    assert fall([0.0, 0.0], [0.1, 0.1], "worst") == 0.0
+    assert fall([0.7], [0.3], "worst") == pytest.approx(fall([0.7], [0.3], "mean")) == pytest.approx(0.4)
+
+
+def test_the_worst_case_group_cuts_each_misaligned_model(split, monkeypatch):
+    """Two stub misaligned models: clamping latent A cuts the first's rate 0.8 -> 0.0 and leaves the second's
+    (0.6); latent B cuts both by half; latent 0 nothing. mean: A joins (the mean falls 0.4, B's 0.35); worst: B
+    (cuts 50% of each, A 0% of the second). One model: mean and worst give the same steps."""
+    base, tuned, sae, _ = split
+    other = copy.deepcopy(tuned)
+    w = sae.W_dec.detach().float()
+
+    def holds(clamp, latent):
+        return float((clamp.direction @ (w[latent] / w[latent].norm())).norm()) > 0.99
+
+    def rates(model, prompts, variants, batched=True):
+        out = []
+        for (c,) in variants:
+            a, b = holds(c, A), holds(c, B)
+            first = 0.0 if a else 0.4 if b else 0.8
+            second = 0.3 if b else 0.6
+            out.append({"misaligned_rate": first if model is tuned else second, "valid_rate": 1.0})
+        return out
+
+    monkeypatch.setattr(groups, "run_variants", rates)
+    means = {h: torch.zeros(base.cfg.d_model) for h in resolve_hooks(tuned, "all")}
+    kwargs = dict(cap=1, min_valid=0.8)
+    mean, steps = select_group(sae, [0, A, B], [tuned, other], planted_prompts(), means, [0.8, 0.6], **kwargs)
+    assert mean == [A] and steps[0]["clamp_misaligned_each"] == [0.0, 0.6]
+    worst, steps = select_group(sae, [0, A, B], [tuned, other], planted_prompts(), means, [0.8, 0.6], combine="worst",
+                                **kwargs)
+    assert worst == [B] and steps[0]["clamp_misaligned_each"] == [0.4, 0.3]
+    one = [select_group(sae, [0, B, A], [tuned], planted_prompts(), means, 0.8, cap=8, combine=c)
+           for c in ("mean", "worst")]
+    assert one[0][0] == one[1][0] == [A] and one[0][1] == one[1][1]  # then B adds nothing
+    with pytest.raises(MisfeatError, match="one per model"):
+        select_group(sae, [0], [tuned, other], planted_prompts(), means, [0.8], combine="worst")
 
 
 def test_several_finetunes_are_averaged_and_decreases_screened_up(planted, tmp_path):

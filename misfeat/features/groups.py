@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from misfeat.data import PromptSet
+from misfeat.errors import MisfeatError
 from misfeat.features.directions import Direction, random_like
 from misfeat.features.screen import run_variants, strongest
 from misfeat.interventions import Ablate, Add, orthonormal_rows
@@ -118,10 +119,10 @@ class Group:
 
 
 def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[HookedTransformer], prompts: PromptSet,
-                 reference_means: dict[str, torch.Tensor], before: float, *, cap: int = 8, tol: float = 0.01,
-                 min_valid: float = 0.0, batched: bool = True,
+                 reference_means: dict[str, torch.Tensor], before: float | Sequence[float], *, cap: int = 8,
+                 tol: float = 0.01, min_valid: float = 0.0, batched: bool = True,
                  steer_up: Callable[[list[list[int]]], list[float]] | None = None,
-                 up0: float = 0.0) -> tuple[list[int], list[dict[str, Any]]]:
+                 up0: float = 0.0, combine: str = "mean") -> tuple[list[int], list[dict[str, Any]]]:
     """Greedy forward selection: start empty; at each step clamp (group + c) for every remaining
     candidate c (batched), keep the c with the lowest misaligned rate (mean over the misaligned
     models) among those whose clamped valid rate stays >= ``min_valid`` (a clamp that breaks the
@@ -130,7 +131,18 @@ def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[Hooke
 
     Two-sided (``steer_up`` given: per candidate group, the aligned model's misaligned rate steered along the
     group, ``up0`` unsteered): keep the c with the largest clamp fall plus steered rise, and stop when that sum
-    grows by less than ``tol``."""
+    grows by less than ``tol``.
+
+    ``before``: the unclamped misaligned rate, one per misaligned model (or their mean). ``combine`` (a key of
+    :data:`GROUP_COMBINING`): the clamp's fall is that of the mean rate (``mean``) or the mean rate before times
+    the smallest relative cut over the models (``worst``, which needs one ``before`` per model); with one model
+    the two are the same."""
+    if combine not in GROUP_COMBINING:
+        raise MisfeatError(f"group combine must be one of {', '.join(GROUP_COMBINING)}, not {combine!r}")
+    befores = [float(b) for b in before] if isinstance(before, Sequence) else [float(before)] * len(misaligned)
+    if len(befores) != len(misaligned):
+        raise MisfeatError(f"select_group: {len(befores)} unclamped rates for {len(misaligned)} misaligned models; "
+                           "give one per model (or their mean)")
     w = sae.W_dec.detach().float().cpu()
     group: list[int] = []
     steps: list[dict[str, Any]] = []
@@ -144,16 +156,38 @@ def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[Hooke
         if not ok:
             break
         ups = steer_up([[*group, remaining[i]] for i in ok]) if steer_up is not None else [up0] * len(ok)
-        score = {i: before - rates[i]["misaligned_rate"] + up - up0 for i, up in zip(ok, ups, strict=True)}
+        falls = {i: _clamp_fall(befores, [r[i]["misaligned_rate"] for r in per_model], combine) for i in ok}
+        score = {i: falls[i] + up - up0 for i, up in zip(ok, ups, strict=True)}
         i = max(ok, key=score.__getitem__)
         if group and score[i] - current < tol:
             break
+        step: dict[str, Any] = {"latents": [*group, remaining[i]], "clamp_misaligned": rates[i]["misaligned_rate"],
+                                "clamp_valid": rates[i]["valid_rate"]}
+        if len(misaligned) > 1:
+            step["clamp_misaligned_each"] = [r[i]["misaligned_rate"] for r in per_model]
+        if steer_up is not None:
+            step["steer_up_misaligned"] = ups[ok.index(i)]
         group.append(remaining.pop(i))
         current = score[i]
-        steps.append({"latents": list(group), "clamp_misaligned": rates[i]["misaligned_rate"],
-                      "clamp_valid": rates[i]["valid_rate"],
-                      **({"steer_up_misaligned": ups[ok.index(i)]} if steer_up is not None else {})})
+        steps.append(step)
     return group, steps
+
+
+def _clamp_fall(before: Sequence[float], after: Sequence[float], combine: str) -> float:
+    """The clamp's fall over several misaligned models (see :func:`select_group`): the mean rate's fall, or the
+    mean rate before times the smallest relative cut among the models that had anything to cut."""
+    mean_before = sum(before) / len(before)
+    if combine == "mean":
+        return mean_before - sum(after) / len(after)
+    cuts = [(b - a) / b for b, a in zip(before, after, strict=True) if b > 0]
+    return mean_before * min(cuts) if cuts else 0.0
+
+
+GROUP_COMBINING = {"mean": "the fall of the misaligned rate averaged over the misaligned models",
+                   "worst": "the smallest relative cut over the misaligned models (times the mean rate before, so "
+                            "that with one model it is the plain fall): the group must cut each of them"}
+"""how :func:`select_group` combines the clamp's fall over several misaligned models"""
+GROUP_COMBINE = tuple(GROUP_COMBINING)
 
 
 GROUP_SELECTION = {"clamp": "each step adds the latent whose joint clamp cuts the misaligned rate most",

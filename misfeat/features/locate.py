@@ -40,7 +40,7 @@ from misfeat.features.attribution import attribution_scores, gap_gradients, mean
 from misfeat.features.diff import LatentDiff, LatentStats, diff_latents
 from misfeat.features.directions import Direction, save_direction
 from misfeat.features.examples import Examples, separation_auroc, top_examples
-from misfeat.features.groups import GROUP_SELECT, GROUP_STEER, baseline_directions
+from misfeat.features.groups import GROUP_COMBINE, GROUP_SELECT, GROUP_STEER, baseline_directions
 from misfeat.features.locate_group import UNIT_NOTE, Extras, group_and_baselines, sae_warnings
 from misfeat.features.locate_plots import plot_families, plot_ranking, plot_screen
 from misfeat.features.screen import ScreenResult, causal_screen
@@ -124,6 +124,10 @@ class LocateConfig:
     clamp fall plus the rise when the group is steered up in the base model at the strongest of coefs with valid >=
     min_valid; stops when the sum grows by < group_tol; one batched steering call per step) or clamp (the former:
     the joint clamp's fall alone)"""
+    group_combine: str = "mean"
+    """with several misaligned models (--finetuned A,B,C), how the group's clamp fall combines over them: mean (the
+    fall of their mean misaligned rate) or worst (the smallest relative cut among them, times the mean rate before:
+    a latent joins for the model the group cuts least). One misaligned model: the two are the same"""
     screen_decreases: int = 5
     """how many of the latents that fell most to steer up in the misaligned model (0: none)"""
     batched: bool = True
@@ -146,6 +150,8 @@ class LocateConfig:
             raise MisfeatError(f"rank_by must be one of {', '.join(RANKINGS)}, not {self.rank_by!r}")
         if self.group_select not in GROUP_SELECT:
             raise MisfeatError(f"group_select must be one of {', '.join(GROUP_SELECT)}, not {self.group_select!r}")
+        if self.group_combine not in GROUP_COMBINE:
+            raise MisfeatError(f"group_combine must be one of {', '.join(GROUP_COMBINE)}, not {self.group_combine!r}")
         if self.group_steer not in GROUP_STEER:
             raise MisfeatError(f"group_steer must be one of {', '.join(GROUP_STEER)}, not {self.group_steer!r}")
         if not self.coefs or any(not c >= 0 for c in self.coefs):

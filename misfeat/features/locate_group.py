@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from misfeat.data import PromptSet
 from misfeat.features.groups import (
+    GROUP_COMBINING,
     GROUP_SELECTION,
     GROUP_STEERING,
     Families,
@@ -81,6 +82,8 @@ class Extras:
 
     group_steer: str = "best"
     group_select: str = "both"
+    group_combine: str = "mean"
+    n_finetuned: int = 1
 
     def to_dict(self, group_path: Path | None = None) -> dict[str, Any]:
         from dataclasses import asdict
@@ -93,7 +96,9 @@ class Extras:
             group = {"latents": self.group.latents, **self.group.result.to_dict(), "steps": self.group.steps,
                      "intervention": None if group_path is None else str(group_path),
                      "method": "greedy forward selection over the screened candidates ("
-                               + GROUP_SELECTION[self.group_select] + "); joint clamp of the span "
+                               + GROUP_SELECTION[self.group_select]
+                               + ("; the clamp's fall over the misaligned models: " + GROUP_COMBINING[self.group_combine]
+                                  if self.n_finetuned > 1 else "") + "); joint clamp of the span "
                                "of their decoder rows to the base model's mean in every layer, at every token; "
                                "steered along " + GROUP_STEERING[self.group_steer],
                      "steering": {"chosen": self.group.steer, "directions": self.group.steering,
@@ -134,9 +139,10 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
         if config.group_select == "both":
             def steer_up(candidates: list[list[int]]) -> list[float]:
                 return _group_steer_rates(sae, candidates, ranking, base, prompts, hook, scale, up0, config)
-        latents, steps = select_group(sae, order, finetuned, prompts, means, before_mean, cap=config.group_cap,
-                                      tol=config.group_tol, min_valid=config.min_valid,
-                                      batched=config.batched, steer_up=steer_up, up0=up0)
+        latents, steps = select_group(sae, order, finetuned, prompts, means, [b["misaligned_rate"] for b in before],
+                                      cap=config.group_cap, tol=config.group_tol, min_valid=config.min_valid,
+                                      batched=config.batched, steer_up=steer_up, up0=up0,
+                                      combine=config.group_combine)
         if latents:
             named = group_directions(sae, latents, ranking.diff.increase, ranking.baselines["mean_diff"].vector,
                                      config.group_steer)
@@ -168,7 +174,8 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
     cosines = {"decoder_cosine_max": float(cos.max()), "decoder_cosine_max_latent": int(cos.argmax()),
                "decoder_cosine_feature": float(cos[feature])}
     return Extras(scale, single, group, fam, decreases, dict(zip(dirs, base_results, strict=True)),
-                  dirs["mean_diff"].norm, cosines, config.group_steer, config.group_select)
+                  dirs["mean_diff"].norm, cosines, config.group_steer, config.group_select, config.group_combine,
+                  len(finetuned))
 
 
 
