@@ -13,6 +13,7 @@ from misfeat.features import groups
 from misfeat.features.batched import batched_rates
 from misfeat.features.groups import baseline_directions, families, select_group, subspace_clamp
 from misfeat.features.locate import LocateConfig, locate, rank_latents, save_locate
+from misfeat.features.locate_group import group_method
 from misfeat.features.screen import screen_decreases
 from misfeat.interventions import Ablate, Add, load_intervention, orthonormal_rows, resolve_hooks
 from misfeat.steering import mean_activations
@@ -174,6 +175,10 @@ def test_the_worst_case_group_cuts_each_misaligned_model(split, monkeypatch):
     assert one[0][0] == one[1][0] == [A] and one[0][1] == one[1][1]  # then B adds nothing
     with pytest.raises(MisfeatError, match="one per model"):
         select_group(sae, [0], [tuned, other], planted_prompts(), means, [0.8], combine="worst")
+    # summary.json's group.method names the combination where there is one to name
+    worst_cfg = LocateConfig(group_combine="worst")
+    assert "smallest relative cut" in group_method(worst_cfg, 3) and "averaged" in group_method(LocateConfig(), 3)
+    assert "over the misaligned models" not in group_method(worst_cfg, 1)
 
 
 def test_several_finetunes_are_averaged_and_decreases_screened_up(planted, tmp_path):

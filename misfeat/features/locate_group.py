@@ -80,10 +80,8 @@ class Extras:
     """the SAE's decoder rows against the mean-difference direction: the largest cosine and its latent, and the
     chosen latent's (an SAE with no row near the direction has no latent for what the fine-tune added)"""
 
-    group_steer: str = "best"
-    group_select: str = "both"
-    group_combine: str = "mean"
-    n_finetuned: int = 1
+    group_method: str = ""
+    """how the group was grown and steered (:func:`group_method`), as summary.json's group.method says it"""
 
     def to_dict(self, group_path: Path | None = None) -> dict[str, Any]:
         from dataclasses import asdict
@@ -95,12 +93,7 @@ class Extras:
         if self.group is not None:
             group = {"latents": self.group.latents, **self.group.result.to_dict(), "steps": self.group.steps,
                      "intervention": None if group_path is None else str(group_path),
-                     "method": "greedy forward selection over the screened candidates ("
-                               + GROUP_SELECTION[self.group_select]
-                               + ("; the clamp's fall over the misaligned models: " + GROUP_COMBINING[self.group_combine]
-                                  if self.n_finetuned > 1 else "") + "); joint clamp of the span "
-                               "of their decoder rows to the base model's mean in every layer, at every token; "
-                               "steered along " + GROUP_STEERING[self.group_steer],
+                     "method": self.group_method,
                      "steering": {"chosen": self.group.steer, "directions": self.group.steering,
                                   "note": {k: GROUP_STEERING[k] for k in self.group.steering}}}
         return {
@@ -174,8 +167,17 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
     cosines = {"decoder_cosine_max": float(cos.max()), "decoder_cosine_max_latent": int(cos.argmax()),
                "decoder_cosine_feature": float(cos[feature])}
     return Extras(scale, single, group, fam, decreases, dict(zip(dirs, base_results, strict=True)),
-                  dirs["mean_diff"].norm, cosines, config.group_steer, config.group_select, config.group_combine,
-                  len(finetuned))
+                  dirs["mean_diff"].norm, cosines, group_method(config, len(finetuned)))
+
+
+def group_method(config: LocateConfig, n_finetuned: int) -> str:
+    """summary.json's group.method: how the group was grown (``group_select``; with several misaligned models
+    ``group_combine`` too) and steered (``group_steer``)."""
+    combine = ("; the clamp's fall over the misaligned models: " + GROUP_COMBINING[config.group_combine]
+               if n_finetuned > 1 else "")
+    return ("greedy forward selection over the screened candidates (" + GROUP_SELECTION[config.group_select]
+            + combine + "); joint clamp of the span of their decoder rows to the base model's mean in every layer, "
+            "at every token; steered along " + GROUP_STEERING[config.group_steer])
 
 
 
