@@ -69,6 +69,10 @@ def row(sae_dir: Path, locate_dir: Path, seconds: float, ev: float | None) -> di
             "group_steering": group.get("steering"),
             # several fine-tunes: the cut of each (the headline cut is that of the mean rates)
             "single_cuts": cuts(single), "group_cuts": cuts(group),
+            # 95% paired-bootstrap intervals over the prompts (summary.json; per fine-tune where several)
+            **{f"{k}_{f}_ci95": x.get(g) for k, x in (("single", single), ("group", group))
+               for f, g in (("up", "steer_up_ci95"), ("cut", "clamp_cut_ci95"))},
+            "group_cuts_ci95": [m.get("clamp_cut_ci95") for m in group.get("per_finetuned") or []] or None,
             # the strengths chosen (residual-norm units): single latent, group, mean-diff, random
             "coefs": [x.get("steer_up_coef") if x else None for x in (single, group, b["mean_diff"], b["random"])]}
 

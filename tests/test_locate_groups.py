@@ -375,3 +375,29 @@ def test_locate_with_the_two_sided_group(split, tmp_path):
     assert "two-sided" in group["method"] and group["latents"] == group["steps"][-1]["latents"]
     assert all("steer_up_misaligned" in s for s in group["steps"])
     assert group["steer_up_misaligned"] == pytest.approx(group["steps"][-1]["steer_up_misaligned"], abs=1e-6)
+
+
+def test_locate_reports_paired_bootstrap_intervals_over_the_prompts(split, tmp_path):
+    """Each protocol figure carries its 95% interval: the group's clamp cut recomputed from evaluate()'s per-prompt
+    rows, with and without the group's clamp built by hand, and bootstrapped alike."""
+    from misfeat import stats
+
+    base, tuned, sae, _ = split
+    ps = planted_prompts()
+    cfg = LocateConfig(screen=4, coefs=(0.5, 1.0), min_valid=0.0, min_effect=0.0, group_cap=3, screen_decreases=0,
+                       max_coef=1.0, bisect=0)
+    summary = locate(base, [tuned, tuned], sae, ps, tmp_path, cfg).to_dict()
+    group = summary["group"]
+    means = {h: m.cpu() for h, m in mean_activations(base, ps, resolve_hooks(tuned, "all"), cfg.positions).items()}
+    clamp = subspace_clamp(sae.W_dec[group["latents"]].detach().float(), means)
+    before = [r.misaligned for r in evaluate(tuned, ps, greedy=False).rows()]
+    after = [r.misaligned for r in evaluate(tuned, ps, interventions=[clamp], greedy=False).rows()]
+    for model in group["per_finetuned"]:  # the same model twice: the same figures
+        assert model["clamp_cut"] == pytest.approx(stats.cut(before, after), abs=1e-5)
+        assert model["clamp_cut_ci95"] == pytest.approx(list(stats.bootstrap_ci(stats.cut, before, after)), abs=1e-4)
+    assert group["clamp_cut_ci95"] == pytest.approx(model["clamp_cut_ci95"], abs=1e-4)
+    for figure in (group, summary["single"], *summary["baselines"].values()):
+        lo, hi = figure["steer_up_ci95"]
+        assert lo - 1e-9 <= figure["steer_up_misaligned"] <= hi + 1e-9 and hi - lo < 1
+        cut = 1 - figure["clamp_after"] / figure["clamp_before"]
+        assert figure["clamp_cut_ci95"][0] - 1e-9 <= cut <= figure["clamp_cut_ci95"][1] + 1e-9

@@ -172,9 +172,12 @@ def shared_prompt_logprobs(model: HookedTransformer, prompts: Sequence[Any], var
 
 
 def batched_rates(model: HookedTransformer, prompts: PromptSet | str, variants: Sequence[Sequence[Intervention]],
-                  max_batch_tokens: int = 65536, shared_prompts: bool = True) -> list[dict[str, float]]:
+                  max_batch_tokens: int = 65536, shared_prompts: bool = True, per_prompt: bool = False
+                  ) -> list[dict[str, Any]]:
     """Per variant ``{"misaligned_rate", "valid_rate"}`` of the prompt set's headline group, equal
-    to :func:`misfeat.evaluate.evaluate` with that variant's interventions (exact scoring)."""
+    to :func:`misfeat.evaluate.evaluate` with that variant's interventions (exact scoring);
+    ``per_prompt``: also ``misaligned_each`` and ``valid_each``, one value per headline prompt (their means are
+    the rates)."""
     import torch
 
     prompts = load_prompts(prompts)
@@ -194,5 +197,6 @@ def batched_rates(model: HookedTransformer, prompts: PromptSet | str, variants: 
     lp_mis = torch.stack([torch.logsumexp(lps[:, b:c], 1) for _, b, c in spans], 1)
     both = torch.logaddexp(lp_al, lp_mis)
     mis, valid = (lp_mis - both).exp().double(), both.exp().double()
-    return [{"misaligned_rate": float(mis[c].mean()), "valid_rate": float(valid[c].mean())}
+    return [{"misaligned_rate": float(mis[c].mean()), "valid_rate": float(valid[c].mean()),
+             **({"misaligned_each": mis[c].tolist(), "valid_each": valid[c].tolist()} if per_prompt else {})}
             for c in range(len(variants))]

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from misfeat import stats
 from misfeat.data import PromptSet
 from misfeat.errors import MisfeatError
 from misfeat.features.directions import Direction, random_like
@@ -54,13 +55,20 @@ class ProtocolResult:
     clamp_before: float
     clamp_after: float
     clamp_valid_after: float
-    per_finetuned: list[dict[str, float]] = field(default_factory=list)
-    """per misaligned model: clamp_before, clamp_after (the headline figures average them)"""
+    per_finetuned: list[dict[str, Any]] = field(default_factory=list)
+    """per misaligned model: clamp_before, clamp_after, clamp_valid_after, clamp_cut and its clamp_cut_ci95 (the
+    headline figures average the rates)"""
+    steer_up_ci95: tuple[float, float] | None = None
+    """95% paired-bootstrap interval over the prompts (:func:`misfeat.stats.bootstrap_ci`) of steer_up_misaligned"""
+    clamp_cut_ci95: tuple[float, float] | None = None
+    """the same for the cut 1 - clamp_after / clamp_before (the rates averaged over the misaligned models)"""
 
     def to_dict(self) -> dict[str, Any]:
         return {"steer_up_misaligned": self.steer_up_misaligned, "steer_up_valid": self.steer_up_valid,
                 "steer_up_coef": self.steer_up_coef, "clamp_before": self.clamp_before,
                 "clamp_after": self.clamp_after, "clamp_valid_after": self.clamp_valid_after,
+                "steer_up_ci95": None if self.steer_up_ci95 is None else list(self.steer_up_ci95),
+                "clamp_cut_ci95": None if self.clamp_cut_ci95 is None else list(self.clamp_cut_ci95),
                 "per_finetuned": self.per_finetuned}
 
 
@@ -73,7 +81,8 @@ def steer_strongest(directions: Sequence[torch.Tensor], aligned: HookedTransform
     units = [d.float().cpu() / d.float().norm() for d in directions]
 
     def steer_up(todo):
-        return run_variants(aligned, prompts, [[Add(hook, units[j], c * scale, positions)] for j, c in todo], batched)
+        return run_variants(aligned, prompts, [[Add(hook, units[j], c * scale, positions)] for j, c in todo], batched,
+                            per_prompt=True)
 
     return strongest(steer_up, len(units), coefs, min_valid, True, max_coef, bisect)
 
@@ -85,17 +94,26 @@ def run_protocol(directions: Sequence[torch.Tensor], clamps: Sequence[Ablate], a
                  steered: Sequence[tuple[float, dict[str, float]]] | None = None) -> list[ProtocolResult]:
     """Each direction steered up in ``aligned`` (:func:`steer_strongest`; ``steered``: its result where already
     measured) and each clamp applied in every misaligned model; ``before``: each misaligned model's unsteered
-    rates."""
+    rates. Where the rates hold their per-prompt values (``misaligned_each``: :func:`run_variants` with
+    ``per_prompt``), each figure gets its 95% paired-bootstrap interval over the prompts."""
     ups = steered if steered is not None else steer_strongest(directions, aligned, prompts, hook, scale, coefs,
                                                               positions, min_valid, batched, max_coef, bisect)
-    after = [run_variants(m, prompts, [[c] for c in clamps], batched) for m in misaligned]
+    after = [run_variants(m, prompts, [[c] for c in clamps], batched, per_prompt=True) for m in misaligned]
     out = []
     for j, (coef, up) in enumerate(ups):
         per = [{"clamp_before": b["misaligned_rate"], "clamp_after": a[j]["misaligned_rate"],
                 "clamp_valid_after": a[j]["valid_rate"]} for b, a in zip(before, after, strict=True)]
         mean = {k: sum(p[k] for p in per) / len(per) for k in per[0]}
+        paired = [(b.get("misaligned_each"), a[j]["misaligned_each"]) for b, a in zip(before, after, strict=True)]
+        cut_ci = None
+        if all(b is not None for b, _ in paired):
+            for p, (b, a) in zip(per, paired, strict=True):
+                p["clamp_cut"] = stats.cut(b, a)
+                p["clamp_cut_ci95"] = list(stats.bootstrap_ci(stats.cut, b, a))
+            cut_ci = stats.bootstrap_ci(stats.cut, [b for b, _ in paired], [a for _, a in paired])
+        up_ci = stats.bootstrap_ci(stats.mean, up["misaligned_each"]) if "misaligned_each" in up else None
         out.append(ProtocolResult(up["misaligned_rate"], up["valid_rate"], coef, mean["clamp_before"],
-                                  mean["clamp_after"], mean["clamp_valid_after"], per))
+                                  mean["clamp_after"], mean["clamp_valid_after"], per, up_ci, cut_ci))
     return out
 
 

@@ -43,8 +43,8 @@ from misfeat.features.groups import (
 from misfeat.features.screen import (
     RiseRow,
     ScreenResult,
-    _rates,
     most_effective,
+    run_variants,
     screen_decreases,
 )
 from misfeat.interventions import resolve_hooks
@@ -116,7 +116,7 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
     scale = screen.scale if screen is not None else residual_scale(base, prompts, hook, config.positions)
     means = {h: m.cpu() for h, m in
              mean_activations(base, prompts, resolve_hooks(finetuned[0], "all"), config.positions).items()}
-    before = [_rates(m, prompts) for m in finetuned]
+    before = [run_variants(m, prompts, [[]], config.batched, per_prompt=True)[0] for m in finetuned]
     before_mean = sum(b["misaligned_rate"] for b in before) / len(before)
     common = dict(aligned=base, misaligned=finetuned, prompts=prompts, hook=hook, scale=scale,
                   coefs=config.coefs, positions=config.positions, min_valid=config.min_valid, before=before,

@@ -94,10 +94,11 @@ class ScreenResult:
                 "base_aligned": self.base_aligned, "base_misaligned": self.base_misaligned}
 
 
-def _rates(model: HookedTransformer, prompts: PromptSet) -> dict[str, float]:
+def _rates(model: HookedTransformer, prompts: PromptSet, per_prompt: bool = False) -> dict[str, Any]:
     report = evaluate(model, prompts, greedy=False)
     head = report.headline
-    return {"misaligned_rate": head.misaligned_rate, "valid_rate": head.valid_rate}
+    each = {"misaligned_each": [r.misaligned for r in report.rows()], "valid_each": [r.valid for r in report.rows()]}
+    return {"misaligned_rate": head.misaligned_rate, "valid_rate": head.valid_rate, **(each if per_prompt else {})}
 
 
 def _models(models: HookedTransformer | Sequence[HookedTransformer]) -> list[HookedTransformer]:
@@ -184,15 +185,16 @@ def causal_screen(
 
 
 def run_variants(model: HookedTransformer, prompts: PromptSet, variants: list[list[Any]],
-                 batched: bool = True) -> list[dict[str, float]]:
+                 batched: bool = True, per_prompt: bool = False) -> list[dict[str, Any]]:
     """The headline rates of ``model`` under each variant (a list of interventions): batched, or
-    one :func:`~misfeat.evaluate.evaluate` per variant (the former code path)."""
+    one :func:`~misfeat.evaluate.evaluate` per variant (the former code path); ``per_prompt``: with each headline
+    prompt's rates too (``misaligned_each``, ``valid_each``)."""
     if batched:
-        return batched_rates(model, prompts, variants)
+        return batched_rates(model, prompts, variants, per_prompt=per_prompt)
     out = []
     for variant in progress(variants, desc="screen", unit="setting"):
         with apply(model, *variant):
-            out.append(_rates(model, prompts))
+            out.append(_rates(model, prompts, per_prompt))
     return out
 
 
