@@ -166,7 +166,12 @@ def test_locate_cli_end_to_end(pair, tmp_path, capsys):
     assert load_direction(s["direction"]).hook == HOOK
     for name in ("ranking.png", "screen.png", "examples.jsonl", "examples.txt"):
         assert (tmp_path / "out" / name).is_file(), name
-    assert "feature: latent" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "feature: latent" in out
+    single = s["single"]  # the human line carries the figure and its interval from summary.json
+    lo, hi = single["steer_up_ci95"]
+    assert (f"latent {s['feature']}: steered up in the base model misaligned {single['steer_up_misaligned']:.3f} "
+            f"[{lo:.2f}, {hi:.2f}]") in out and "baseline random: steered up" in out
 
 
 def test_trajectory_measures_every_checkpoint_in_step_order(pair, tmp_path):

@@ -98,13 +98,11 @@ def run(args: argparse.Namespace) -> int:
               f"layer): {clamp['group']} misaligned {clamp['misaligned_before']:.3f} -> "
               f"{clamp['misaligned_after']:.3f} (valid {clamp['valid_after']:.3f}); as an SAE latent with the error "
               f"term kept: {s['clamp_latent']['misaligned_after']:.3f}")
+    table += "\n" + protocol_line(f"latent {s['feature']}", s["single"])
     if s.get("group") and s["group"]["latents"]:
-        g = s["group"]
-        table += (f"\ngroup {g['latents']}: steered up in the base model misaligned {g['steer_up_misaligned']:.3f} "
-                  f"(valid {g['steer_up_valid']:.3f}); joint clamp {g['clamp_before']:.3f} -> {g['clamp_after']:.3f}")
+        table += "\n" + protocol_line(f"group {s['group']['latents']}", s["group"])
     for name, b in (s.get("baselines") or {}).items():
-        table += (f"\nbaseline {name}: steered up {b['steer_up_misaligned']:.3f} (valid {b['steer_up_valid']:.3f}); "
-                  f"clamp {b['clamp_before']:.3f} -> {b['clamp_after']:.3f}")
+        table += "\n" + protocol_line(f"baseline {name}", b)
         if b.get("decoder_cosine_max") is not None:
             table += (f"; nearest SAE decoder row: latent {b['decoder_cosine_max_latent']} at cosine "
                       f"{b['decoder_cosine_max']:.2f} (the feature's: {b['decoder_cosine_feature']:.2f})")
@@ -116,4 +114,23 @@ def run(args: argparse.Namespace) -> int:
     finish(args, {"base": args.base, "finetuned": args.finetuned, "sae": args.sae, "prompts": args.prompts, **s},
            table)
     return 0
+
+
+def protocol_line(name: str, figure: dict) -> str:
+    """One protocol figure of summary.json (single, group, a baseline) as a line: steered up in the base model,
+    clamped in the misaligned model(s), with the 95% bootstrap intervals over the prompts in brackets."""
+
+    def ci(x: list[float] | None, pct: bool = False) -> str:
+        return "" if not x else f" [{100 * x[0]:.0f}, {100 * x[1]:.0f}]" if pct else f" [{x[0]:.2f}, {x[1]:.2f}]"
+
+    cut = 1 - figure["clamp_after"] / figure["clamp_before"] if figure["clamp_before"] else 0.0
+    line = (f"{name}: steered up in the base model misaligned {figure['steer_up_misaligned']:.3f}"
+            f"{ci(figure.get('steer_up_ci95'))} (valid {figure['steer_up_valid']:.3f}); clamp "
+            f"{figure['clamp_before']:.3f} -> {figure['clamp_after']:.3f}, cut {100 * cut:.0f}%"
+            f"{ci(figure.get('clamp_cut_ci95'), True)}")
+    each = figure.get("per_finetuned") or []
+    if len(each) > 1:
+        line += "; per fine-tune " + ", ".join(f"{100 * m['clamp_cut']:.0f}%{ci(m.get('clamp_cut_ci95'), True)}"
+                                               for m in each if m.get("clamp_cut") is not None)
+    return line
 
