@@ -124,10 +124,11 @@ class LocateConfig:
     clamp fall plus the rise when the group is steered up in the base model at the strongest of coefs with valid >=
     min_valid; stops when the sum grows by < group_tol; one batched steering call per step) or clamp (the former:
     the joint clamp's fall alone)"""
-    group_combine: str = "mean"
-    """with several misaligned models (--finetuned A,B,C), how the group's clamp fall combines over them: mean (the
-    fall of their mean misaligned rate) or worst (the smallest relative cut among them, times the mean rate before:
-    a latent joins for the model the group cuts least). One misaligned model: the two are the same"""
+    group_combine: str = "worst"
+    """with several misaligned models (--finetuned A,B,C), how the group's clamp fall combines over them: worst (the
+    smallest relative cut among them, times the mean rate before: a latent joins for the model the group cuts
+    least, as the bar asks each to be cut) or mean (the fall of their mean misaligned rate). One misaligned model:
+    the two are the same"""
     screen_decreases: int = 5
     """how many of the latents that fell most to steer up in the misaligned model (0: none)"""
     batched: bool = True
