@@ -177,7 +177,7 @@ def test_the_worst_case_group_cuts_each_misaligned_model(split, monkeypatch):
         select_group(sae, [0], [tuned, other], planted_prompts(), means, [0.8], combine="worst")
     # summary.json's group.method names the combination where there is one to name
     worst_cfg = LocateConfig(group_combine="worst")
-    assert "smallest relative cut" in group_method(worst_cfg, 3) and "averaged" in group_method(LocateConfig(), 3)
+    assert "smallest relative cut" in group_method(worst_cfg, 3) and "averaged" in group_method(LocateConfig(group_combine="mean"), 3)
     assert "over the misaligned models" not in group_method(worst_cfg, 1)
 
 
