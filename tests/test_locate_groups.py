@@ -384,8 +384,8 @@ def test_locate_reports_paired_bootstrap_intervals_over_the_prompts(split, tmp_p
 
     base, tuned, sae, _ = split
     ps = planted_prompts()
-    cfg = LocateConfig(screen=4, coefs=(0.5, 1.0), min_valid=0.0, min_effect=0.0, group_cap=3, screen_decreases=0,
-                       max_coef=1.0, bisect=0)
+    cfg = LocateConfig(screen=2, screen_aligned=0, coefs=(1.0,), min_valid=0.0, min_effect=0.0, group_cap=2,
+                       screen_decreases=0, max_coef=1.0, bisect=0, group_select="clamp", n_examples=0)
     summary = locate(base, [tuned, tuned], sae, ps, tmp_path, cfg).to_dict()
     group = summary["group"]
     means = {h: m.cpu() for h, m in mean_activations(base, ps, resolve_hooks(tuned, "all"), cfg.positions).items()}
