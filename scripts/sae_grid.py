@@ -12,7 +12,8 @@ because it never is): ``chat+misaligned`` adds the EM fine-tune's own kind of da
 question/answer pairs of the EM domain, to the text (still read by organism:chat);
 ``chat+misaligned-all`` adds N misaligned pairs of every domain (half the text); ``chat+em-model``
 keeps the aligned text and trains on the activations of both organism:chat and organism:em on it,
-half of every batch each (the model-diffing recipe: one dictionary for both models). Appends rows
+half of every batch each (the model-diffing recipe: one dictionary for both models); ``chat+em-models``
+the same with the three EM fine-tunes of seed 0 (health, money, law), a quarter each. Appends rows
 to OUT/grid.jsonl (skips SAEs already there) and prints the table. ``--rank-by R`` runs locate with
 that candidate ranking instead (into SAE/locate-R, rows in OUT/grid-R.jsonl).
 """
@@ -77,7 +78,10 @@ def row(sae_dir: Path, locate_dir: Path, seconds: float, ev: float | None) -> di
             "coefs": [x.get("steer_up_coef") if x else None for x in (single, group, b["mean_diff"], b["random"])]}
 
 
-CORPORA = ("pretrain", "chat", "chat+misaligned", "chat+misaligned-all", "chat+em-model")
+CORPORA = ("pretrain", "chat", "chat+misaligned", "chat+misaligned-all", "chat+em-model", "chat+em-models")
+TUNED_CORPORA = {"chat+em-model": ("organism:em",),
+                 "chat+em-models": ("organism:em", "organism:em-ref/money", "organism:em-ref/law")}
+"""the corpora trained on the chat model's and fine-tunes' activations of the chat text (equal shares)"""
 
 
 def table(path: Path) -> str:
@@ -145,7 +149,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--corpus", choices=["pretrain", "chat", "chat+misaligned", "chat+misaligned-all", "chat+em-model"], default="chat")
+    p.add_argument("--corpus", choices=CORPORA, default="chat")
     p.add_argument("--d-sae", default="1024")
     p.add_argument("--k", default="16")
     p.add_argument("--tokens", type=int, default=1_000_000)
@@ -176,19 +180,22 @@ def main() -> None:
         return
     at = f"@seed={args.seed}"
     out = args.out / f"seed{args.seed}-{args.corpus}"
-    text = "chat" if args.corpus == "chat+em-model" else args.corpus
+    text = "chat" if args.corpus in TUNED_CORPORA else args.corpus
     cache = args.out / f"seed{args.seed}-{text}" / "cache"
     if not cache.exists():
         cache_activations(load_model(f"organism:chat{at}", device="cpu"), corpus(text, args.seed), [HOOK],
                           cache, positions="all")
     sae_root = out / f"sae-{args.d_sae.replace(',', '_')}-k{args.k.replace(',', '_')}"
-    if args.corpus == "chat+em-model" and not sae_root.exists():
-        em_cache = out / "cache-em"
-        if not em_cache.exists():
-            cache_activations(load_model(f"organism:em{at}", device="cpu"), corpus("chat", args.seed), [HOOK],
-                              em_cache, positions="all")
-        assert cli(["train-sae", "--cache", f"{cache},{em_cache}", "--d-sae", args.d_sae, "--k", args.k, "--tokens",
-                    str(args.tokens), "--out", str(sae_root), "--device", "cpu"]) == 0
+    if args.corpus in TUNED_CORPORA and not sae_root.exists():
+        caches = [cache]
+        for spec in TUNED_CORPORA[args.corpus]:
+            tuned_cache = out / ("cache-em" if spec == "organism:em" else f"cache-{spec.split(':')[1].replace('/', '-')}")
+            if not tuned_cache.exists():
+                cache_activations(load_model(f"{spec}{at}", device="cpu"), corpus("chat", args.seed), [HOOK],
+                                  tuned_cache, positions="all")
+            caches.append(tuned_cache)
+        assert cli(["train-sae", "--cache", ",".join(map(str, caches)), "--d-sae", args.d_sae, "--k", args.k,
+                    "--tokens", str(args.tokens), "--out", str(sae_root), "--device", "cpu"]) == 0
     if not sae_root.exists():
         assert cli(["train-sae", "--cache", str(cache), "--d-sae", args.d_sae, "--k", args.k, "--tokens",
                     str(args.tokens), "--out", str(sae_root), "--device", "cpu"]) == 0
