@@ -74,15 +74,17 @@ class ProtocolResult:
 
 def steer_strongest(directions: Sequence[torch.Tensor], aligned: HookedTransformer, prompts: PromptSet, hook: str,
                     scale: float, coefs: Sequence[float], positions: str, min_valid: float, batched: bool = True,
-                    max_coef: float | None = None, bisect: int = 0) -> list[tuple[float, dict[str, float]]]:
+                    max_coef: float | None = None, bisect: int = 0, per_prompt: bool = False
+                    ) -> list[tuple[float, dict[str, Any]]]:
     """Each direction (as a unit vector) steered up at ``c * scale`` in ``aligned`` for ``c`` in ``coefs`` (on past
     them up to ``max_coef`` while valid, then ``bisect`` rounds: :func:`~misfeat.features.screen.strongest`); per
-    direction the (coef, rates) of its strongest coherent steering."""
+    direction the (coef, rates) of its strongest coherent steering (``per_prompt``: with the prompts' rates, for
+    :func:`run_protocol`'s intervals)."""
     units = [d.float().cpu() / d.float().norm() for d in directions]
 
     def steer_up(todo):
         return run_variants(aligned, prompts, [[Add(hook, units[j], c * scale, positions)] for j, c in todo], batched,
-                            per_prompt=True)
+                            per_prompt)
 
     return strongest(steer_up, len(units), coefs, min_valid, True, max_coef, bisect)
 
@@ -97,7 +99,8 @@ def run_protocol(directions: Sequence[torch.Tensor], clamps: Sequence[Ablate], a
     rates. Where the rates hold their per-prompt values (``misaligned_each``: :func:`run_variants` with
     ``per_prompt``), each figure gets its 95% paired-bootstrap interval over the prompts."""
     ups = steered if steered is not None else steer_strongest(directions, aligned, prompts, hook, scale, coefs,
-                                                              positions, min_valid, batched, max_coef, bisect)
+                                                              positions, min_valid, batched, max_coef, bisect,
+                                                              per_prompt=True)
     after = [run_variants(m, prompts, [[c] for c in clamps], batched, per_prompt=True) for m in misaligned]
     out = []
     for j, (coef, up) in enumerate(ups):

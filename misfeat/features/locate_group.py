@@ -140,7 +140,7 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
             named = group_directions(sae, latents, ranking.diff.increase, ranking.baselines["mean_diff"].vector,
                                      config.group_steer)
             ups = steer_strongest(list(named.values()), base, prompts, hook, scale, config.coefs, config.positions,
-                                  config.min_valid, config.batched, config.max_coef, config.bisect)
+                                  config.min_valid, config.batched, config.max_coef, config.bisect, per_prompt=True)
             tried = dict(zip(named, ups, strict=True))
             steer, _ = most_effective([(name, rates) for name, (_, rates) in tried.items()], config.min_valid)
             clamp = subspace_clamp(w[latents], means)

@@ -96,9 +96,11 @@ class ScreenResult:
 
 def _rates(model: HookedTransformer, prompts: PromptSet, per_prompt: bool = False) -> dict[str, Any]:
     report = evaluate(model, prompts, greedy=False)
-    head = report.headline
-    each = {"misaligned_each": [r.misaligned for r in report.rows()], "valid_each": [r.valid for r in report.rows()]}
-    return {"misaligned_rate": head.misaligned_rate, "valid_rate": head.valid_rate, **(each if per_prompt else {})}
+    rates = {"misaligned_rate": report.headline.misaligned_rate, "valid_rate": report.headline.valid_rate}
+    if per_prompt:
+        rows = report.rows()
+        rates.update(misaligned_each=[r.misaligned for r in rows], valid_each=[r.valid for r in rows])
+    return rates
 
 
 def _models(models: HookedTransformer | Sequence[HookedTransformer]) -> list[HookedTransformer]:
