@@ -104,9 +104,9 @@ def table(path: Path) -> str:
         each = r.get(f"{key}_cuts")
         return pct(r[f"{key}_cut"]) if not each else " / ".join(pct(c) for c in each)
 
-    def size(r):
-        d, k = re.search(r"(\d+)-k(\d+)$", Path(r["sae"]).name).groups()
-        return int(d), int(k)
+    def size(r):  # d_sae, k and the SAE's draw (--sae-seed)
+        d, k, s = re.search(r"(\d+)-k(\d+)(?:-s(\d+))?$", Path(r["sae"]).name).groups()
+        return int(d), int(k), int(s or 0)
 
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     for r in rows:  # rows written before the clamped valid rates were kept: read them from the run
@@ -119,7 +119,7 @@ def table(path: Path) -> str:
     lines = ["| seed | corpus | d_sae x k | EV | single latent: up (valid), cut (valid) | group: up (valid), cut (valid) "
              "| mean-diff: up (valid), cut | random: up (valid), cut | locate wall / CPU s |", "|" + "---|" * 9]
     for r in rows:
-        d, k = size(r)
+        d, k, s = size(r)
         at = [""] * 4 if not r.get("coefs") else ["" if c is None else f" at {c:g}" for c in r["coefs"]]
 
         along = (r.get("group_steering") or {}).get("chosen")
@@ -129,7 +129,7 @@ def table(path: Path) -> str:
             f"({f(r.get('group_clamp_valid'))}) "
             f"**{ok(r['group_up'], r['group_valid'], r['group_cut'], r.get('group_cuts'))}**")
         lines.append(
-            f"| {r['seed']} | {r['corpus']} | {d} x {k} | {f(r['ev'])} | {r['feature']}"
+            f"| {r['seed']} | {r['corpus']} | {d} x {k}{f' (draw {s})' if s else ''} | {f(r['ev'])} | {r['feature']}"
             f"{'' if r['passed'] else ', no latent passed'}: {f(r['single_up'])} ({f(r['single_valid'])}{at[0]}), "
             f"{pcts(r, 'single')} ({f(r.get('single_clamp_valid'))}) "
             f"**{ok(r['single_up'], r['single_valid'], r['single_cut'], r.get('single_cuts'))}** | {group} | "
@@ -153,6 +153,8 @@ def main() -> None:
     p.add_argument("--d-sae", default="1024")
     p.add_argument("--k", default="16")
     p.add_argument("--tokens", type=int, default=1_000_000)
+    p.add_argument("--sae-seed", type=int, default=0, help="train-sae's --seed (initialisation and data order): "
+                   "another draw of the same SAE, in SAE-DIR-sN (0: the grid's draw, in SAE-DIR)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--rank-by", default="increase", help="locate's --rank-by (other than increase: rows go to "
                    "OUT/grid-<rank-by>.jsonl, outputs to SAE/locate-<rank-by>)")
@@ -185,7 +187,9 @@ def main() -> None:
     if not cache.exists():
         cache_activations(load_model(f"organism:chat{at}", device="cpu"), corpus(text, args.seed), [HOOK],
                           cache, positions="all")
-    sae_root = out / f"sae-{args.d_sae.replace(',', '_')}-k{args.k.replace(',', '_')}"
+    sae_root = out / (f"sae-{args.d_sae.replace(',', '_')}-k{args.k.replace(',', '_')}"
+                      + (f"-s{args.sae_seed}" if args.sae_seed else ""))
+    draw = ["--seed", str(args.sae_seed)]
     if args.corpus in TUNED_CORPORA and not sae_root.exists():
         caches = [cache]
         for spec in TUNED_CORPORA[args.corpus]:
@@ -195,10 +199,10 @@ def main() -> None:
                                   tuned_cache, positions="all")
             caches.append(tuned_cache)
         assert cli(["train-sae", "--cache", ",".join(map(str, caches)), "--d-sae", args.d_sae, "--k", args.k,
-                    "--tokens", str(args.tokens), "--out", str(sae_root), "--device", "cpu"]) == 0
+                    "--tokens", str(args.tokens), "--out", str(sae_root), "--device", "cpu", *draw]) == 0
     if not sae_root.exists():
         assert cli(["train-sae", "--cache", str(cache), "--d-sae", args.d_sae, "--k", args.k, "--tokens",
-                    str(args.tokens), "--out", str(sae_root), "--device", "cpu"]) == 0
+                    str(args.tokens), "--out", str(sae_root), "--device", "cpu", *draw]) == 0
     done = {json.loads(x)["sae"] for x in (args.out / rows_file).read_text().splitlines()} \
         if (args.out / rows_file).exists() else set()
     dirs = [sae_root] if (sae_root / "cfg.json").exists() else sorted(d for d in sae_root.iterdir()
