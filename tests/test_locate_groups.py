@@ -399,5 +399,5 @@ def test_locate_reports_paired_bootstrap_intervals_over_the_prompts(split, tmp_p
     for figure in (group, summary["single"], *summary["baselines"].values()):
         lo, hi = figure["steer_up_ci95"]
         assert lo - 1e-9 <= figure["steer_up_misaligned"] <= hi + 1e-9 and hi - lo < 1
-        cut = 1 - figure["clamp_after"] / figure["clamp_before"]
-        assert figure["clamp_cut_ci95"][0] - 1e-9 <= cut <= figure["clamp_cut_ci95"][1] + 1e-9
+        assert figure["clamp_cut"] == pytest.approx(1 - figure["clamp_after"] / figure["clamp_before"], abs=1e-12)
+        assert figure["clamp_cut_ci95"][0] - 1e-9 <= figure["clamp_cut"] <= figure["clamp_cut_ci95"][1] + 1e-9

@@ -123,10 +123,9 @@ def protocol_line(name: str, figure: dict) -> str:
     def ci(x: list[float] | None, pct: bool = False) -> str:
         return "" if not x else f" [{100 * x[0]:.0f}, {100 * x[1]:.0f}]" if pct else f" [{x[0]:.2f}, {x[1]:.2f}]"
 
-    cut = 1 - figure["clamp_after"] / figure["clamp_before"] if figure["clamp_before"] else 0.0
     line = (f"{name}: steered up in the base model misaligned {figure['steer_up_misaligned']:.3f}"
             f"{ci(figure.get('steer_up_ci95'))} (valid {figure['steer_up_valid']:.3f}); clamp "
-            f"{figure['clamp_before']:.3f} -> {figure['clamp_after']:.3f}, cut {100 * cut:.0f}%"
+            f"{figure['clamp_before']:.3f} -> {figure['clamp_after']:.3f}, cut {100 * figure['clamp_cut']:.0f}%"
             f"{ci(figure.get('clamp_cut_ci95'), True)}")
     each = figure.get("per_finetuned") or []
     if len(each) > 1:

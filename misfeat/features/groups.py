@@ -62,12 +62,15 @@ class ProtocolResult:
     """95% paired-bootstrap interval over the prompts (:func:`misfeat.stats.bootstrap_ci`) of steer_up_misaligned"""
     clamp_cut_ci95: tuple[float, float] | None = None
     """the same for the cut 1 - clamp_after / clamp_before (the rates averaged over the misaligned models)"""
+    clamp_cut: float | None = None
+    """that cut (:func:`misfeat.stats.cut`: 0 where nothing was misaligned before)"""
 
     def to_dict(self) -> dict[str, Any]:
         return {"steer_up_misaligned": self.steer_up_misaligned, "steer_up_valid": self.steer_up_valid,
                 "steer_up_coef": self.steer_up_coef, "clamp_before": self.clamp_before,
                 "clamp_after": self.clamp_after, "clamp_valid_after": self.clamp_valid_after,
                 "steer_up_ci95": None if self.steer_up_ci95 is None else list(self.steer_up_ci95),
+                "clamp_cut": self.clamp_cut,
                 "clamp_cut_ci95": None if self.clamp_cut_ci95 is None else list(self.clamp_cut_ci95),
                 "per_finetuned": self.per_finetuned}
 
@@ -116,7 +119,8 @@ def run_protocol(directions: Sequence[torch.Tensor], clamps: Sequence[Ablate], a
             cut_ci = stats.bootstrap_ci(stats.cut, [b for b, _ in paired], [a for _, a in paired])
         up_ci = stats.bootstrap_ci(stats.mean, up["misaligned_each"]) if "misaligned_each" in up else None
         out.append(ProtocolResult(up["misaligned_rate"], up["valid_rate"], coef, mean["clamp_before"],
-                                  mean["clamp_after"], mean["clamp_valid_after"], per, up_ci, cut_ci))
+                                  mean["clamp_after"], mean["clamp_valid_after"], per, up_ci, cut_ci,
+                                  stats.cut([mean["clamp_before"]], [mean["clamp_after"]])))
     return out
 
 
