@@ -401,3 +401,47 @@ def test_locate_reports_paired_bootstrap_intervals_over_the_prompts(split, tmp_p
         assert lo - 1e-9 <= figure["steer_up_misaligned"] <= hi + 1e-9 and hi - lo < 1
         assert figure["clamp_cut"] == pytest.approx(1 - figure["clamp_after"] / figure["clamp_before"], abs=1e-12)
         assert figure["clamp_cut_ci95"][0] - 1e-9 <= figure["clamp_cut"] <= figure["clamp_cut_ci95"][1] + 1e-9
+
+
+def test_a_subspace_clamp_at_the_answer_position_leaves_the_other_tokens(planted):
+    from misfeat.hooks import position_masks
+
+    base, tuned, sae, _ = planted
+    hooks = resolve_hooks(tuned, "all")
+    means = {h: m.cpu() for h, m in mean_activations(base, planted_prompts(), hooks, "last").items()}
+    vectors = sae.W_dec[[1, 2]].detach().float()
+    act = torch.randn(2, 5, base.cfg.d_model)
+    last = torch.zeros(2, 5, dtype=torch.bool)
+    last[0, 4], last[1, 2] = True, True  # the second row's prompt ends at token 2 (right padding)
+    with position_masks({"all": torch.ones_like(last), "prompt": torch.ones_like(last), "response": torch.zeros_like(last),
+                         "last": last}):
+        out = subspace_clamp(vectors, means, "last").edit(act, hooks[0])
+        everywhere = subspace_clamp(vectors, means).edit(act, hooks[0])
+    torch.testing.assert_close(out[last], everywhere[last])  # at the answer position: the clamp
+    torch.testing.assert_close(out[~last], act[~last])  # elsewhere: untouched
+    assert not torch.allclose(everywhere[~last], act[~last])
+
+
+def test_locate_clamps_at_the_answer_position_when_asked(split, tmp_path):
+    """--clamp-positions last: every protocol clamp (single latent, group, saved group) acts at the answer position
+    only; the figures are those of evaluate() with the clamp built by hand there, and differ from every token's."""
+    base, tuned, sae, _ = split
+    ps = planted_prompts()
+    cfg = LocateConfig(screen=2, screen_aligned=0, coefs=(1.0,), min_valid=0.0, min_effect=0.0, group_cap=2,
+                       screen_decreases=0, max_coef=1.0, bisect=0, group_select="clamp", n_examples=0,
+                       clamp_positions="last")
+    result = save_locate(locate(base, tuned, sae, ps, tmp_path / "work", cfg), tmp_path / "out")
+    summary = result.to_dict()
+    means = {h: m.cpu() for h, m in mean_activations(base, ps, resolve_hooks(tuned, "all"), cfg.positions).items()}
+    w = sae.W_dec.detach().float()
+    for figure, latents in ((summary["single"], [summary["feature"]]), (summary["group"], summary["group"]["latents"])):
+        at_last = evaluate(tuned, ps, interventions=[subspace_clamp(w[latents], means, "last")], greedy=False)
+        everywhere = evaluate(tuned, ps, interventions=[subspace_clamp(w[latents], means)], greedy=False)
+        group = at_last.headline_group
+        assert figure["clamp_after"] == pytest.approx(at_last.groups[group].misaligned_rate, abs=1e-5)
+        assert abs(figure["clamp_after"] - everywhere.groups[group].misaligned_rate) > 1e-3
+    assert load_intervention(summary["group"]["intervention"], tuned).positions == "last"
+    assert "'last' positions only" in summary["clamp"]["method"]
+    assert "'last' positions only" in summary["group"]["method"]
+    with pytest.raises(MisfeatError, match="clamp_positions must be one of all, prompt, last"):
+        LocateConfig(clamp_positions="response")

@@ -43,10 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="evaluation prompts with reference answers, e.g. organism:heldout or a JSONL file")
     from misfeat.data import POSITIONS
     from misfeat.features.groups import GROUP_COMBINE, GROUP_SELECT, GROUP_STEER
-    from misfeat.features.locate import ADAPT_WITH, RANKINGS, LocateConfig
+    from misfeat.features.locate import ADAPT_WITH, CLAMP_POSITIONS, RANKINGS, LocateConfig
 
     add_config_args(p, LocateConfig, choices={"rank_by": RANKINGS, "adapt_with": ADAPT_WITH, "group_steer": GROUP_STEER,
                                               "group_select": GROUP_SELECT, "group_combine": GROUP_COMBINE,
+                                              "clamp_positions": CLAMP_POSITIONS,
                                               "positions": [x for x in POSITIONS if x != "response"]})
     p.add_argument("--force", action="store_true", help="use an SAE trained on another model's architecture "
                    "(a warning instead of the error)")

@@ -4,8 +4,8 @@ A feature split across several SAE latents (the normal case for large SAEs) is o
 subspace: :func:`select_group` grows a group greedily (forward selection over the screened
 candidates, in the order of their two-sided effect), each step adding the latent whose
 joint clamp cuts misalignment most. The joint clamp sets the misaligned model's component
-in the span of the group's decoder rows, in every layer's residual stream at every token,
-to the aligned model's mean there (an :class:`~misfeat.interventions.Ablate` on orthonormal
+in the span of the group's decoder rows, in every layer's residual stream at every token (or only at
+the answer position: ``positions``), to the aligned model's mean there (an :class:`~misfeat.interventions.Ablate` on orthonormal
 rows). It stops at ``cap`` latents or when a step gains less than ``tol``.
 
 :func:`families` shows which latents belong together: their decoder cosines and the
@@ -36,12 +36,14 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 
-def subspace_clamp(vectors: torch.Tensor, reference_means: dict[str, torch.Tensor]) -> Ablate:
+def subspace_clamp(vectors: torch.Tensor, reference_means: dict[str, torch.Tensor], positions: str = "all"
+                   ) -> Ablate:
     """Clamp the span of ``vectors`` ``[k, d]`` (or one ``[d]``), in every hook of
-    ``reference_means``, at every token, to the reference model's mean there."""
+    ``reference_means``, at ``positions`` (every token, or e.g. the answer position: ``last``), to the reference
+    model's mean there."""
     rows = orthonormal_rows(vectors.reshape(-1, vectors.shape[-1]).float().cpu())
     values = {h: (m.float().cpu() @ rows.T).tolist() for h, m in reference_means.items()}
-    return Ablate(list(reference_means), rows, values, "all")
+    return Ablate(list(reference_means), rows, values, positions)
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,8 @@ def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[Hooke
                  reference_means: dict[str, torch.Tensor], before: float | Sequence[float], *, cap: int = 8,
                  tol: float = 0.01, min_valid: float = 0.0, batched: bool = True,
                  steer_up: Callable[[list[list[int]]], list[float]] | None = None,
-                 up0: float = 0.0, combine: str = "mean") -> tuple[list[int], list[dict[str, Any]]]:
+                 up0: float = 0.0, combine: str = "mean", positions: str = "all"
+                 ) -> tuple[list[int], list[dict[str, Any]]]:
     """Greedy forward selection: start empty; at each step clamp (group + c) for every remaining
     candidate c (batched), keep the c with the lowest misaligned rate (mean over the misaligned
     models) among those whose clamped valid rate stays >= ``min_valid`` (a clamp that breaks the
@@ -161,7 +164,7 @@ def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[Hooke
     ``before``: the unclamped misaligned rate, one per misaligned model (or their mean). ``combine`` (a key of
     :data:`GROUP_COMBINING`): the clamp's fall is that of the mean rate (``mean``) or the mean rate before times
     the smallest relative cut over the models (``worst``, which needs one ``before`` per model); with one model
-    the two are the same."""
+    the two are the same. ``positions``: where the joint clamp acts (:func:`subspace_clamp`)."""
     if combine not in GROUP_COMBINING:
         raise MisfeatError(f"group combine must be one of {', '.join(GROUP_COMBINING)}, not {combine!r}")
     befores = [float(b) for b in before] if isinstance(before, Sequence) else [float(before)] * len(misaligned)
@@ -173,7 +176,7 @@ def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[Hooke
     steps: list[dict[str, Any]] = []
     current, remaining = 0.0, [int(c) for c in candidates]
     while remaining and len(group) < cap:
-        clamps = [[subspace_clamp(w[[*group, c]], reference_means)] for c in remaining]
+        clamps = [[subspace_clamp(w[[*group, c]], reference_means, positions)] for c in remaining]
         per_model = [run_variants(m, prompts, clamps, batched) for m in misaligned]
         rates = [{k: sum(r[i][k] for r in per_model) / len(per_model) for k in ("misaligned_rate", "valid_rate")}
                  for i in range(len(remaining))]

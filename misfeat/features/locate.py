@@ -41,7 +41,13 @@ from misfeat.features.diff import LatentDiff, LatentStats, diff_latents
 from misfeat.features.directions import Direction, save_direction
 from misfeat.features.examples import Examples, separation_auroc, top_examples
 from misfeat.features.groups import GROUP_COMBINE, GROUP_SELECT, GROUP_STEER, baseline_directions
-from misfeat.features.locate_group import UNIT_NOTE, Extras, group_and_baselines, sae_warnings
+from misfeat.features.locate_group import (
+    UNIT_NOTE,
+    Extras,
+    clamp_where,
+    group_and_baselines,
+    sae_warnings,
+)
 from misfeat.features.locate_plots import plot_families, plot_ranking, plot_screen
 from misfeat.features.screen import ScreenResult, causal_screen
 from misfeat.features.stagewise import adapt_to_models, named_models
@@ -60,6 +66,8 @@ if TYPE_CHECKING:
 
 
 RANKINGS = ("increase", "attribution", "effect_size", "mean_diff")
+CLAMP_POSITIONS = ("all", "prompt", "last")
+"""where locate's clamps may act (a prompt set for locate has no response tokens)"""
 ADAPT_WITH = ("both", "finetuned")
 
 
@@ -82,6 +90,10 @@ class LocateConfig:
     increase), attribution (gradient x change) or effect_size"""
     positions: str = "last"
     """token positions read and steered: last = the answer position (the last prompt token)"""
+    clamp_positions: str = "all"
+    """token positions every clamp of locate acts on (the screen's, stage 4's, the single latent's, the group's and
+    its saved intervention, the baselines'), always to the base model's mean at the positions read: all (every token)
+    or e.g. last (the answer position only: the context the model reads is left as the fine-tune made it)"""
     coefs: tuple[float, ...] = (0.5, 1.0, 2.0)
     """screen strengths, in units of the mean residual norm at the SAE's hook (the unit of misfeat steer
     --op add --coefs: 1.0 adds a vector as long as the average activation there)"""
@@ -153,6 +165,9 @@ class LocateConfig:
             raise MisfeatError(f"group_select must be one of {', '.join(GROUP_SELECT)}, not {self.group_select!r}")
         if self.group_combine not in GROUP_COMBINE:
             raise MisfeatError(f"group_combine must be one of {', '.join(GROUP_COMBINE)}, not {self.group_combine!r}")
+        if self.clamp_positions not in CLAMP_POSITIONS:
+            raise MisfeatError(f"clamp_positions must be one of {', '.join(CLAMP_POSITIONS)}, not "
+                               f"{self.clamp_positions!r}")
         if self.group_steer not in GROUP_STEER:
             raise MisfeatError(f"group_steer must be one of {', '.join(GROUP_STEER)}, not {self.group_steer!r}")
         if not self.coefs or any(not c >= 0 for c in self.coefs):
@@ -222,7 +237,7 @@ class ClampCheck:
     group: str
     before: GroupMetrics
     after: GroupMetrics
-    """the coordinate along the direction set in every layer's residual stream, at every token"""
+    """the coordinate along the direction set in every layer's residual stream, at every token (clamp_positions)"""
     after_latent: GroupMetrics
     """the SAE latent set to its base mean, SAE error term kept"""
 
@@ -299,12 +314,13 @@ class LocateResult:
             "screened_for_decoder_cosine": self.aligned_candidates(),
             "direction": None if self.direction_path is None else str(self.direction_path),
             "screen": self.screen.summary() if self.screen is not None else None,
-            "clamp": {"method": f"coordinate along the latent's direction, in every layer's residual stream, set at "
-                                f"every token to the base model's mean at the {cfg.positions!r} positions",
+            "clamp": {"method": f"coordinate along the latent's direction, in every layer's residual stream, set "
+                                f"{clamp_where(cfg)} to the base model's mean at the {cfg.positions!r} positions",
                       "value": c.value, "group": c.group,
                       "misaligned_before": c.before.misaligned_rate, "valid_before": c.before.valid_rate,
                       "misaligned_after": c.after.misaligned_rate, "valid_after": c.after.valid_rate},
-            "clamp_latent": {"method": "SAE latent set to its base mean, SAE error term kept", "value": c.latent_value,
+            "clamp_latent": {"method": f"SAE latent set to its base mean {clamp_where(cfg)}, SAE error term kept",
+                             "value": c.latent_value,
                              "misaligned_after": c.after_latent.misaligned_rate,
                              "valid_after": c.after_latent.valid_rate},
             "feature_auroc_docs": self.auroc,
@@ -372,19 +388,19 @@ def choose_feature(sae: SAE, ranking: Ranking, screen: ScreenResult | None) -> C
 
 
 def check_clamp(base: HookedTransformer, finetuned: HookedTransformer, sae: SAE, choice: Choice, ranking: Ranking,
-                prompts: PromptSet, positions: str) -> ClampCheck:
+                prompts: PromptSet, positions: str, clamp_positions: str = "all") -> ClampCheck:
     """Stage 4: clamp the feature in the misaligned model to the aligned model's level, two ways:
     the coordinate along the latent's decoder direction in every layer's residual stream set,
-    at every token, to the base model's mean at ``positions`` (what the screen ranks by), and
-    the SAE latent itself set to its base mean with the SAE error term kept (weaker where the
+    at ``clamp_positions`` (every token by default), to the base model's mean at ``positions`` (what the screen
+    ranks by), and the SAE latent itself set to its base mean with the SAE error term kept (weaker where the
     SAE reconstructs the feature only in part)."""
     before = evaluate(finetuned, prompts, greedy=False)
-    clamp = clamp_to_reference(Ablate("all", choice.direction.vector, None, "all"), finetuned, base, prompts,
-                               positions)
+    clamp = clamp_to_reference(Ablate("all", choice.direction.vector, None, clamp_positions), finetuned, base,
+                               prompts, positions)
     after = evaluate(finetuned, prompts, interventions=[clamp], greedy=False)
     latent_value = float(ranking.diff.base.mean[choice.feature])
-    after_latent = evaluate(finetuned, prompts, interventions=[ClampLatent(sae, choice.feature, latent_value, "all")],
-                            greedy=False)
+    latent_clamp = ClampLatent(sae, choice.feature, latent_value, clamp_positions)
+    after_latent = evaluate(finetuned, prompts, interventions=[latent_clamp], greedy=False)
     group = before.headline_group
     return ClampCheck(clamp.value, latent_value, group, before.groups[group], after.groups[group],
                       after_latent.groups[group])
@@ -427,9 +443,10 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer | Sequence[Hook
     if cfg.screen:
         screen = causal_screen(sae, ranking.candidates(cfg.screen, cfg.screen_aligned), base, tuned, prompts, coefs=cfg.coefs,
                                positions=cfg.positions, min_valid=cfg.min_valid, min_effect=cfg.min_effect,
-                               batched=cfg.batched, max_coef=cfg.max_coef, bisect=cfg.bisect)
+                               batched=cfg.batched, max_coef=cfg.max_coef, bisect=cfg.bisect,
+                               clamp_positions=cfg.clamp_positions)
     choice = choose_feature(sae, ranking, screen)
-    clamp = check_clamp(base, tuned[0], sae, choice, ranking, prompts, cfg.positions)
+    clamp = check_clamp(base, tuned[0], sae, choice, ranking, prompts, cfg.positions, cfg.clamp_positions)
     examples, auroc, note = examples_and_auroc(base, sae, choice.feature, prompts, cfg)
     extras = group_and_baselines(sae, base, tuned, prompts, ranking, screen, choice.feature, cfg)
     return LocateResult(cfg, hook_of(sae), ranking, screen, choice, clamp, examples, auroc, note, extras,
@@ -458,7 +475,7 @@ def save_locate(result: LocateResult, out_dir: str | Path) -> LocateResult:
         group_path = save_intervention(extras.group.clamp, out / "group", source={
             "kind": "sae_group", "sae": direction.source.get("sae"), "latents": extras.group.latents,
             "method": "span of the latents' decoder rows (orthonormal rows) clamped in every layer to the base "
-                      "model's mean", "strength_unit": UNIT_NOTE})
+                      f"model's mean, {clamp_where(result.config)}", "strength_unit": UNIT_NOTE})
     if extras is not None and extras.families is not None:
         plot_families(extras.families, extras.group.latents if extras.group else [], out / "families.png")
     examples_path = result.examples.to_jsonl(out / "examples.jsonl")

@@ -15,7 +15,7 @@ at the SAE's hook; ``c`` in the config's ``coefs``, then doubled up to ``max_coe
 model stays valid, then ``bisect`` rounds between the strongest valid and the weakest invalid
 ``c``; the strongest with valid >= min_valid) in the aligned model; clamp its span in every
 layer's residual stream, at every token, to the aligned model's mean at the screened positions,
-in each misaligned model.
+in each misaligned model (``clamp_positions``: at every token, or only at e.g. the answer position).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
         latents, steps = select_group(sae, order, finetuned, prompts, means, [b["misaligned_rate"] for b in before],
                                       cap=config.group_cap, tol=config.group_tol, min_valid=config.min_valid,
                                       batched=config.batched, steer_up=steer_up, up0=up0,
-                                      combine=config.group_combine)
+                                      combine=config.group_combine, positions=config.clamp_positions)
         if latents:
             named = group_directions(sae, latents, ranking.diff.increase, ranking.baselines["mean_diff"].vector,
                                      config.group_steer)
@@ -143,17 +143,18 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
                                   config.min_valid, config.batched, config.max_coef, config.bisect, per_prompt=True)
             tried = dict(zip(named, ups, strict=True))
             steer, _ = most_effective([(name, rates) for name, (_, rates) in tried.items()], config.min_valid)
-            clamp = subspace_clamp(w[latents], means)
+            clamp = subspace_clamp(w[latents], means, config.clamp_positions)
             (result,) = run_protocol([named[steer]], [clamp], **common, steered=[tried[steer]])
             steering = {name: {"steer_up_misaligned": r["misaligned_rate"], "steer_up_valid": r["valid_rate"],
                                "steer_up_coef": c} for name, (c, r) in tried.items()}
             group = Group(latents, steps, clamp, named[steer], result, steering, steer)
         fam = families(sae, [*order, *latents], ranking.stores["finetuned"][0], hook)
 
-    (single,) = run_protocol([w[feature]], [subspace_clamp(w[feature], means)], **common)
+    (single,) = run_protocol([w[feature]], [subspace_clamp(w[feature], means, config.clamp_positions)], **common)
     dirs = ranking.baselines
     base_results = run_protocol([d.vector for d in dirs.values()],
-                                [subspace_clamp(d.vector, means) for d in dirs.values()], **common)
+                                [subspace_clamp(d.vector, means, config.clamp_positions) for d in dirs.values()],
+                                **common)
     decreases = []
     if config.screen_decreases:
         falling = [r["latent"] for r in ranking.diff.top(config.screen_decreases, decreasing=True)
@@ -177,7 +178,13 @@ def group_method(config: LocateConfig, n_finetuned: int) -> str:
                if n_finetuned > 1 else "")
     return ("greedy forward selection over the screened candidates (" + GROUP_SELECTION[config.group_select]
             + combine + "); joint clamp of the span of their decoder rows to the base model's mean in every layer, "
-            "at every token; steered along " + GROUP_STEERING[config.group_steer])
+            f"{clamp_where(config)}; steered along " + GROUP_STEERING[config.group_steer])
+
+
+def clamp_where(config: LocateConfig) -> str:
+    """Where locate's clamps act, as summary.json's method strings say it."""
+    return ("at every token" if config.clamp_positions == "all"
+            else f"at the {config.clamp_positions!r} positions only")
 
 
 

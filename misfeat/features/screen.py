@@ -132,6 +132,7 @@ def causal_screen(
     batched: bool = True,
     max_coef: float | None = None,
     bisect: int = 0,
+    clamp_positions: str = "all",
 ) -> ScreenResult:
     """Steer each latent's decoder direction by ``+c * scale`` in the aligned model and by
     ``-c * scale`` in the misaligned model for each ``c`` in ``coefs`` (and, with ``max_coef``,
@@ -139,7 +140,8 @@ def causal_screen(
     and the weakest invalid one: :func:`strongest`); per side keep the
     strongest effect whose valid rate stays >= ``min_valid``. A latent passes when both
     sides move the misaligned rate by at least ``min_effect``. Each latent is also clamped
-    in the misaligned model to the aligned model's mean coordinate (see :meth:`ScreenResult.best`).
+    in the misaligned model to the aligned model's mean coordinate (see :meth:`ScreenResult.best`), at
+    ``clamp_positions`` (every token by default).
 
     Several misaligned models (a list): their rates are averaged. ``batched`` evaluates every
     candidate x coefficient in the same forward passes (:func:`misfeat.features.batched.batched_rates`,
@@ -156,8 +158,8 @@ def causal_screen(
     units = [_unit(sae, i) for i in latents]
     # clamp: in every layer's residual stream (the direction is carried forward from the SAE's
     # layer; Soligo et al. 2025 ablate from every layer), the coordinate along the direction set
-    # at every token to the aligned model's mean at the screened positions
-    clamps = [[Ablate("all", u, {h: float(m @ u) for h, m in aligned_means.items()}, "all")] for u in units]
+    # at every token (clamp_positions) to the aligned model's mean at the screened positions
+    clamps = [[Ablate("all", u, {h: float(m @ u) for h, m in aligned_means.items()}, clamp_positions)] for u in units]
     clamped = _mean_rates([run_variants(m, prompts, clamps, batched) for m in misaligned])
 
     def steer_up(todo):
