@@ -443,5 +443,5 @@ def test_locate_clamps_at_the_answer_position_when_asked(split, tmp_path):
     assert load_intervention(summary["group"]["intervention"], tuned).positions == "last"
     assert "'last' positions only" in summary["clamp"]["method"]
     assert "'last' positions only" in summary["group"]["method"]
-    with pytest.raises(MisfeatError, match="clamp_positions must be one of all, prompt, last"):
+    with pytest.raises(MisfeatError, match="clamp_positions must be one of all, last"):
         LocateConfig(clamp_positions="response")

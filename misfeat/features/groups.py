@@ -4,9 +4,9 @@ A feature split across several SAE latents (the normal case for large SAEs) is o
 subspace: :func:`select_group` grows a group greedily (forward selection over the screened
 candidates, in the order of their two-sided effect), each step adding the latent whose
 joint clamp cuts misalignment most. The joint clamp sets the misaligned model's component
-in the span of the group's decoder rows, in every layer's residual stream at every token (or only at
-the answer position: ``positions``), to the aligned model's mean there (an :class:`~misfeat.interventions.Ablate` on orthonormal
-rows). It stops at ``cap`` latents or when a step gains less than ``tol``.
+in the span of the group's decoder rows, in every layer's residual stream at every token (or
+only at the answer position: ``positions``), to the aligned model's mean there (an
+:class:`~misfeat.interventions.Ablate` on orthonormal rows). It stops at ``cap`` latents or when a step gains less than ``tol``.
 
 :func:`families` shows which latents belong together: their decoder cosines and the
 correlation of their activations (co-activation) on the misaligned model's rows.

@@ -66,8 +66,8 @@ if TYPE_CHECKING:
 
 
 RANKINGS = ("increase", "attribution", "effect_size", "mean_diff")
-CLAMP_POSITIONS = ("all", "prompt", "last")
-"""where locate's clamps may act (a prompt set for locate has no response tokens)"""
+CLAMP_POSITIONS = ("all", "last")
+"""where locate's clamps may act: every token, or the answer position only"""
 ADAPT_WITH = ("both", "finetuned")
 
 
@@ -93,7 +93,8 @@ class LocateConfig:
     clamp_positions: str = "all"
     """token positions every clamp of locate acts on (the screen's, stage 4's, the single latent's, the group's and
     its saved intervention, the baselines'), always to the base model's mean at the positions read: all (every token)
-    or e.g. last (the answer position only: the context the model reads is left as the fine-tune made it)"""
+    or last (the answer position only: the context the model reads is left as the fine-tune made it; in
+    generation, the last prompt token)"""
     coefs: tuple[float, ...] = (0.5, 1.0, 2.0)
     """screen strengths, in units of the mean residual norm at the SAE's hook (the unit of misfeat steer
     --op add --coefs: 1.0 adds a vector as long as the average activation there)"""
@@ -237,7 +238,8 @@ class ClampCheck:
     group: str
     before: GroupMetrics
     after: GroupMetrics
-    """the coordinate along the direction set in every layer's residual stream, at every token (clamp_positions)"""
+    """the coordinate along the direction set in every layer's residual stream, at the clamp positions (every token
+    by default)"""
     after_latent: GroupMetrics
     """the SAE latent set to its base mean, SAE error term kept"""
 

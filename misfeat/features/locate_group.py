@@ -15,7 +15,7 @@ at the SAE's hook; ``c`` in the config's ``coefs``, then doubled up to ``max_coe
 model stays valid, then ``bisect`` rounds between the strongest valid and the weakest invalid
 ``c``; the strongest with valid >= min_valid) in the aligned model; clamp its span in every
 layer's residual stream, at every token, to the aligned model's mean at the screened positions,
-in each misaligned model (``clamp_positions``: at every token, or only at e.g. the answer position).
+in each misaligned model (``clamp_positions``: at every token, or only at the answer position).
 """
 
 from __future__ import annotations
