@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     clamp = s["clamp"]
     table += (f"\n\nfeature: latent {s['feature']} (passed the screen: {s['feature_passed_screen']}); direction "
               f"saved to {s['direction']}\nclamped in the fine-tuned model to the base level along its direction (every "
-              f"layer): {clamp['group']} misaligned {clamp['misaligned_before']:.3f} -> "
+              f"layer{'' if s['config']['clamp_positions'] == 'all' else ', answer position only'}): {clamp['group']} misaligned {clamp['misaligned_before']:.3f} -> "
               f"{clamp['misaligned_after']:.3f} (valid {clamp['valid_after']:.3f}); as an SAE latent with the error "
               f"term kept: {s['clamp_latent']['misaligned_after']:.3f}")
     table += "\n" + protocol_line(f"latent {s['feature']}", s["single"])
