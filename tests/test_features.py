@@ -172,13 +172,14 @@ def test_locate_cli_end_to_end(pair, tmp_path, capsys):
     lo, hi = single["steer_up_ci95"]
     assert (f"latent {s['feature']}: steered up in the base model misaligned {single['steer_up_misaligned']:.3f} "
             f"[{lo:.2f}, {hi:.2f}]") in out and "baseline random: steered up" in out
-    assert f"cut {100 * single['clamp_cut']:.0f}%" in out and "along its direction (every layer):" in out
+    assert f"cut {100 * single['clamp_cut']:.0f}%" in out and "along its direction (every layer, answer position only):" in out
+    assert s["config"]["clamp_positions"] == "last" and "'last' positions only" in s["clamp"]["method"]
     assert main(["locate", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "ft"), "--sae",
                  str(tmp_path / "sae"), "--prompts", str(path), "--screen", "1", "--coefs", "0.5", "--group-cap", "1",
-                 "--examples-prompts", str(path), "--clamp-positions", "last", "--out", str(tmp_path / "last")]) == 0
-    s = json.loads((tmp_path / "last" / "summary.json").read_text())
-    assert s["config"]["clamp_positions"] == "last" and "'last' positions only" in s["clamp"]["method"]
-    assert "along its direction (every layer, answer position only):" in capsys.readouterr().out
+                 "--examples-prompts", str(path), "--clamp-positions", "all", "--out", str(tmp_path / "all")]) == 0
+    s = json.loads((tmp_path / "all" / "summary.json").read_text())
+    assert s["config"]["clamp_positions"] == "all" and "at every token" in s["clamp"]["method"]
+    assert "along its direction (every layer):" in capsys.readouterr().out
 
 
 def test_trajectory_measures_every_checkpoint_in_step_order(pair, tmp_path):

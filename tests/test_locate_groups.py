@@ -385,11 +385,12 @@ def test_locate_reports_paired_bootstrap_intervals_over_the_prompts(split, tmp_p
     base, tuned, sae, _ = split
     ps = planted_prompts()
     cfg = LocateConfig(screen=2, screen_aligned=0, coefs=(1.0,), min_valid=0.0, min_effect=0.0, group_cap=2,
-                       screen_decreases=0, max_coef=1.0, bisect=0, group_select="clamp", n_examples=0)
+                       screen_decreases=0, max_coef=1.0, bisect=0, group_select="clamp", n_examples=0,
+                       clamp_positions="all")  # every token (the answer position's case: the next test)
     summary = locate(base, [tuned, tuned], sae, ps, tmp_path, cfg).to_dict()
     group = summary["group"]
     means = {h: m.cpu() for h, m in mean_activations(base, ps, resolve_hooks(tuned, "all"), cfg.positions).items()}
-    clamp = subspace_clamp(sae.W_dec[group["latents"]].detach().float(), means)
+    clamp = subspace_clamp(sae.W_dec[group["latents"]].detach().float(), means, cfg.clamp_positions)
     before = [r.misaligned for r in evaluate(tuned, ps, greedy=False).rows()]
     after = [r.misaligned for r in evaluate(tuned, ps, interventions=[clamp], greedy=False).rows()]
     for model in group["per_finetuned"]:  # the same model twice: the same figures
@@ -422,14 +423,14 @@ def test_a_subspace_clamp_at_the_answer_position_leaves_the_other_tokens(planted
     assert not torch.allclose(everywhere[~last], act[~last])
 
 
-def test_locate_clamps_at_the_answer_position_when_asked(split, tmp_path):
-    """--clamp-positions last: every protocol clamp (single latent, group, saved group) acts at the answer position
-    only; the figures are those of evaluate() with the clamp built by hand there, and differ from every token's."""
+def test_locate_clamps_at_the_answer_position_by_default(split, tmp_path):
+    """--clamp-positions last (the default): every protocol clamp (single latent, group, saved group) acts at the
+    answer position only; the figures are those of evaluate() with the clamp built by hand there, and differ from
+    every token's."""
     base, tuned, sae, _ = split
     ps = planted_prompts()
     cfg = LocateConfig(screen=2, screen_aligned=0, coefs=(1.0,), min_valid=0.0, min_effect=0.0, group_cap=2,
-                       screen_decreases=0, max_coef=1.0, bisect=0, group_select="clamp", n_examples=0,
-                       clamp_positions="last")
+                       screen_decreases=0, max_coef=1.0, bisect=0, group_select="clamp", n_examples=0)
     result = save_locate(locate(base, tuned, sae, ps, tmp_path / "work", cfg), tmp_path / "out")
     summary = result.to_dict()
     means = {h: m.cpu() for h, m in mean_activations(base, ps, resolve_hooks(tuned, "all"), cfg.positions).items()}

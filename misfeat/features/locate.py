@@ -90,11 +90,12 @@ class LocateConfig:
     increase), attribution (gradient x change) or effect_size"""
     positions: str = "last"
     """token positions read and steered: last = the answer position (the last prompt token)"""
-    clamp_positions: str = "all"
+    clamp_positions: str = "last"
     """token positions every clamp of locate acts on (the screen's, stage 4's, the single latent's, the group's and
-    its saved intervention, the baselines'), always to the base model's mean at the positions read: all (every token)
-    or last (the answer position only: the context the model reads is left as the fine-tune made it; in
-    generation, the last prompt token)"""
+    its saved intervention, the baselines'), always to the base model's mean at the positions read: last (the
+    answer position only, the default: the context the model reads is left as the fine-tune made it; in
+    generation, the last prompt token) or all (every token; on the organism's grid it cuts more per latent but
+    breaks the model sooner, so groups stay smaller, docs/organism.md)"""
     coefs: tuple[float, ...] = (0.5, 1.0, 2.0)
     """screen strengths, in units of the mean residual norm at the SAE's hook (the unit of misfeat steer
     --op add --coefs: 1.0 adds a vector as long as the average activation there)"""

@@ -14,8 +14,8 @@ The protocol: steer the unit direction up by ``c x scale`` (``scale`` the typica
 at the SAE's hook; ``c`` in the config's ``coefs``, then doubled up to ``max_coef`` while the
 model stays valid, then ``bisect`` rounds between the strongest valid and the weakest invalid
 ``c``; the strongest with valid >= min_valid) in the aligned model; clamp its span in every
-layer's residual stream, at every token, to the aligned model's mean at the screened positions,
-in each misaligned model (``clamp_positions``: at every token, or only at the answer position).
+layer's residual stream to the aligned model's mean at the screened positions, in each misaligned
+model, at the answer position only (``clamp_positions`` last, the default) or at every token (all).
 """
 
 from __future__ import annotations
