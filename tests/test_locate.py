@@ -114,10 +114,43 @@ def test_a_latent_that_never_fires_is_screened_for_its_decoder_direction(planted
     assert ranking.candidates(1, aligned=2)[:2] == [PLANTED, silent]
 
 
+def test_each_finetunes_own_top_latents_join_the_screen(planted, tmp_path):
+    """Two fine-tunes: the first adds v (read by the planted latent), the second a weaker vector w orthogonal to v
+    read by another latent. Averaged, the planted latent ranks first and a screen of one leaves the other out; in the
+    second model's own order it is first, so screen_each adds it. One fine-tune: no effect."""
+    import copy
+
+    base, tuned, sae, v = planted
+    sae = copy.deepcopy(sae)
+    other = (PLANTED + 5) % 16
+    u = v / v.norm()
+    w = torch.randn(v.shape[0], generator=torch.Generator().manual_seed(4))
+    w = w - (w @ u) * u
+    w = 1.5 * w / w.norm()
+    with torch.no_grad():
+        sae.W_enc[:, other] = w / w.norm()
+        sae.W_dec[other] = w / w.norm()
+    second = copy.deepcopy(base)
+    with torch.no_grad():
+        second.blocks[0].mlp.b_out += w
+    cfg = LocateConfig(screen=0)
+    ranking = rank_latents(base, [tuned, second], sae, prompts(), tmp_path / "two", cfg)
+    assert ranking.order[0] == PLANTED
+    assert [o[0] for o in ranking.orders_each] == [PLANTED, other]  # each model's own top latent
+    assert ranking.candidates(1) == [PLANTED]
+    assert ranking.candidates(1, each=1) == [PLANTED, other]
+    assert ranking.candidates(2, each=1) == ranking.order[:2]  # both models' top latents are among the averaged top 2
+    assert ranking.candidates(1, each=3)[:2] == [PLANTED, ranking.orders_each[0][1]]  # no latent twice
+    assert len(set(ranking.candidates(1, each=3))) == len(ranking.candidates(1, each=3))
+    one = rank_latents(base, tuned, sae, prompts(), tmp_path / "one", cfg)
+    assert one.orders_each == [] and one.candidates(2, aligned=1, each=5) == one.candidates(2, aligned=1)
+
+
 @pytest.mark.parametrize("bad,match", [({"rank_by": "size"}, "rank_by must be one of"),
                                        ({"adapt_with": "base"}, "adapt_with must be one of"),
                                        ({"adapt_tokens": 0}, "adapt_tokens must be at least 1"),
                                        ({"screen_aligned": -1}, "screen_aligned must be 0 or more"),
+                                       ({"screen_each": -1}, "screen_each must be 0 or more"),
                                        ({"group_steer": "sum"}, "group_steer must be one of"),
                                        ({"group_select": "steer"}, "group_select must be one of"),
                                        ({"group_combine": "max"}, "group_combine must be one of"),

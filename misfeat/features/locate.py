@@ -82,6 +82,11 @@ class LocateConfig:
     cosine), whether or not their activation rose: a latent that never fires at the screened positions can still
     write the feature's direction (0: off; on the organism's grid of 72 SAEs, 2 passes at least as many as 0 on
     every kind of SAE, docs/organism.md)"""
+    screen_each: int = 0
+    """with several misaligned models (--finetuned A,B,C): also screen the top screen_each latents of each model's
+    own ranking (the same rank_by, that model's increase and mean-difference direction) not already among the
+    candidates, since a latent that rose in one fine-tune gets a fraction of its rise in the averaged ranking while
+    the group must cut each model (0: the averaged ranking alone). One misaligned model: no effect"""
     top: int = 20
     """rows of the ranked tables in the summary"""
     rank_by: str = "mean_diff"
@@ -180,6 +185,8 @@ class LocateConfig:
                                f"{self.max_coef}")
         if self.adapt_with not in ADAPT_WITH:
             raise MisfeatError(f"adapt_with must be one of {', '.join(ADAPT_WITH)}, not {self.adapt_with!r}")
+        if self.screen_each < 0:
+            raise MisfeatError(f"screen_each must be 0 or more (latents per misaligned model), not {self.screen_each}")
         if self.screen_aligned < 0:
             raise MisfeatError(f"screen_aligned must be 0 or more (latents to add to the screen), not {self.screen_aligned}")
         if self.bisect < 0:
@@ -206,17 +213,23 @@ class Ranking:
     """the mean-difference direction (misaligned minus aligned rows) and a random one of its norm"""
     decoder_cosine: torch.Tensor | None = field(default=None, repr=False)
     """per latent: cosine of its decoder row with the mean-difference direction"""
+    orders_each: list[list[int]] = field(default_factory=list, repr=False)
+    """with several misaligned models: each one's own order (``rank_by`` with its own increase and mean-difference
+    direction); empty with one"""
 
-    def candidates(self, n: int, aligned: int = 0) -> list[int]:
+    def candidates(self, n: int, aligned: int = 0, each: int = 0) -> list[int]:
         """The ``n`` top-ranked latents, then the ``aligned`` latents not among them whose decoder rows have the
-        largest cosine with the mean-difference direction."""
-        top = self.order[:n]
-        if not aligned or self.decoder_cosine is None:
-            return top
-        import torch
+        largest cosine with the mean-difference direction, then (several misaligned models) the top ``each`` of
+        every model's own order not among them yet."""
+        top = list(self.order[:n])
+        if aligned and self.decoder_cosine is not None:
+            import torch
 
-        by_cosine = [int(i) for i in torch.argsort(self.decoder_cosine, descending=True) if int(i) not in top]
-        return top + by_cosine[:aligned]
+            by_cosine = [int(i) for i in torch.argsort(self.decoder_cosine, descending=True) if int(i) not in top]
+            top += by_cosine[:aligned]
+        for order in self.orders_each if each else []:
+            top += [i for i in order[:each] if i not in top]
+        return top
 
 
 @dataclass(frozen=True)
@@ -298,9 +311,17 @@ class LocateResult:
         cfg = self.config
         return self.ranking.candidates(cfg.screen, cfg.screen_aligned)[cfg.screen:] if cfg.screen else []
 
+    def each_candidates(self) -> list[int]:
+        """The latents screened for ranking high in one misaligned model's own order (several models only)."""
+        cfg = self.config
+        pool = self.ranking.candidates(cfg.screen, cfg.screen_aligned)
+        return self.ranking.candidates(cfg.screen, cfg.screen_aligned, cfg.screen_each)[len(pool):] if cfg.screen \
+            else []
+
     def top_latents(self) -> list[dict[str, Any]]:
         top = self.ranking.order[: max(self.config.top, self.config.screen)]
-        return [self.row(i) for i in top + [i for i in self.aligned_candidates() if i not in top]]
+        return [self.row(i) for i in top + [i for i in self.aligned_candidates() + self.each_candidates()
+                                             if i not in top]]
 
     def top_decreases(self) -> list[dict[str, Any]]:
         return [self.row(r["latent"]) for r in self.ranking.diff.top(self.config.top, decreasing=True)]
@@ -315,6 +336,7 @@ class LocateResult:
             "feature": self.feature,
             "feature_passed_screen": self.choice.passed_screen,
             "screened_for_decoder_cosine": self.aligned_candidates(),
+            "screened_for_each_finetuned": self.each_candidates(),
             "direction": None if self.direction_path is None else str(self.direction_path),
             "screen": self.screen.summary() if self.screen is not None else None,
             "clamp": {"method": f"coordinate along the latent's direction, in every layer's residual stream, set "
@@ -342,8 +364,6 @@ def rank_latents(base: HookedTransformer, finetuned: HookedTransformer | Sequenc
     """Stage 1: cache the SAE hook's activations of the base and each fine-tuned model on
     ``prompts`` (row-aligned stores under ``cache_dir``), diff the latents and attribute the
     log-prob gap to them; several fine-tunes: their statistics and attributions averaged."""
-    import torch
-
     tuned = _as_list(finetuned)
     hook, cache = hook_of(sae), Path(cache_dir)
     names = ["finetuned"] if len(tuned) == 1 else [f"finetuned-{i}" for i in range(len(tuned))]
@@ -352,18 +372,36 @@ def rank_latents(base: HookedTransformer, finetuned: HookedTransformer | Sequenc
         cache_activations(model, prompts, [hook], cache / name, positions=config.positions, overwrite=True)
         stores[name] = open_store(cache / name, prompts=prompts)
     diffs = [diff_latents(sae, stores["base"], stores[n], by="domain") for n in names]
-    attribution = sum(attribution_scores(gap_gradients(m, sae, prompts, config.positions), d.increase)
-                      for m, d in zip(tuned, diffs, strict=True)) / len(tuned)
+    attributions = [attribution_scores(gap_gradients(m, sae, prompts, config.positions), d.increase)
+                    for m, d in zip(tuned, diffs, strict=True)]
+    attribution = sum(attributions) / len(tuned)
     diff = diffs[0] if len(diffs) == 1 else _average(diffs)
     baselines = baseline_directions(stores["base"], [stores[n] for n in names], hook, config.baseline_seed)
     md = baselines["mean_diff"].vector.float().cpu()
-    scores = {"increase": diff.increase, "attribution": attribution, "effect_size": diff.effect_size,
-              "mean_diff": mean_diff_scores(sae, diff.increase, md)}
-    order = [int(i) for i in torch.argsort(scores[config.rank_by], descending=True)]
+    order = _order(sae, config.rank_by, diff, attribution, md)
+    orders_each = []
+    if len(tuned) > 1:  # each model's own order, for the candidates the averaged ranking leaves out
+        from misfeat.features.directions import mean_diff
+
+        for d, a, n in zip(diffs, attributions, names, strict=True):
+            orders_each.append(_order(sae, config.rank_by, d, a,
+                                      mean_diff(stores[n], stores["base"], hook).vector.float().cpu()))
     w = sae.W_dec.detach().float().cpu()
     cosine = (w @ md) / (w.norm(dim=1) * md.norm()).clamp_min(1e-12)
     return Ranking(diff, attribution, order, config.rank_by, {"base": stores["base"], "finetuned":
-                   [stores[n] for n in names]}, [d.increase for d in diffs], baselines, cosine)
+                   [stores[n] for n in names]}, [d.increase for d in diffs], baselines, cosine, orders_each)
+
+
+def _order(sae: SAE, rank_by: str, diff: LatentDiff, attribution: torch.Tensor | None,
+           mean_diff: torch.Tensor) -> list[int]:
+    """The latents by decreasing ``rank_by`` score of ``diff`` (see :data:`LocateConfig.rank_by`)."""
+    import torch
+
+    if rank_by == "mean_diff":
+        score = mean_diff_scores(sae, diff.increase, mean_diff)
+    else:
+        score = {"increase": diff.increase, "attribution": attribution, "effect_size": diff.effect_size}[rank_by]
+    return [int(i) for i in torch.argsort(score, descending=True)]
 
 
 def _as_list(models: Any) -> list:
@@ -444,7 +482,7 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer | Sequence[Hook
     ranking = rank_latents(base, tuned, sae, prompts, Path(work_dir) / "cache", cfg)
     screen = None
     if cfg.screen:
-        screen = causal_screen(sae, ranking.candidates(cfg.screen, cfg.screen_aligned), base, tuned, prompts, coefs=cfg.coefs,
+        screen = causal_screen(sae, ranking.candidates(cfg.screen, cfg.screen_aligned, cfg.screen_each), base, tuned, prompts, coefs=cfg.coefs,
                                positions=cfg.positions, min_valid=cfg.min_valid, min_effect=cfg.min_effect,
                                batched=cfg.batched, max_coef=cfg.max_coef, bisect=cfg.bisect,
                                clamp_positions=cfg.clamp_positions)
