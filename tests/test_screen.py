@@ -29,9 +29,15 @@ def test_a_screen_row_is_the_evaluations_it_names(planted):
     assert row.steer_down_misaligned == pytest.approx(down.misaligned_rate, abs=1e-6)
     hooks = resolve_hooks(tuned, "all")
     means = mean_activations(base, ps, hooks, "last")
-    clamp = Ablate("all", unit, {h: float(means[h] @ unit) for h in hooks}, "all")
+    clamp = Ablate("all", unit, {h: float(means[h] @ unit) for h in hooks}, "last")  # the answer position, by default
     clamped = evaluate(tuned, ps, interventions=[clamp], greedy=False).headline
     assert row.clamp_misaligned == pytest.approx(clamped.misaligned_rate, abs=1e-6)
+    everywhere = causal_screen(sae, [PLANTED], base, tuned, ps, coefs=(1.0,), min_valid=0.0, min_effect=0.0,
+                               clamp_positions="all").rows[0]
+    clamp = Ablate("all", unit, {h: float(means[h] @ unit) for h in hooks}, "all")
+    assert everywhere.clamp_misaligned == pytest.approx(
+        evaluate(tuned, ps, interventions=[clamp], greedy=False).headline.misaligned_rate, abs=1e-6)
+    assert everywhere.clamp_misaligned != pytest.approx(row.clamp_misaligned, abs=1e-4)  # the two differ here
     base_rate = evaluate(base, ps, greedy=False).headline.misaligned_rate
     assert result.base_aligned["misaligned_rate"] == pytest.approx(base_rate, abs=1e-6)
     assert row.raises == (up.misaligned_rate >= base_rate)  # min_effect 0, min_valid 0

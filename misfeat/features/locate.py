@@ -252,8 +252,8 @@ class ClampCheck:
     group: str
     before: GroupMetrics
     after: GroupMetrics
-    """the coordinate along the direction set in every layer's residual stream, at the clamp positions (every token
-    by default)"""
+    """the coordinate along the direction set in every layer's residual stream, at the clamp positions (the answer
+    position by default)"""
     after_latent: GroupMetrics
     """the SAE latent set to its base mean, SAE error term kept"""
 
@@ -429,10 +429,11 @@ def choose_feature(sae: SAE, ranking: Ranking, screen: ScreenResult | None) -> C
 
 
 def check_clamp(base: HookedTransformer, finetuned: HookedTransformer, sae: SAE, choice: Choice, ranking: Ranking,
-                prompts: PromptSet, positions: str, clamp_positions: str = "all") -> ClampCheck:
+                prompts: PromptSet, positions: str, clamp_positions: str = "last") -> ClampCheck:
     """Stage 4: clamp the feature in the misaligned model to the aligned model's level, two ways:
     the coordinate along the latent's decoder direction in every layer's residual stream set,
-    at ``clamp_positions`` (every token by default), to the base model's mean at ``positions`` (what the screen
+    at ``clamp_positions`` (the answer position by default, as :class:`LocateConfig`; all: every token), to the base
+    model's mean at ``positions`` (what the screen
     ranks by), and the SAE latent itself set to its base mean with the SAE error term kept (weaker where the
     SAE reconstructs the feature only in part)."""
     before = evaluate(finetuned, prompts, greedy=False)

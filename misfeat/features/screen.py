@@ -132,7 +132,7 @@ def causal_screen(
     batched: bool = True,
     max_coef: float | None = None,
     bisect: int = 0,
-    clamp_positions: str = "all",
+    clamp_positions: str = "last",
 ) -> ScreenResult:
     """Steer each latent's decoder direction by ``+c * scale`` in the aligned model and by
     ``-c * scale`` in the misaligned model for each ``c`` in ``coefs`` (and, with ``max_coef``,
@@ -141,7 +141,8 @@ def causal_screen(
     strongest effect whose valid rate stays >= ``min_valid``. A latent passes when both
     sides move the misaligned rate by at least ``min_effect``. Each latent is also clamped
     in the misaligned model to the aligned model's mean coordinate (see :meth:`ScreenResult.best`), at
-    ``clamp_positions`` (every token by default).
+    ``clamp_positions`` (the answer position by default, as :class:`~misfeat.features.locate.LocateConfig`; all:
+    every token).
 
     Several misaligned models (a list): their rates are averaged. ``batched`` evaluates every
     candidate x coefficient in the same forward passes (:func:`misfeat.features.batched.batched_rates`,
@@ -158,7 +159,7 @@ def causal_screen(
     units = [_unit(sae, i) for i in latents]
     # clamp: in every layer's residual stream (the direction is carried forward from the SAE's
     # layer; Soligo et al. 2025 ablate from every layer), the coordinate along the direction set
-    # at every token (clamp_positions) to the aligned model's mean at the screened positions
+    # at clamp_positions (the answer position, or every token) to the aligned model's mean at the screened positions
     clamps = [[Ablate("all", u, {h: float(m @ u) for h, m in aligned_means.items()}, clamp_positions)] for u in units]
     clamped = _mean_rates([run_variants(m, prompts, clamps, batched) for m in misaligned])
 
