@@ -388,6 +388,9 @@ def test_locate_reports_paired_bootstrap_intervals_over_the_prompts(split, tmp_p
                        screen_decreases=0, max_coef=1.0, bisect=0, group_select="clamp", n_examples=0,
                        clamp_positions="all")  # every token (the answer position's case: the next test)
     summary = locate(base, [tuned, tuned], sae, ps, tmp_path, cfg).to_dict()
+    order = [r["latent"] for r in summary["top_latents"]]  # the same model twice: each one's order is the average's
+    assert summary["screened_for_each_finetuned"] == order[2:10]  # screen_each 10 by default: its top 10, less the 2
+    assert [r["latent"] for r in summary["screen"]["rows"]] == order[:10]
     group = summary["group"]
     means = {h: m.cpu() for h, m in mean_activations(base, ps, resolve_hooks(tuned, "all"), cfg.positions).items()}
     clamp = subspace_clamp(sae.W_dec[group["latents"]].detach().float(), means, cfg.clamp_positions)

@@ -16,7 +16,8 @@
    random baselines under the same protocol (see :mod:`misfeat.features.groups`).
 
 Several misaligned models (``finetuned`` a list) are ranked together (the mean activation
-increase over them, as Wang et al. 2025 rank over several bad fine-tunes) and screened with
+increase over them, as Wang et al. 2025 rank over several bad fine-tunes), the top
+``screen_each`` of each one's own ranking join the candidates, and they are screened with
 their rates averaged; the protocol figures are also reported per model.
 
 :func:`locate` runs them in order and returns a :class:`LocateResult` (``to_dict()`` is the
@@ -82,11 +83,13 @@ class LocateConfig:
     cosine), whether or not their activation rose: a latent that never fires at the screened positions can still
     write the feature's direction (0: off; on the organism's grid of 72 SAEs, 2 passes at least as many as 0 on
     every kind of SAE, docs/organism.md)"""
-    screen_each: int = 0
+    screen_each: int = 10
     """with several misaligned models (--finetuned A,B,C): also screen the top screen_each latents of each model's
     own ranking (the same rank_by, that model's increase and mean-difference direction) not already among the
     candidates, since a latent that rose in one fine-tune gets a fraction of its rise in the averaged ranking while
-    the group must cut each model (0: the averaged ranking alone). One misaligned model: no effect"""
+    the group must cut each model (0: the averaged ranking alone; on the organism's 12 pre-training SAEs with three
+    fine-tunes, 10 passed every SAE 0 passed and more, at ~1.4x the time, docs/organism.md). One misaligned model:
+    no effect"""
     top: int = 20
     """rows of the ranked tables in the summary"""
     rank_by: str = "mean_diff"
