@@ -88,7 +88,7 @@ class LocateConfig:
     own ranking (the same rank_by, that model's increase and mean-difference direction) not already among the
     candidates, since a latent that rose in one fine-tune gets a fraction of its rise in the averaged ranking while
     the group must cut each model (0: the averaged ranking alone; on the organism's 12 pre-training SAEs with three
-    fine-tunes, 10 passed every SAE 0 passed and more, at ~1.4x the time, docs/organism.md). One misaligned model:
+    fine-tunes, 10 passes 9 where 0 passes 6, those 6 among them, at ~1.5x the time, docs/organism.md). One misaligned model:
     no effect"""
     top: int = 20
     """rows of the ranked tables in the summary"""
