@@ -88,8 +88,8 @@ class LocateConfig:
     own ranking (the same rank_by, that model's increase and mean-difference direction) not already among the
     candidates, since a latent that rose in one fine-tune gets a fraction of its rise in the averaged ranking while
     the group must cut each model (0: the averaged ranking alone; on the organism's 12 pre-training SAEs with three
-    fine-tunes, 10 passes 9 where 0 passes 6, those 6 among them, at ~1.5x the time, docs/organism.md). One misaligned model:
-    no effect"""
+    fine-tunes, 10 passes 9 where 0 passes 6, those 6 among them, at ~1.5x the time, docs/organism.md). One
+    misaligned model: no effect"""
     top: int = 20
     """rows of the ranked tables in the summary"""
     rank_by: str = "mean_diff"
@@ -436,9 +436,8 @@ def check_clamp(base: HookedTransformer, finetuned: HookedTransformer, sae: SAE,
     """Stage 4: clamp the feature in the misaligned model to the aligned model's level, two ways:
     the coordinate along the latent's decoder direction in every layer's residual stream set,
     at ``clamp_positions`` (the answer position by default, as :class:`LocateConfig`; all: every token), to the base
-    model's mean at ``positions`` (what the screen
-    ranks by), and the SAE latent itself set to its base mean with the SAE error term kept (weaker where the
-    SAE reconstructs the feature only in part)."""
+    model's mean at ``positions`` (what the screen ranks by), and the SAE latent itself set to its base mean with the
+    SAE error term kept (weaker where the SAE reconstructs the feature only in part)."""
     before = evaluate(finetuned, prompts, greedy=False)
     clamp = clamp_to_reference(Ablate("all", choice.direction.vector, None, clamp_positions), finetuned, base,
                                prompts, positions)
@@ -486,7 +485,8 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer | Sequence[Hook
     ranking = rank_latents(base, tuned, sae, prompts, Path(work_dir) / "cache", cfg)
     screen = None
     if cfg.screen:
-        screen = causal_screen(sae, ranking.candidates(cfg.screen, cfg.screen_aligned, cfg.screen_each), base, tuned, prompts, coefs=cfg.coefs,
+        candidates = ranking.candidates(cfg.screen, cfg.screen_aligned, cfg.screen_each)
+        screen = causal_screen(sae, candidates, base, tuned, prompts, coefs=cfg.coefs,
                                positions=cfg.positions, min_valid=cfg.min_valid, min_effect=cfg.min_effect,
                                batched=cfg.batched, max_coef=cfg.max_coef, bisect=cfg.bisect,
                                clamp_positions=cfg.clamp_positions)
