@@ -20,6 +20,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 HOOK = "blocks.0.hook_resid_post"
 
 
+def _orthogonal(v: torch.Tensor, seed: int) -> torch.Tensor:
+    """A random unit vector orthogonal to ``v``."""
+    u = v / v.norm()
+    w = torch.randn(v.shape[0], generator=torch.Generator().manual_seed(seed))
+    w = w - (w @ u) * u
+    return w / w.norm()
+
+
 def test_the_planted_latent_ranks_first_and_is_chosen(planted, tmp_path):
     base, tuned, sae, v = planted
     cfg = LocateConfig(screen=0)
@@ -75,12 +83,10 @@ def test_mean_diff_ranking_passes_over_a_latent_that_rises_off_the_change(plante
     base, tuned, sae, v = planted
     sae = copy.deepcopy(sae)
     decoy = (PLANTED + 1) % 16
-    u = v / v.norm()
-    w = torch.randn(v.shape[0], generator=torch.Generator().manual_seed(3))
-    w = w - (w @ u) * u
+    u, w = v / v.norm(), _orthogonal(v, seed=3)
     with torch.no_grad():
         sae.W_enc[:, decoy] = 2 * u
-        sae.W_dec[decoy] = w / w.norm()
+        sae.W_dec[decoy] = w
     by_increase = rank_latents(base, tuned, sae, prompts(), tmp_path / "a", LocateConfig(screen=0, rank_by="increase"))
     assert by_increase.order[0] == decoy
     ranking = rank_latents(base, tuned, sae, prompts(), tmp_path / "b", LocateConfig(screen=0))  # the default
@@ -123,10 +129,7 @@ def test_each_finetunes_own_top_latents_join_the_screen(planted, tmp_path):
     base, tuned, sae, v = planted
     sae = copy.deepcopy(sae)
     other = (PLANTED + 5) % 16
-    u = v / v.norm()
-    w = torch.randn(v.shape[0], generator=torch.Generator().manual_seed(4))
-    w = w - (w @ u) * u
-    w = 1.5 * w / w.norm()
+    w = 1.5 * _orthogonal(v, seed=4)
     with torch.no_grad():
         sae.W_enc[:, other] = w / w.norm()
         sae.W_dec[other] = w / w.norm()
