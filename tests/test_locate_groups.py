@@ -11,7 +11,7 @@ from misfeat.errors import MisfeatError
 from misfeat.evaluate import evaluate
 from misfeat.features import groups
 from misfeat.features.batched import batched_rates
-from misfeat.features.groups import baseline_directions, families, select_group, subspace_clamp
+from misfeat.features.groups import families, select_group, subspace_clamp
 from misfeat.features.locate import LocateConfig, locate, rank_latents, save_locate
 from misfeat.features.locate_group import group_method
 from misfeat.features.screen import screen_decreases
@@ -206,7 +206,7 @@ def test_baselines_and_families_are_what_they_name(split, tmp_path):
     base, tuned, sae, v = split
     ps = planted_prompts()
     ranking = rank_latents(base, tuned, sae, ps, tmp_path / "cache", LocateConfig(screen=0))
-    dirs = baseline_directions(ranking.stores["base"], ranking.stores["finetuned"], PLANTED_HOOK)
+    dirs = ranking.baselines  # baseline_directions of rank_latents' mean differences
     by_hand = (mean_activations(tuned, ps, [PLANTED_HOOK], "last")[PLANTED_HOOK]
                - mean_activations(base, ps, [PLANTED_HOOK], "last")[PLANTED_HOOK])
     torch.testing.assert_close(dirs["mean_diff"].vector, by_hand, atol=1e-4, rtol=1e-4)

@@ -299,12 +299,9 @@ def families(sae: SAE, latents: Sequence[int], store: Any, hook: str, max_rows: 
     return Families(latents, (w @ w.T).tolist(), corr.float().tolist())
 
 
-def baseline_directions(base_store: Any, finetuned_stores: Sequence[Any], hook: str, seed: int = 0
-                        ) -> dict[str, Direction]:
-    """The mean-difference direction (misaligned minus aligned activations at the same rows,
-    averaged over the misaligned models) and a random direction of the same norm."""
-    from misfeat.features.directions import mean_diff
-
-    diffs = [mean_diff(f, base_store, hook).vector for f in finetuned_stores]
+def baseline_directions(diffs: Sequence[torch.Tensor], hook: str, seed: int = 0) -> dict[str, Direction]:
+    """The mean-difference direction averaged over the misaligned models (``diffs``: each one's misaligned minus
+    aligned activations at the same rows, :func:`misfeat.features.directions.mean_diff`) and a random direction of
+    the same norm."""
     md = Direction(hook, sum(diffs) / len(diffs), {"method": "mean_diff", "n_finetuned": len(diffs)})
     return {"mean_diff": md, "random": random_like(md, seed)}

@@ -39,7 +39,7 @@ from misfeat.errors import MisfeatError
 from misfeat.evaluate import GroupMetrics, evaluate
 from misfeat.features.attribution import attribution_scores, gap_gradients, mean_diff_scores
 from misfeat.features.diff import LatentDiff, LatentStats, diff_latents
-from misfeat.features.directions import Direction, save_direction
+from misfeat.features.directions import Direction, mean_diff, save_direction
 from misfeat.features.examples import Examples, separation_auroc, top_examples
 from misfeat.features.groups import GROUP_COMBINE, GROUP_SELECT, GROUP_STEER, baseline_directions
 from misfeat.features.locate_group import (
@@ -379,16 +379,13 @@ def rank_latents(base: HookedTransformer, finetuned: HookedTransformer | Sequenc
                     for m, d in zip(tuned, diffs, strict=True)]
     attribution = sum(attributions) / len(tuned)
     diff = diffs[0] if len(diffs) == 1 else _average(diffs)
-    baselines = baseline_directions(stores["base"], [stores[n] for n in names], hook, config.baseline_seed)
+    mean_diffs = [mean_diff(stores[n], stores["base"], hook).vector for n in names]
+    baselines = baseline_directions(mean_diffs, hook, config.baseline_seed)
     md = baselines["mean_diff"].vector.float().cpu()
     order = _order(sae, config.rank_by, diff, attribution, md)
-    orders_each = []
-    if len(tuned) > 1:  # each model's own order, for the candidates the averaged ranking leaves out
-        from misfeat.features.directions import mean_diff
-
-        for d, a, n in zip(diffs, attributions, names, strict=True):
-            orders_each.append(_order(sae, config.rank_by, d, a,
-                                      mean_diff(stores[n], stores["base"], hook).vector.float().cpu()))
+    # several models: each one's own order, for the candidates the averaged ranking leaves out
+    orders_each = [_order(sae, config.rank_by, d, a, m.float().cpu())
+                   for d, a, m in zip(diffs, attributions, mean_diffs, strict=True)] if len(tuned) > 1 else []
     w = sae.W_dec.detach().float().cpu()
     cosine = (w @ md) / (w.norm(dim=1) * md.norm()).clamp_min(1e-12)
     return Ranking(diff, attribution, order, config.rank_by, {"base": stores["base"], "finetuned":
@@ -396,12 +393,13 @@ def rank_latents(base: HookedTransformer, finetuned: HookedTransformer | Sequenc
 
 
 def _order(sae: SAE, rank_by: str, diff: LatentDiff, attribution: torch.Tensor | None,
-           mean_diff: torch.Tensor) -> list[int]:
-    """The latents by decreasing ``rank_by`` score of ``diff`` (see :data:`LocateConfig.rank_by`)."""
+           direction: torch.Tensor) -> list[int]:
+    """The latents by decreasing ``rank_by`` score of ``diff`` (see :data:`LocateConfig.rank_by`; ``direction``: the
+    mean-difference direction of mean_diff)."""
     import torch
 
     if rank_by == "mean_diff":
-        score = mean_diff_scores(sae, diff.increase, mean_diff)
+        score = mean_diff_scores(sae, diff.increase, direction)
     else:
         score = {"increase": diff.increase, "attribution": attribution, "effect_size": diff.effect_size}[rank_by]
     return [int(i) for i in torch.argsort(score, descending=True)]
