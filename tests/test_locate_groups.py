@@ -11,7 +11,7 @@ from misfeat.errors import MisfeatError
 from misfeat.evaluate import evaluate
 from misfeat.features import groups
 from misfeat.features.batched import batched_rates
-from misfeat.features.groups import families, select_group, subspace_clamp
+from misfeat.features.groups import families, pursuit_candidates, select_group, subspace_clamp
 from misfeat.features.locate import LocateConfig, locate, rank_latents, save_locate
 from misfeat.features.locate_group import group_method
 from misfeat.features.screen import screen_decreases
@@ -129,6 +129,47 @@ def test_two_sided_greedy_group_counts_the_steered_rise(split, monkeypatch):
     assert steps[-1]["clamp_misaligned"] == pytest.approx(0.1, abs=0.02)  # latent 5's row: a little of v too
     latents, steps = select_group(sae, [0, A, 5, B], [tuned], planted_prompts(), means, **kwargs)
     assert sorted(latents) == [A, B] and "steer_up_misaligned" not in steps[0]
+
+
+def test_pursuit_candidates_on_a_hand_computed_decoder():
+    """Rows e0, e1, e2, (e0+e1)/sqrt2, e3 and v = 3e0 + 2e1 + 0.8e2 + 0.3e3: the row closest to v is 3 (|cos| ~
+    3.54/|v|), then 0; with latent 3 in the group the part of v outside its row is 0.5e0 - 0.5e1 + 0.8e2 + 0.3e3,
+    closest to e2, then e0 / e1, then e3; a vector the group spans, or orthogonal to every row left, adds nothing."""
+    e = torch.eye(4)
+    w = torch.stack([e[0], e[1], e[2], (e[0] + e[1]) / 2 ** 0.5, e[3]]) * torch.tensor([[1.0], [2.0], [0.5], [3.0], [1.0]])
+    v = 3 * e[0] + 2 * e[1] + 0.8 * e[2] + 0.3 * e[3]
+    assert pursuit_candidates(w, [v], [], []) == [3]
+    assert pursuit_candidates(w, [v], [], [], n=2) == [3, 0]  # row norms do not count, only directions
+    assert pursuit_candidates(w, [v], [3], [3]) == [2]
+    assert pursuit_candidates(w, [v], [3], [3, 2, 0, 1]) == [4]
+    assert pursuit_candidates(w, [v, e[2]], [3], [3]) == [2]  # e2's own pick is taken by v; no other row reads it
+    assert pursuit_candidates(w, [v, 2 * e[0] - e[1]], [3], [3]) == [2, 0]  # per vector, none twice
+    assert pursuit_candidates(w, [v], [0, 1, 2, 4], [0, 1, 2, 4]) == []  # v is in the group's span
+
+
+def test_pursuit_brings_the_missing_half_into_the_group(split, monkeypatch):
+    """The stub clamp of the greedy test with half B left out of the candidates: alone, the group is A and the
+    share of v outside A's row stays; with the pursuit on v, B (the row closest to v outside the candidates) is
+    offered at the first step and joins, and the group cuts as far as with both halves screened."""
+    base, tuned, sae, v = split
+    u = v / v.norm()
+
+    def rates(model, prompts, variants, batched=True):
+        return [{"misaligned_rate": 0.1 + 0.8 * float((u - (u @ c.direction.T) @ c.direction).norm() ** 2),
+                 "valid_rate": 1.0} for (c,) in variants]
+
+    monkeypatch.setattr(groups, "run_variants", rates)
+    means = {h: torch.zeros(base.cfg.d_model) for h in resolve_hooks(tuned, "all")}
+    kwargs = dict(before=0.9, cap=8, min_valid=0.8, tol=0.05)
+    alone, _ = select_group(sae, [0, A, 5], [tuned], planted_prompts(), means, **kwargs)
+    assert A in alone and B not in alone
+
+    def pursue(group, pool):
+        return pursuit_candidates(sae.W_dec, [v], group, [*group, *pool])
+
+    latents, steps = select_group(sae, [0, A, 5], [tuned], planted_prompts(), means, pursue=pursue, **kwargs)
+    assert sorted(latents) == [A, B] and steps[0]["pursued"] == [B]
+    assert steps[-1]["clamp_misaligned"] == pytest.approx(0.1, abs=1e-4)
 
 
 def test_the_clamp_fall_over_several_models_on_hand_computed_cases():
@@ -375,6 +416,26 @@ def test_locate_with_the_two_sided_group(split, tmp_path):
     assert "two-sided" in group["method"] and group["latents"] == group["steps"][-1]["latents"]
     assert all("steer_up_misaligned" in s for s in group["steps"])
     assert group["steer_up_misaligned"] == pytest.approx(group["steps"][-1]["steer_up_misaligned"], abs=1e-6)
+
+
+def test_locate_with_the_pursuit_reports_where_group_latents_came_from(split, tmp_path):
+    """group_pursuit 1 with one half of the split feature screened (a screen of 1, no decoder-aligned latents):
+    the fine-tune's mean difference is v, so the pursuit's first offer is the other half (cosine 1/sqrt2, the
+    screened one left out); a group of one then takes the better of the two, at least as good as the screened
+    half alone, and summary.json's group.pursued names the group's latents the screen did not hold."""
+    base, tuned, sae, _ = split
+    kwargs = dict(screen=1, screen_aligned=0, coefs=(1.0,), min_valid=0.0, min_effect=0.0, group_cap=1,
+                  screen_decreases=0, max_coef=1.0, bisect=0, group_select="clamp", n_examples=0, group_tol=0.0)
+    screened = locate(base, tuned, sae, planted_prompts(), tmp_path / "a", LocateConfig(**kwargs)).to_dict()
+    (first,) = [r["latent"] for r in screened["screen"]["rows"]]
+    other = B if first == A else A
+    assert first in (A, B) and screened["group"]["latents"] == [first] and screened["group"]["pursued"] == []
+    assert "pursuit" not in screened["group"]["method"]
+    s = locate(base, tuned, sae, planted_prompts(), tmp_path / "b", LocateConfig(**kwargs, group_pursuit=1)).to_dict()
+    group = s["group"]
+    assert group["steps"][0]["pursued"] == [other] and "matching pursuit" in group["method"]
+    assert group["latents"] in ([first], [other]) and group["pursued"] == [c for c in group["latents"] if c != first]
+    assert group["clamp_after"] <= screened["group"]["clamp_after"] + 1e-9
 
 
 def test_locate_reports_paired_bootstrap_intervals_over_the_prompts(split, tmp_path):

@@ -19,7 +19,7 @@ and on a random direction of the same norm, so the SAE result is seen beside bot
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -149,7 +149,8 @@ def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[Hooke
                  reference_means: dict[str, torch.Tensor], before: float | Sequence[float], *, cap: int = 8,
                  tol: float = 0.01, min_valid: float = 0.0, batched: bool = True,
                  steer_up: Callable[[list[list[int]]], list[float]] | None = None,
-                 up0: float = 0.0, combine: str = "mean", positions: str = "all"
+                 up0: float = 0.0, combine: str = "mean", positions: str = "all",
+                 pursue: Callable[[list[int], list[int]], list[int]] | None = None
                  ) -> tuple[list[int], list[dict[str, Any]]]:
     """Greedy forward selection: start empty; at each step clamp (group + c) for every remaining
     candidate c (batched), keep the c with the lowest misaligned rate (mean over the misaligned
@@ -164,7 +165,12 @@ def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[Hooke
     ``before``: the unclamped misaligned rate, one per misaligned model (or their mean). ``combine`` (a key of
     :data:`GROUP_COMBINING`): the clamp's fall is that of the mean rate (``mean``) or the mean rate before times
     the smallest relative cut over the models (``worst``, which needs one ``before`` per model); with one model
-    the two are the same. ``positions``: where the joint clamp acts (:func:`subspace_clamp`)."""
+    the two are the same. ``positions``: where the joint clamp acts (:func:`subspace_clamp`).
+
+    ``pursue`` (e.g. :func:`pursuit_candidates` bound to the misaligned models' mean differences): called at each
+    step with the group and the remaining candidates, the latents it returns join the candidates before the step is
+    scored (the step's ``pursued``), so that latents outside the screened pool that write what the group does not
+    yet span can join."""
     if combine not in GROUP_COMBINING:
         raise MisfeatError(f"group combine must be one of {', '.join(GROUP_COMBINING)}, not {combine!r}")
     befores = [float(b) for b in before] if isinstance(before, Sequence) else [float(before)] * len(misaligned)
@@ -175,7 +181,11 @@ def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[Hooke
     group: list[int] = []
     steps: list[dict[str, Any]] = []
     current, remaining = 0.0, [int(c) for c in candidates]
-    while remaining and len(group) < cap:
+    while len(group) < cap:
+        pursued = [int(c) for c in pursue(list(group), list(remaining))] if pursue is not None else []
+        remaining += [c for c in pursued if c not in remaining and c not in group]
+        if not remaining:
+            break
         clamps = [[subspace_clamp(w[[*group, c]], reference_means, positions)] for c in remaining]
         per_model = [run_variants(m, prompts, clamps, batched) for m in misaligned]
         rates = [{k: sum(r[i][k] for r in per_model) / len(per_model) for k in ("misaligned_rate", "valid_rate")}
@@ -195,10 +205,37 @@ def select_group(sae: SAE, candidates: Sequence[int], misaligned: Sequence[Hooke
             step["clamp_misaligned_each"] = [r[i]["misaligned_rate"] for r in per_model]
         if steer_up is not None:
             step["steer_up_misaligned"] = ups[ok.index(i)]
+        if pursue is not None:
+            step["pursued"] = pursued
         group.append(remaining.pop(i))
         current = score[i]
         steps.append(step)
     return group, steps
+
+
+def pursuit_candidates(decoder: torch.Tensor, vectors: Sequence[torch.Tensor], group: Sequence[int],
+                       exclude: Collection[int], n: int = 1) -> list[int]:
+    """Matching pursuit on the SAE's decoder: for each of ``vectors`` (e.g. each misaligned model's mean difference
+    at the SAE's hook), the ``n`` latents whose decoder rows (``decoder`` ``[d_sae, d]``) have the largest
+    absolute cosine with the part of the vector outside the span of the ``group``'s rows, leaving out ``exclude``
+    and the latents already picked for an earlier vector. With an empty group: the rows closest to each vector."""
+    import torch
+
+    w = decoder.detach().float().cpu()
+    unit = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    basis = orthonormal_rows(w[list(group)]) if len(group) else None
+    picked: list[int] = []
+    for v in vectors:
+        v = v.detach().float().cpu().reshape(-1)
+        r = v - (basis @ v) @ basis if basis is not None else v
+        if float(r.norm()) <= 1e-6 * float(v.norm()):
+            continue  # the group's span holds this vector already
+        score = (unit @ r).abs()
+        skip = sorted({int(i) for i in exclude} | set(picked))
+        if skip:
+            score[torch.tensor(skip, dtype=torch.long)] = -1.0
+        picked += [int(i) for i in torch.argsort(score, descending=True)[:n] if float(score[i]) > 0]
+    return picked
 
 
 def _clamp_fall(before: Sequence[float], after: Sequence[float], combine: str) -> float:

@@ -146,6 +146,11 @@ class LocateConfig:
     clamp fall plus the rise when the group is steered up in the base model at the strongest of coefs with valid >=
     min_valid; stops when the sum grows by < group_tol; one batched steering call per step) or clamp (the former:
     the joint clamp's fall alone)"""
+    group_pursuit: int = 0
+    """matching pursuit for the group: at each greedy step, also offer the group_pursuit latents (per misaligned
+    model) whose decoder rows best match (largest absolute cosine) the part of that model's mean-difference vector
+    outside the span of the group's decoder rows, besides the screened candidates; summary.json's group.pursued
+    lists the group's latents that came so (0: the screened candidates alone)"""
     group_combine: str = "worst"
     """with several misaligned models (--finetuned A,B,C), how the group's clamp fall combines over them: worst (the
     smallest relative cut among them, times the mean rate before: a latent joins for the model the group cuts
@@ -190,6 +195,9 @@ class LocateConfig:
             raise MisfeatError(f"adapt_with must be one of {', '.join(ADAPT_WITH)}, not {self.adapt_with!r}")
         if self.screen_each < 0:
             raise MisfeatError(f"screen_each must be 0 or more (latents per misaligned model), not {self.screen_each}")
+        if self.group_pursuit < 0:
+            raise MisfeatError(f"group_pursuit must be 0 or more (latents per misaligned model per step), not "
+                               f"{self.group_pursuit}")
         if self.screen_aligned < 0:
             raise MisfeatError(f"screen_aligned must be 0 or more (latents to add to the screen), not {self.screen_aligned}")
         if self.bisect < 0:
@@ -219,6 +227,9 @@ class Ranking:
     orders_each: list[list[int]] = field(default_factory=list, repr=False)
     """with several misaligned models: each one's own order (``rank_by`` with its own increase and mean-difference
     direction); empty with one"""
+    mean_diffs: list[torch.Tensor] = field(default_factory=list, repr=False)
+    """each misaligned model's mean difference at the SAE's hook (misaligned minus aligned rows; their mean is the
+    ``mean_diff`` baseline)"""
 
     def candidates(self, n: int, aligned: int = 0, each: int = 0) -> list[int]:
         """The ``n`` top-ranked latents, then the ``aligned`` latents not among them whose decoder rows have the
@@ -389,7 +400,8 @@ def rank_latents(base: HookedTransformer, finetuned: HookedTransformer | Sequenc
     w = sae.W_dec.detach().float().cpu()
     cosine = (w @ md) / (w.norm(dim=1) * md.norm()).clamp_min(1e-12)
     return Ranking(diff, attribution, order, config.rank_by, {"base": stores["base"], "finetuned":
-                   [stores[n] for n in names]}, [d.increase for d in diffs], baselines, cosine, orders_each)
+                   [stores[n] for n in names]}, [d.increase for d in diffs], baselines, cosine, orders_each,
+                   [m.float().cpu() for m in mean_diffs])
 
 
 def _order(sae: SAE, rank_by: str, diff: LatentDiff, attribution: torch.Tensor | None,

@@ -35,6 +35,7 @@ from misfeat.features.groups import (
     ProtocolResult,
     families,
     group_directions,
+    pursuit_candidates,
     run_protocol,
     select_group,
     steer_strongest,
@@ -91,7 +92,9 @@ class Extras:
                  "intervention": None, "note": "no group: no screened latent's clamp kept valid >= min_valid "
                                                "(or no screen / group_cap 0)"}
         if self.group is not None:
+            pursued = {c for step in self.group.steps for c in step.get("pursued", [])}
             group = {"latents": self.group.latents, **self.group.result.to_dict(), "steps": self.group.steps,
+                     "pursued": [c for c in self.group.latents if c in pursued],
                      "intervention": None if group_path is None else str(group_path),
                      "method": self.group_method,
                      "steering": {"chosen": self.group.steer, "directions": self.group.steering,
@@ -132,10 +135,15 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
         if config.group_select == "both":
             def steer_up(candidates: list[list[int]]) -> list[float]:
                 return _group_steer_rates(sae, candidates, ranking, base, prompts, hook, scale, up0, config)
+        pursue = None
+        if config.group_pursuit:
+            def pursue(group: list[int], pool: list[int]) -> list[int]:
+                return pursuit_candidates(w, ranking.mean_diffs, group, [*group, *pool], config.group_pursuit)
         latents, steps = select_group(sae, order, finetuned, prompts, means, [b["misaligned_rate"] for b in before],
                                       cap=config.group_cap, tol=config.group_tol, min_valid=config.min_valid,
                                       batched=config.batched, steer_up=steer_up, up0=up0,
-                                      combine=config.group_combine, positions=config.clamp_positions)
+                                      combine=config.group_combine, positions=config.clamp_positions,
+                                      pursue=pursue)
         if latents:
             named = group_directions(sae, latents, ranking.diff.increase, ranking.baselines["mean_diff"].vector,
                                      config.group_steer)
@@ -176,7 +184,11 @@ def group_method(config: LocateConfig, n_finetuned: int) -> str:
     ``group_combine`` too) and steered (``group_steer``)."""
     combine = ("; the clamp's fall over the misaligned models: " + GROUP_COMBINING[config.group_combine]
                if n_finetuned > 1 else "")
-    return ("greedy forward selection over the screened candidates (" + GROUP_SELECTION[config.group_select]
+    pursuit = (f", and at each step the {config.group_pursuit} latent(s) per misaligned model whose decoder rows "
+               "best match the part of its mean difference outside the group's span (matching pursuit)"
+               if config.group_pursuit else "")
+    return ("greedy forward selection over the screened candidates" + pursuit + " ("
+            + GROUP_SELECTION[config.group_select]
             + combine + "); joint clamp of the span of their decoder rows to the base model's mean in every layer, "
             f"{clamp_where(config)}; steered along " + GROUP_STEERING[config.group_steer])
 
