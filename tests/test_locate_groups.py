@@ -220,6 +220,10 @@ def test_the_worst_case_group_cuts_each_misaligned_model(split, monkeypatch):
     worst_cfg = LocateConfig(group_combine="worst")
     assert "smallest relative cut" in group_method(worst_cfg, 3) and "averaged" in group_method(LocateConfig(group_combine="mean"), 3)
     assert "over the misaligned models" not in group_method(worst_cfg, 1)
+    # the pursuit's default: on with several misaligned models, off with one; an explicit 0 or N wins
+    assert "matching pursuit" in group_method(LocateConfig(), 3) and "pursuit" not in group_method(LocateConfig(), 1)
+    assert "pursuit" not in group_method(LocateConfig(group_pursuit=0), 3)
+    assert "the 2 latent(s)" in group_method(LocateConfig(group_pursuit=2), 1)
 
 
 def test_several_finetunes_are_averaged_and_decreases_screened_up(planted, tmp_path):
@@ -426,6 +430,7 @@ def test_locate_with_the_pursuit_reports_where_group_latents_came_from(split, tm
     base, tuned, sae, _ = split
     kwargs = dict(screen=1, screen_aligned=0, coefs=(1.0,), min_valid=0.0, min_effect=0.0, group_cap=1,
                   screen_decreases=0, max_coef=1.0, bisect=0, group_select="clamp", n_examples=0, group_tol=0.0)
+    assert LocateConfig(**kwargs).group_pursuit is None  # one misaligned model: off by default
     screened = locate(base, tuned, sae, planted_prompts(), tmp_path / "a", LocateConfig(**kwargs)).to_dict()
     (first,) = [r["latent"] for r in screened["screen"]["rows"]]
     other = B if first == A else A

@@ -102,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
               f"term kept: {s['clamp_latent']['misaligned_after']:.3f}")
     table += "\n" + protocol_line(f"latent {s['feature']}", s["single"])
     if s.get("group") and s["group"]["latents"]:
-        table += "\n" + protocol_line(f"group {s['group']['latents']}", s["group"])
+        pursued = s["group"].get("pursued")
+        table += "\n" + protocol_line(f"group {s['group']['latents']}" + (f" ({pursued} by matching pursuit, not "
+                                       "screened)" if pursued else ""), s["group"])
     for name, b in (s.get("baselines") or {}).items():
         table += "\n" + protocol_line(f"baseline {name}", b)
         if b.get("decoder_cosine_max") is not None:

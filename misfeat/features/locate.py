@@ -146,11 +146,14 @@ class LocateConfig:
     clamp fall plus the rise when the group is steered up in the base model at the strongest of coefs with valid >=
     min_valid; stops when the sum grows by < group_tol; one batched steering call per step) or clamp (the former:
     the joint clamp's fall alone)"""
-    group_pursuit: int = 0
+    group_pursuit: int | None = None
     """matching pursuit for the group: at each greedy step, also offer the group_pursuit latents (per misaligned
     model) whose decoder rows best match (largest absolute cosine) the part of that model's mean-difference vector
     outside the span of the group's decoder rows, besides the screened candidates; summary.json's group.pursued
-    lists the group's latents that came so (0: the screened candidates alone)"""
+    lists the group's latents that came so (0: the screened candidates alone). None (the default): 1 with several
+    misaligned models (on the organism's 12 seed-1 pre-training SAEs with three fine-tunes, 1 passes every SAE 0
+    passes and 3 more, at ~1.5x the CPU time, docs/organism.md), 0 with one (not measured on the one-fine-tune
+    grid)"""
     group_combine: str = "worst"
     """with several misaligned models (--finetuned A,B,C), how the group's clamp fall combines over them: worst (the
     smallest relative cut among them, times the mean rate before: a latent joins for the model the group cuts
@@ -195,7 +198,7 @@ class LocateConfig:
             raise MisfeatError(f"adapt_with must be one of {', '.join(ADAPT_WITH)}, not {self.adapt_with!r}")
         if self.screen_each < 0:
             raise MisfeatError(f"screen_each must be 0 or more (latents per misaligned model), not {self.screen_each}")
-        if self.group_pursuit < 0:
+        if self.group_pursuit is not None and self.group_pursuit < 0:
             raise MisfeatError(f"group_pursuit must be 0 or more (latents per misaligned model per step), not "
                                f"{self.group_pursuit}")
         if self.screen_aligned < 0:

@@ -135,10 +135,10 @@ def group_and_baselines(sae: SAE, base: HookedTransformer, finetuned: list[Hooke
         if config.group_select == "both":
             def steer_up(candidates: list[list[int]]) -> list[float]:
                 return _group_steer_rates(sae, candidates, ranking, base, prompts, hook, scale, up0, config)
-        pursue = None
-        if config.group_pursuit:
+        pursue, n_pursuit = None, pursuit_per_step(config, len(finetuned))
+        if n_pursuit:
             def pursue(group: list[int], pool: list[int]) -> list[int]:
-                return pursuit_candidates(w, ranking.mean_diffs, group, [*group, *pool], config.group_pursuit)
+                return pursuit_candidates(w, ranking.mean_diffs, group, [*group, *pool], n_pursuit)
         latents, steps = select_group(sae, order, finetuned, prompts, means, [b["misaligned_rate"] for b in before],
                                       cap=config.group_cap, tol=config.group_tol, min_valid=config.min_valid,
                                       batched=config.batched, steer_up=steer_up, up0=up0,
@@ -184,13 +184,20 @@ def group_method(config: LocateConfig, n_finetuned: int) -> str:
     ``group_combine`` too) and steered (``group_steer``)."""
     combine = ("; the clamp's fall over the misaligned models: " + GROUP_COMBINING[config.group_combine]
                if n_finetuned > 1 else "")
-    pursuit = (f", and at each step the {config.group_pursuit} latent(s) per misaligned model whose decoder rows "
-               "best match the part of its mean difference outside the group's span (matching pursuit)"
-               if config.group_pursuit else "")
+    n_pursuit = pursuit_per_step(config, n_finetuned)
+    pursuit = (f", and at each step the {n_pursuit} latent(s) per misaligned model whose decoder rows best match the "
+               "part of its mean difference outside the group's span (matching pursuit)" if n_pursuit else "")
     return ("greedy forward selection over the screened candidates" + pursuit + " ("
             + GROUP_SELECTION[config.group_select]
             + combine + "); joint clamp of the span of their decoder rows to the base model's mean in every layer, "
             f"{clamp_where(config)}; steered along " + GROUP_STEERING[config.group_steer])
+
+
+def pursuit_per_step(config: LocateConfig, n_finetuned: int) -> int:
+    """``config.group_pursuit``, its default (None) resolved: 1 with several misaligned models, 0 with one."""
+    if config.group_pursuit is not None:
+        return config.group_pursuit
+    return 1 if n_finetuned > 1 else 0
 
 
 def clamp_where(config: LocateConfig) -> str:
