@@ -93,8 +93,8 @@ def table(path: Path) -> str:
     def f(x):
         return "-" if x is None else f"{x:.2f}"
 
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.0f}%"
+    def pct(x):  # one decimal: a cut of 79.8% must not read as the bar's 80%
+        return "-" if x is None else f"{100 * x:.1f}%"
 
     def ok(up, valid, c, each=None):
         c = min(each) if each else c  # several fine-tunes: the smallest of their cuts
