@@ -44,17 +44,20 @@ def corpus(name: str, seed: int, n_per_domain: int = 600):
     return PromptSet(f"{name}-format@seed={seed}", tuple(r for s in sets for r in s), sets[0].meta)
 
 
+def cut(x: dict | None) -> float | None:
+    """the clamp's cut of misalignment, 1 - clamped / unclamped (None without a clamp)"""
+    return None if not x or not x.get("clamp_before") else 1 - x["clamp_after"] / x["clamp_before"]
+
+
+def cuts(x: dict | None) -> list | None:
+    """the cut on each misaligned model (several fine-tunes: the bar asks for each); None with one"""
+    return None if not x or len(x.get("per_finetuned") or []) < 2 else [cut(m) for m in x["per_finetuned"]]
+
+
 def row(sae_dir: Path, locate_dir: Path, seconds: float, ev: float | None) -> dict:
     s = json.loads((locate_dir / "summary.json").read_text())
     feature = next(r for r in s["top_latents"] if r["latent"] == s["feature"])
     single, group, b = s["single"], s["group"] or {}, s["baselines"]
-
-    def cut(x):
-        return None if not x or not x.get("clamp_before") else 1 - x["clamp_after"] / x["clamp_before"]
-
-    def cuts(x):  # per misaligned model (several fine-tunes: the bar asks for each)
-        return None if not x or len(x.get("per_finetuned") or []) < 2 else [cut(m) for m in x["per_finetuned"]]
-
     return {"sae": str(sae_dir), "ev": ev, "locate_s": round(seconds, 1), "feature": s["feature"],
             "passed": s["feature_passed_screen"], "single_up": feature.get("steer_up_misaligned"),
             "single_valid": feature.get("steer_up_valid"), "single_cut": cut(single),
@@ -70,6 +73,7 @@ def row(sae_dir: Path, locate_dir: Path, seconds: float, ev: float | None) -> di
             "group_steering": group.get("steering"),
             # several fine-tunes: the cut of each (the headline cut is that of the mean rates)
             "single_cuts": cuts(single), "group_cuts": cuts(group),
+            "md_cuts": cuts(b["mean_diff"]), "rand_cuts": cuts(b["random"]),
             # 95% paired-bootstrap intervals over the prompts (summary.json; per fine-tune where several)
             **{f"{k}_{f}_ci95": x.get(g) for k, x in (("single", single), ("group", group))
                for f, g in (("up", "steer_up_ci95"), ("cut", "clamp_cut_ci95"))},
@@ -86,8 +90,10 @@ TUNED_CORPORA = {"chat+em-model": ("organism:em",),
 
 def table(path: Path) -> str:
     """The grid as the markdown table of docs/organism.md, sorted by corpus, seed, d_sae, k (pass = steer-up
-    >= 0.3 at valid >= 0.8 and clamp cut >= 80%; cut = 1 - clamped / unclamped, the clamped valid rate in
-    brackets; "at c": the steering strength chosen, in residual norms, where the row has it)."""
+    >= 0.3 at valid >= 0.8 and clamp cut >= 80%, on each fine-tune where several; cut = 1 - clamped / unclamped,
+    the clamped valid rate in brackets; "at c": the steering strength chosen, in residual norms, where the row has
+    it). The mean-diff and random baselines get the same verdict, so the SAE is seen beside the simplest
+    alternative; rows of older runs lacking a figure get it from the run's summary.json (SAE/locate-TAG)."""
     import re
 
     def f(x):
@@ -109,12 +115,16 @@ def table(path: Path) -> str:
         return int(d), int(k), int(s or 0)
 
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    for r in rows:  # rows written before the clamped valid rates were kept: read them from the run
-        summary = Path(r["sae"]) / "locate" / "summary.json"
-        if r.get("single_clamp_valid") is None and path.name == "grid.jsonl" and summary.exists():
+    runs = "locate" if path.name == "grid.jsonl" else "locate-" + path.stem.removeprefix("grid-")  # main()'s naming
+    for r in rows:  # rows written before these were kept: read them from the run
+        summary = Path(r["sae"]) / runs / "summary.json"
+        if r.get("single_clamp_valid") is None and summary.exists():
             s = json.loads(summary.read_text())
             r["single_clamp_valid"], r["group_clamp_valid"] = (s["single"]["clamp_valid_after"],
                                                                s["group"]["clamp_valid_after"])
+        if r.get("group_cuts") and "md_cuts" not in r and summary.exists():  # the baselines on each fine-tune
+            b = json.loads(summary.read_text())["baselines"]
+            r["md_cuts"], r["rand_cuts"] = cuts(b["mean_diff"]), cuts(b["random"])
     rows.sort(key=lambda r: (CORPORA.index(r["corpus"]) if r["corpus"] in CORPORA else 99, r["seed"], size(r)))
     lines = ["| seed | corpus | d_sae x k | EV | single latent: up (valid), cut (valid) | group: up (valid), cut (valid) "
              "| mean-diff: up (valid), cut | random: up (valid), cut | locate wall / CPU s |", "|" + "---|" * 9]
@@ -133,9 +143,11 @@ def table(path: Path) -> str:
             f"{'' if r['passed'] else ', no latent passed'}: {f(r['single_up'])} ({f(r['single_valid'])}{at[0]}), "
             f"{pcts(r, 'single')} ({f(r.get('single_clamp_valid'))}) "
             f"**{ok(r['single_up'], r['single_valid'], r['single_cut'], r.get('single_cuts'))}** | {group} | "
-            f"{f(r['md_up'])} ({f(r['md_valid'])}{at[2]}), {pct(r['md_cut'])} | {f(r['rand_up'])} "
-            f"({f(r['rand_valid'])}{at[3]}), "
-            f"{pct(r['rand_cut'])} | {r['locate_s']:.0f} / {r.get('locate_cpu_s', '-')} |")
+            f"{f(r['md_up'])} ({f(r['md_valid'])}{at[2]}), {pcts(r, 'md')} "
+            f"**{ok(r['md_up'], r['md_valid'], r['md_cut'], r.get('md_cuts'))}** | {f(r['rand_up'])} "
+            f"({f(r['rand_valid'])}{at[3]}), {pcts(r, 'rand')} "
+            f"**{ok(r['rand_up'], r['rand_valid'], r['rand_cut'], r.get('rand_cuts'))}** | "
+            f"{r['locate_s']:.0f} / {r.get('locate_cpu_s', '-')} |")
     return "\n".join(lines)
 
 

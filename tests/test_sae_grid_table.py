@@ -35,3 +35,26 @@ def test_a_row_passes_only_where_every_fine_tune_is_cut(tmp_path):
     verdicts = [[cell.split("**")[1] for cell in line.split("|")[5:7]] for line in lines]
     assert verdicts == [["pass", "pass"], ["fail", "fail"], ["pass", "pass"], ["fail", "fail"]]
     assert "96.0% / 83.0% / 79.8%" in lines[1]  # the cut of each fine-tune, not of the mean, unrounded to the bar
+
+
+def test_the_baselines_get_the_same_verdict_on_each_fine_tune(tmp_path):
+    """The mean-diff and random baselines are judged as the SAE is: each fine-tune's cut, hand-computed from
+    a summary.json the row lacks (rows of older runs), read from the run directory SAE/locate-TAG."""
+    sae = tmp_path / "sae-256-k8"
+    (sae / "locate-x").mkdir(parents=True)
+    base = {"steer_up_misaligned": 0.9, "steer_up_valid": 0.85}
+    summary = {"single": {"clamp_valid_after": 0.8}, "group": {"clamp_valid_after": 0.8}, "baselines": {
+        "mean_diff": {**base, "per_finetuned": [{"clamp_before": 0.8, "clamp_after": 0.04},      # 95.0%
+                                                {"clamp_before": 0.5, "clamp_after": 0.101}]},   # 79.8%
+        "random": {**base, "per_finetuned": [{"clamp_before": 0.8, "clamp_after": 0.8},
+                                             {"clamp_before": 0.5, "clamp_after": 0.49}]}}}
+    (sae / "locate-x" / "summary.json").write_text(json.dumps(summary))
+    old = row(str(sae), [0.9, 0.9], [0.9, 0.9])  # written before md_cuts were kept
+    new = {**row(str(sae).replace("256", "512"), [0.9, 0.9], [0.9, 0.9]), "md_cuts": [0.9, 0.85],
+           "rand_cuts": [0.0, 0.01]}
+    path = tmp_path / "grid-x.jsonl"
+    path.write_text(json.dumps(old) + "\n" + json.dumps(new) + "\n")
+    lines = load_script().table(path).splitlines()[2:]
+    (md_old, rand_old), (md_new, rand_new) = (line.split("|")[7:9] for line in lines)
+    assert "95.0% / 79.8% **fail**" in md_old and "0.0% / 2.0% **fail**" in rand_old
+    assert "90.0% / 85.0% **pass**" in md_new and "0.0% / 1.0% **fail**" in rand_new
