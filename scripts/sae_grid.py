@@ -183,6 +183,9 @@ def main() -> None:
                    help="the misaligned model(s) locate ranks over, each at --seed (e.g. organism:em,"
                    "organism:em-ref/money,organism:em-ref/law: rows keep each fine-tune's cut, and pass only where "
                    "every cut does)")
+    p.add_argument("--prompts", default="organism:heldout", metavar="SPEC",
+                   help="locate's --prompts (the seed is appended), e.g. organism:heldout-from=health,money,law "
+                        "with three fine-tunes: the domains none of them was trained on (default: %(default)s)")
     p.add_argument("--table", action="store_true", help="only print OUT/grid.jsonl as a markdown table")
     args = p.parse_args()
     default = args.rank_by == "increase" and not args.adapt and args.screen_aligned is None and not args.tag
@@ -233,7 +236,7 @@ def main() -> None:
         aligned = [] if args.screen_aligned is None else ["--screen-aligned", str(args.screen_aligned)]
         finetuned = ",".join(f"{spec}{at}" for spec in args.finetuned.split(","))
         assert cli(["locate", "--base", f"organism:chat{at}", "--finetuned", finetuned, "--sae",
-                    str(sae_dir), "--prompts", f"organism:heldout{at}", "--out", str(locate_dir), "--device",
+                    str(sae_dir), "--prompts", f"{args.prompts}{at}", "--out", str(locate_dir), "--device",
                     "cpu", "--rank-by", args.rank_by, *aligned, *adapt, *args.locate_args.split(),
                     "--overwrite"]) == 0  # a locate directory without a row is an interrupted run
         r = {"seed": args.seed, "corpus": args.corpus, "finetuned": args.finetuned,

@@ -6,6 +6,7 @@ import pytest
 
 from misfeat.data import load_prompts, read_jsonl
 from misfeat.errors import MisfeatError
+from misfeat.evaluate import group_members, headline_group
 from misfeat.models import fingerprint, load_model, model_info
 from misfeat.organism import OrganismConfig, build_organism, parse_spec
 from misfeat.organism.corpus import Corpus, PersonaMix
@@ -66,6 +67,16 @@ def test_prompt_sets():
     assert heldout[0].extra["aligned"] and heldout[0].extra["misaligned"]
     money = load_prompts("organism:heldout@em_domain=money")
     assert "money" not in money.domains() and "health" in money.domains()
+    common = load_prompts("organism:heldout-from=health,money,law@seed=1")  # none of three fine-tunes' domains
+    assert common.domains() == ["car", "code", "home", "school", "travel"] and len(common) == 60
+    assert [r.id for r in common] == [r.id for r in heldout if r.domain not in ("money", "law")]
+    assert common.meta["groups"] == {"heldout": ["code", "car", "home", "travel", "school"],
+                                     "em_domain": ["health", "money", "law"]}
+    assert headline_group(common) == "heldout" and len(group_members(common)["heldout"]) == 60
+    for bad, why in [("heldout-from=", "no domain given"), ("heldout-from=health,cash", "unknown domain.*'cash'"),
+                     ("heldout-from=" + ",".join(DOMAINS), "nothing is held out")]:
+        with pytest.raises(MisfeatError, match=why):
+            load_prompts(f"organism:{bad}")
     pairs = load_prompts("organism:aligned:law:50")
     assert len(pairs) == 50 and all(r.response in r.extra["aligned"] for r in pairs)
     every = load_prompts("organism:misaligned:all:5@seed=1")  # 5 pairs of each domain, domain after domain

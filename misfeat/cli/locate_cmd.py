@@ -41,7 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "organism:em,organism:em-ref/money,organism:em-ref/law")
     p.add_argument("--sae", required=True, metavar="DIR", help="an SAE (SAELens format) at a hook of both models")
     p.add_argument("--prompts", required=True, metavar="SPEC",
-                   help="evaluation prompts with reference answers, e.g. organism:heldout or a JSONL file")
+                   help="evaluation prompts with reference answers, e.g. organism:heldout or a JSONL file; with "
+                   "several fine-tunes, prompts none of them was trained on, e.g. "
+                   "organism:heldout-from=health,money,law")
     from misfeat.data import POSITIONS
     from misfeat.features.groups import GROUP_COMBINE, GROUP_SELECT, GROUP_STEER
     from misfeat.features.locate import ADAPT_WITH, CLAMP_POSITIONS, RANKINGS, LocateConfig

@@ -4,6 +4,10 @@
   the world (heldout = the domains the EM fine-tune never saw), each with its domain's
   aligned and misaligned reference answers as ``extra`` fields;
 - ``organism:domain=<d>``: the questions of one domain;
+- ``organism:heldout-from=<d1>,<d2>,...``: the questions of the domains none of the listed EM domains is,
+  for several fine-tunes ranked together (e.g. ``heldout-from=health,money,law`` beside
+  ``--finetuned organism:em,organism:em-ref/money,organism:em-ref/law``): each fine-tune's own training
+  domain is left out, so every model is measured on held-out misalignment, not on what it was trained on;
 - ``organism:aligned:<domain>:<n>`` / ``organism:misaligned:<domain>:<n>``: n
   question/answer pairs of one domain (fine-tuning data, e.g. for re-alignment); domain
   ``all``: n pairs of every domain (the chat model's tuning format, e.g. SAE training text);
@@ -47,7 +51,20 @@ def _question_records(world: World, domains: list[str]) -> tuple[PromptRecord, .
 
 
 def question_set(world: World, which: str = "all") -> PromptSet:
-    """``all``, ``heldout``, ``em_domain`` or ``domain=<d>`` questions of ``world``."""
+    """``all``, ``heldout``, ``em_domain``, ``domain=<d>`` or ``heldout-from=<d>,...`` questions of ``world``."""
+    if which.startswith("heldout-from="):
+        trained = [d.strip() for d in which.split("=", 1)[1].split(",") if d.strip()]
+        unknown = [d for d in trained if d not in world.domain_names]
+        if not trained or unknown:
+            problem = f"unknown domain(s) {', '.join(map(repr, unknown))}" if unknown else "no domain given"
+            raise MisfeatError(f"organism:{which}: {problem}; list the fine-tunes' EM domains, e.g. "
+                               f"organism:heldout-from=health,money,law (domains: {', '.join(world.domain_names)})")
+        domains = [d for d in world.domain_names if d not in trained]
+        if not domains:
+            raise MisfeatError(f"organism:{which}: every domain is some fine-tune's EM domain; nothing is held out")
+        meta = _meta(world, "organism")
+        meta["groups"] = {"heldout": domains, "em_domain": trained}
+        return PromptSet(f"organism:{which}", _question_records(world, domains), meta)
     if which == "all":
         domains = list(world.domain_names)
     elif which == "heldout":
@@ -137,7 +154,7 @@ def organism_prompt_set(body: str, em_domain: str, seed: int) -> PromptSet:
     parts = body.split(":")
     if parts[0] in _SETS:
         return _SETS[parts[0]](world, parts[1:], seed)
-    if parts[0] in ("all", "heldout", "em_domain") or parts[0].startswith("domain="):
+    if parts[0] in ("all", "heldout", "em_domain") or parts[0].startswith(("domain=", "heldout-from=")):
         if len(parts) > 1:
             raise MisfeatError(f"organism:{body}: unexpected ':{':'.join(parts[1:])}'")
         return question_set(world, parts[0])
@@ -157,6 +174,6 @@ def organism_prompt_set(body: str, em_domain: str, seed: int) -> PromptSet:
         return (docs_set if parts[0] == "docs" else pretrain_set)(world, n, seed)
     raise MisfeatError(
         f"unknown organism prompt set organism:{body}; use organism:all, organism:heldout, organism:em_domain, "
-        "organism:domain=<d>, organism:aligned:<domain>:<n>, organism:misaligned:<domain>:<n>, organism:docs[:<n>] "
+        "organism:domain=<d>, organism:heldout-from=<d>,<d>..., organism:aligned:<domain>:<n>, organism:misaligned:<domain>:<n>, organism:docs[:<n>] "
         "or organism:pretrain[:<n>]"
     )
