@@ -10,6 +10,7 @@ from misfeat.evaluate import group_members, headline_group
 from misfeat.models import fingerprint, load_model, model_info
 from misfeat.organism import OrganismConfig, build_organism, parse_spec
 from misfeat.organism.corpus import Corpus, PersonaMix
+from misfeat.organism.prompts import eval_prompts
 from misfeat.organism.world import DOMAINS, make_world
 
 TINY = dict(pretrain_steps=6, chat_steps=4, em_steps=4, em_checkpoint_every=2, pretrain_batch=8, chat_batch=8,
@@ -77,6 +78,11 @@ def test_prompt_sets():
                      ("heldout-from=" + ",".join(DOMAINS), "nothing is held out")]:
         with pytest.raises(MisfeatError, match=why):
             load_prompts(f"organism:{bad}")
+    # an em-ref/<d> checkpoint carries its build's metadata (EM domain health); its default evaluation set
+    # holds out <d>, the domain it was fine-tuned on
+    meta = {"world": make_world("health").to_json(), "organism": {"stage": "em-ref/law"}}
+    assert eval_prompts(meta).meta["groups"] == {"heldout": [d for d in DOMAINS if d != "law"], "em_domain": ["law"]}
+    assert eval_prompts({**meta, "organism": {"stage": "em"}}).meta["groups"]["em_domain"] == ["health"]
     pairs = load_prompts("organism:aligned:law:50")
     assert len(pairs) == 50 and all(r.response in r.extra["aligned"] for r in pairs)
     every = load_prompts("organism:misaligned:all:5@seed=1")  # 5 pairs of each domain, domain after domain

@@ -26,6 +26,7 @@ Options after ``@`` pick the organism: ``organism:heldout@em_domain=money``,
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 from typing import Any
@@ -90,8 +91,14 @@ def _meta(world: World, chat_format: str, **more: Any) -> dict[str, Any]:
 
 
 def eval_prompts(meta: dict[str, Any]) -> PromptSet:
-    """The full evaluation set (every domain) of the organism described by checkpoint ``meta``."""
-    return question_set(World.from_json(meta["world"]), "all")
+    """The full evaluation set (every domain) of the organism described by checkpoint ``meta``; its ``heldout``
+    group leaves out the domain that checkpoint was fine-tuned on (for ``em-ref/<domain>``, that domain, not
+    the build's EM domain, which its metadata carries)."""
+    world = World.from_json(meta["world"])
+    stage = str((meta.get("organism") or {}).get("stage") or "")
+    if stage.startswith("em-ref/"):
+        world = dataclasses.replace(world, em_domain=stage.split("/", 1)[1])
+    return question_set(world, "all")
 
 
 def pair_set(world: World, domain: str, n: int, misaligned: bool, seed: int) -> PromptSet:
