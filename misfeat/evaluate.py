@@ -322,6 +322,20 @@ def headline_group(prompts: PromptSet) -> str:
     return headline if headline in members else next(iter(members), "all")
 
 
+def not_held_out(model: HookedTransformer, prompts: PromptSet) -> list[str]:
+    """The domains of ``prompts``' headline group that ``model`` was fine-tuned on, as far as its plug-in tells:
+    those its default evaluation set (:func:`misfeat.registry.default_prompts`) puts outside its own headline
+    group (for an organism fine-tune, its EM domain). Empty where the model has no plug-in or no such set."""
+    own = registry.default_prompts(model_info(model).meta, "eval")
+    own = load_prompts(own) if isinstance(own, str) else own
+    if not isinstance(own, PromptSet) or not own.meta.get("groups"):
+        return []
+    held = {own[i].domain for i in group_members(own)[headline_group(own)]}
+    trained = set(own.domains()) - held
+    ours = {prompts[i].domain for i in group_members(prompts)[headline_group(prompts)]}
+    return sorted(ours & trained)
+
+
 def _chat_format(model: HookedTransformer) -> str:
     return chat_format_of(model)
 

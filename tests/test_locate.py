@@ -10,6 +10,7 @@ from misfeat.features.locate import (
     check_clamp,
     choose_feature,
     examples_and_auroc,
+    held_out_warnings,
     rank_latents,
 )
 from tests.conftest import PLANTED
@@ -166,3 +167,28 @@ def test_bad_locate_settings_are_refused_before_any_work(bad, match):
 
     with pytest.raises(MisfeatError, match=match):
         LocateConfig(**bad)
+
+
+def test_held_out_warnings_name_each_fine_tunes_own_domain():
+    from types import SimpleNamespace
+
+    from misfeat.data import load_prompts
+    from misfeat.models import ModelInfo
+    from misfeat.organism.world import make_world
+
+    world = make_world("health").to_json()  # an em-ref checkpoint carries its build's world (EM domain health)
+
+    def fine_tune(stage):
+        return SimpleNamespace(misfeat_info=ModelInfo(f"organism:{stage}", "organism",
+                                                      meta={"organism": {"stage": stage}, "world": world}))
+
+    em, money = fine_tune("em"), fine_tune("em-ref/money")
+    heldout = load_prompts("organism:heldout")  # held out from the health fine-tune only
+    assert held_out_warnings([em], heldout) == []
+    (warning,) = held_out_warnings([em, money], heldout)
+    assert "domain(s) money that organism:em-ref/money" in warning and "heldout-from" in warning
+    assert held_out_warnings([em, money], load_prompts("organism:heldout-from=health,money")) == []
+    assert held_out_warnings([em], load_prompts("organism:all")) == []  # its headline group leaves health out
+    every = PromptSet("mine", load_prompts("organism:all").records)  # a user's file: one group, every domain
+    assert "domain(s) health that organism:em" in held_out_warnings([em], every)[0]
+    assert held_out_warnings([SimpleNamespace()], heldout) == []  # a model without a plug-in: nothing to say

@@ -27,6 +27,7 @@ their rates averaged; the protocol figures are also reported per model.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from misfeat import registry
 from misfeat.activations import cache_activations, open_store
 from misfeat.data import PromptSet, load_prompts
 from misfeat.errors import MisfeatError
-from misfeat.evaluate import GroupMetrics, evaluate
+from misfeat.evaluate import GroupMetrics, evaluate, not_held_out
 from misfeat.features.attribution import attribution_scores, gap_gradients, mean_diff_scores
 from misfeat.features.diff import LatentDiff, LatentStats, diff_latents
 from misfeat.features.directions import Direction, mean_diff, save_direction
@@ -64,6 +65,8 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from misfeat.sae.adapt import Adapted
+
+logger = logging.getLogger(__name__)
 
 
 RANKINGS = ("increase", "attribution", "effect_size", "mean_diff")
@@ -420,6 +423,19 @@ def _order(sae: SAE, rank_by: str, diff: LatentDiff, attribution: torch.Tensor |
     return [int(i) for i in torch.argsort(score, descending=True)]
 
 
+def held_out_warnings(tuned: Sequence[HookedTransformer], prompts: PromptSet) -> list[str]:
+    """One warning per fine-tune whose own training domains (:func:`~misfeat.evaluate.not_held_out`) are among
+    the prompts' headline domains: its cut would count narrow, in-domain learning as well as the emergent part."""
+    out = []
+    for m in tuned:
+        if domains := not_held_out(m, prompts):
+            out.append(f"the prompts {prompts.name!r} hold domain(s) {', '.join(domains)} that "
+                       f"{model_info(m).spec} was fine-tuned on: its figures count that narrow, in-domain learning, "
+                       "which the feature need not carry; give prompts none of the fine-tunes was trained on (for "
+                       "the organism: organism:heldout-from=<their EM domains>)")
+    return out
+
+
 def _as_list(models: Any) -> list:
     return list(models) if isinstance(models, (list, tuple)) else [models]
 
@@ -489,6 +505,9 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer | Sequence[Hook
     cfg = config or LocateConfig()
     prompts = load_prompts(prompts)
     tuned = _as_list(finetuned)
+    held_out = held_out_warnings(tuned, prompts)
+    for w in held_out:
+        logger.warning(w)
     sae = sae.to(tuned[0].cfg.device)
     adapted = adapted_summary = None
     if cfg.adapt_text:
@@ -508,7 +527,7 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer | Sequence[Hook
     examples, auroc, note = examples_and_auroc(base, sae, choice.feature, prompts, cfg)
     extras = group_and_baselines(sae, base, tuned, prompts, ranking, screen, choice.feature, cfg)
     return LocateResult(cfg, hook_of(sae), ranking, screen, choice, clamp, examples, auroc, note, extras,
-                        warnings=sae_warnings(screen, extras, cfg.min_valid, cfg.min_effect), adapted=adapted,
+                        warnings=held_out + sae_warnings(screen, extras, cfg.min_valid, cfg.min_effect), adapted=adapted,
                         adapted_summary=adapted_summary)
 
 
