@@ -526,9 +526,9 @@ def locate(base: HookedTransformer, finetuned: HookedTransformer | Sequence[Hook
     clamp = check_clamp(base, tuned[0], sae, choice, ranking, prompts, cfg.positions, cfg.clamp_positions)
     examples, auroc, note = examples_and_auroc(base, sae, choice.feature, prompts, cfg)
     extras = group_and_baselines(sae, base, tuned, prompts, ranking, screen, choice.feature, cfg)
+    warnings = held_out + sae_warnings(screen, extras, cfg.min_valid, cfg.min_effect)
     return LocateResult(cfg, hook_of(sae), ranking, screen, choice, clamp, examples, auroc, note, extras,
-                        warnings=held_out + sae_warnings(screen, extras, cfg.min_valid, cfg.min_effect), adapted=adapted,
-                        adapted_summary=adapted_summary)
+                        warnings=warnings, adapted=adapted, adapted_summary=adapted_summary)
 
 
 def save_locate(result: LocateResult, out_dir: str | Path) -> LocateResult:
