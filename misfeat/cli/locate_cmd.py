@@ -28,10 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "strongest strength that keeps the valid rate >= --min-valid (past --coefs up to --max-coef, then --bisect "
         "rounds between the strongest valid and the weakest invalid one). Several fine-tunes "
         "(--finetuned A,B,C) are ranked together (mean activation increase), each one's own top --screen-each "
-        "latents join the candidates, and they are screened with rates averaged. "
+        "latents join the candidates, and they are screened with rates averaged; give them prompts none of them "
+        "was trained on (organism:heldout-from=health,money,law for the organism's three), else a fine-tune's "
+        "narrow, in-domain learning counts in its figures (locate warns where a model's plug-in tells). "
         "Writes DIR/summary.json (top_latents, feature, direction, screen, clamp, single, group, families, "
         "decreases_screen, baselines, warnings: e.g. that no latent passed the screen while the mean-difference "
-        "direction does, a sign that the SAE lacks the feature), DIR/ranking.png, DIR/screen.png, DIR/families.png, DIR/examples.jsonl and "
+        "direction does, a sign that the SAE lacks the feature, or that the prompts hold a fine-tune's own domain), "
+        "DIR/ranking.png, DIR/screen.png, DIR/families.png, DIR/examples.jsonl and "
         "examples.txt, DIR/direction.safetensors (+ .json), DIR/group.safetensors (+ .json: the group's subspace "
         "clamp, for misfeat steer/eval).",
     )
