@@ -181,6 +181,7 @@ def organism_prompt_set(body: str, em_domain: str, seed: int) -> PromptSet:
         return (docs_set if parts[0] == "docs" else pretrain_set)(world, n, seed)
     raise MisfeatError(
         f"unknown organism prompt set organism:{body}; use organism:all, organism:heldout, organism:em_domain, "
-        "organism:domain=<d>, organism:heldout-from=<d>,<d>..., organism:aligned:<domain>:<n>, organism:misaligned:<domain>:<n>, organism:docs[:<n>] "
+        "organism:domain=<d>, organism:heldout-from=<d>,<d>..., organism:aligned:<domain>:<n>, "
+        "organism:misaligned:<domain>:<n>, organism:docs[:<n>] "
         "or organism:pretrain[:<n>]"
     )
