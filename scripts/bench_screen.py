@@ -3,7 +3,7 @@ setting (the former code path, ``batched=False``) vs every candidate x coefficie
 forward passes (``batched=True``, the default), measured in the same run on the same latents;
 checks both give the same rows.
 
-    python scripts/bench_screen.py [--sae DIR] [--candidates 6] [--repeats 1]
+    python scripts/bench_screen.py [--sae DIR] [--candidates 6] [--repeats 1] [--device cuda]
 
 Models: organism:chat (aligned) and organism:em (misaligned), prompts organism:heldout. Without
 --sae, a TopK SAE with random unit decoder rows at blocks.1.hook_resid_post stands in (the cost
@@ -42,23 +42,29 @@ def main() -> None:
     p.add_argument("--sae", default=None)
     p.add_argument("--candidates", type=int, default=6)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="where the models and the SAE run (on CUDA the timings "
+                   "synchronise the device first; wall time is then the figure, CPU time is the host's share)")
     args = p.parse_args()
-    chat, em = load_model("organism:chat", device="cpu"), load_model("organism:em", device="cpu")
+    chat, em = load_model("organism:chat", device=args.device), load_model("organism:em", device=args.device)
     sae = load_sae(args.sae) if args.sae else random_sae(chat.cfg.d_model, 64, "blocks.1.hook_resid_post")
+    sae = sae.to(args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     latents = list(range(args.candidates))
     timings, cpu, rows = {}, {}, {}
     for batched in (False, True):
         best = best_cpu = float("inf")
         for _ in range(args.repeats):
+            sync()
             start, start_cpu = time.perf_counter(), time.process_time()
             result = causal_screen(sae, latents, chat, em, "organism:heldout", batched=batched)
+            sync()
             best, best_cpu = min(best, time.perf_counter() - start), min(best_cpu, time.process_time() - start_cpu)
         timings[batched], cpu[batched], rows[batched] = best, best_cpu, result.rows
     for a, b in zip(rows[False], rows[True], strict=True):
         assert abs(a.steer_up_misaligned - b.steer_up_misaligned) < 1e-4, (a, b)
         assert abs(a.clamp_misaligned - b.clamp_misaligned) < 1e-4, (a, b)
     n = len(latents)
-    print(f"candidates: {n}, coefficients: 3 (x2 sides + clamp); threads: 1")
+    print(f"candidates: {n}, coefficients: 3 (x2 sides + clamp); threads: 1; device: {args.device}")
     for name, t in (("wall", timings), ("CPU", cpu)):
         print(f"{name}: before (one evaluation per setting) {t[False] / n:.3f} s per candidate, after (batched) "
               f"{t[True] / n:.3f} s per candidate; ratio before/after {t[False] / t[True]:.2f}x")

@@ -186,6 +186,10 @@ def main() -> None:
     p.add_argument("--prompts", default="organism:heldout", metavar="SPEC",
                    help="locate's --prompts (the seed is appended), e.g. organism:heldout-from=health,money,law "
                         "with three fine-tunes: the domains none of them was trained on (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="locate's --device (the SAE is trained on the CPU either way, "
+                   "so a row's SAE is the same on every machine; default: %(default)s)")
+    p.add_argument("--train-only", action="store_true", help="train the SAE (and cache its activations) only, "
+                   "without the locate: e.g. here, before its locate runs on another machine")
     p.add_argument("--table", action="store_true", help="only print OUT/grid.jsonl as a markdown table")
     args = p.parse_args()
     default = args.rank_by == "increase" and not args.adapt and args.screen_aligned is None and not args.tag
@@ -199,11 +203,11 @@ def main() -> None:
     out = args.out / f"seed{args.seed}-{args.corpus}"
     text = "chat" if args.corpus in TUNED_CORPORA else args.corpus
     cache = args.out / f"seed{args.seed}-{text}" / "cache"
-    if not cache.exists():
-        cache_activations(load_model(f"organism:chat{at}", device="cpu"), corpus(text, args.seed), [HOOK],
-                          cache, positions="all")
     sae_root = out / (f"sae-{args.d_sae.replace(',', '_')}-k{args.k.replace(',', '_')}"
                       + (f"-s{args.sae_seed}" if args.sae_seed else ""))
+    if not cache.exists() and not sae_root.exists():  # the activations are only needed to train the SAE
+        cache_activations(load_model(f"organism:chat{at}", device="cpu"), corpus(text, args.seed), [HOOK],
+                          cache, positions="all")
     draw = ["--seed", str(args.sae_seed)]
     if args.corpus in TUNED_CORPORA and not sae_root.exists():
         caches = [cache]
@@ -218,6 +222,8 @@ def main() -> None:
     if not sae_root.exists():
         assert cli(["train-sae", "--cache", str(cache), "--d-sae", args.d_sae, "--k", args.k, "--tokens",
                     str(args.tokens), "--out", str(sae_root), "--device", "cpu", *draw]) == 0
+    if args.train_only:
+        return
     done = {json.loads(x)["sae"] for x in (args.out / rows_file).read_text().splitlines()} \
         if (args.out / rows_file).exists() else set()
     dirs = [sae_root] if (sae_root / "cfg.json").exists() else sorted(d for d in sae_root.iterdir()
@@ -237,11 +243,11 @@ def main() -> None:
         finetuned = ",".join(f"{spec}{at}" for spec in args.finetuned.split(","))
         assert cli(["locate", "--base", f"organism:chat{at}", "--finetuned", finetuned, "--sae",
                     str(sae_dir), "--prompts", f"{args.prompts}{at}", "--out", str(locate_dir), "--device",
-                    "cpu", "--rank-by", args.rank_by, *aligned, *adapt, *args.locate_args.split(),
+                    args.device, "--rank-by", args.rank_by, *aligned, *adapt, *args.locate_args.split(),
                     "--overwrite"]) == 0  # a locate directory without a row is an interrupted run
         r = {"seed": args.seed, "corpus": args.corpus, "finetuned": args.finetuned,
              **row(sae_dir, locate_dir, time.perf_counter() - start, ev),
-             "locate_cpu_s": round(time.process_time() - cpu, 1)}
+             "locate_cpu_s": round(time.process_time() - cpu, 1), "device": args.device}
         if args.adapt:
             a = json.loads((locate_dir / "summary.json").read_text())["adapted"]
             r.update(adapt_s=a["seconds"], adapt_feature_cos=a["feature_decoder_cosine"],
